@@ -1,0 +1,213 @@
+"""The operations every vhost data plane supports, kernel and vhost-user alike.
+
+A VMM (or vhostkit's own userspace guest driver) holds guest memory and virtqueue rings and hands
+them to a data plane through :class:`VhostBackend`. The same calls drive:
+
+* :class:`vhostkit.kernel.VhostNet` / :class:`vhostkit.kernel.VhostVsock`: ioctls on
+  ``/dev/vhost-net`` and ``/dev/vhost-vsock``;
+* :class:`vhostkit.user.Frontend`: vhost-user messages to a backend process.
+
+Addresses: ``MemoryRegion.userspace_addr`` and every address in :class:`VringAddr` are addresses
+in the *calling* process (the VMM), which is what both the kernel and vhost-user expect. A
+vhost-user backend translates them through the memory table it received.
+
+File descriptors passed in are borrowed: the data plane duplicates or transmits them and the
+caller keeps ownership of its own copy.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Self
+
+from vhostkit.errors import InvalidParam
+
+__all__ = [
+    "VHOST_VRING_F_LOG",
+    "LogRegion",
+    "MemoryRegion",
+    "VhostBackend",
+    "VringAddr",
+    "VringState",
+]
+
+#: ``VringAddr.flags`` bit: log writes to the used ring (``VHOST_VRING_F_LOG``).
+VHOST_VRING_F_LOG = 1 << 0
+
+_U64 = (1 << 64) - 1
+_U32 = (1 << 32) - 1
+
+
+def _check_u64(name: str, value: int) -> None:
+    if not 0 <= value <= _U64:
+        raise InvalidParam(f"{name}={value:#x} does not fit in 64 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryRegion:
+    """One region of guest memory, as the VMM sees it.
+
+    ``fd`` is the file (usually a memfd) that backs the region; vhost-user needs it to share the
+    memory with the backend, the kernel ignores it. ``mmap_offset`` is where the region starts in
+    that file.
+    """
+
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    mmap_offset: int = 0
+    fd: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_u64("guest_phys_addr", self.guest_phys_addr)
+        _check_u64("userspace_addr", self.userspace_addr)
+        _check_u64("mmap_offset", self.mmap_offset)
+        if not 0 < self.memory_size <= _U64:
+            raise InvalidParam(f"memory_size={self.memory_size} must be positive")
+        if self.guest_phys_addr + self.memory_size - 1 > _U64:
+            raise InvalidParam("region wraps around the 64-bit guest address space")
+        if self.userspace_addr + self.memory_size - 1 > _U64:
+            raise InvalidParam("region wraps around the 64-bit user address space")
+
+    @property
+    def guest_end(self) -> int:
+        """One past the last guest-physical address of the region."""
+        return self.guest_phys_addr + self.memory_size
+
+    @property
+    def user_end(self) -> int:
+        """One past the last user address of the region."""
+        return self.userspace_addr + self.memory_size
+
+
+@dataclass(frozen=True, slots=True)
+class LogRegion:
+    """The dirty-page log shared through a file (vhost-user with LOG_SHMFD)."""
+
+    fd: int
+    size: int
+    offset: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VringAddr:
+    """Where a virtqueue's three parts live, in the VMM's own address space.
+
+    For packed rings ``desc`` is the descriptor ring, ``avail`` the driver event suppression area
+    and ``used`` the device event suppression area.
+    """
+
+    index: int
+    desc: int
+    used: int
+    avail: int
+    log: int = 0
+    flags: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index <= _U32:
+            raise InvalidParam(f"ring index {self.index} out of range")
+        for name in ("desc", "used", "avail", "log"):
+            _check_u64(name, getattr(self, name))
+        if not 0 <= self.flags <= _U32:
+            raise InvalidParam(f"flags {self.flags:#x} out of range")
+
+
+@dataclass(frozen=True, slots=True)
+class VringState:
+    """A ring index with a number: the ring size, or a ring position."""
+
+    index: int
+    num: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index <= _U32 or not 0 <= self.num <= _U32:
+            raise InvalidParam(f"vring state ({self.index}, {self.num}) out of range")
+
+
+class VhostBackend(abc.ABC):
+    """A vhost data plane: the kernel, or a vhost-user backend through the frontend.
+
+    The call order a VMM follows to start a device: :meth:`set_owner`, :meth:`get_features`,
+    :meth:`set_features`, :meth:`set_mem_table`, then per ring :meth:`set_vring_num`,
+    :meth:`set_vring_base`, :meth:`set_vring_addr`, :meth:`set_vring_call`,
+    :meth:`set_vring_kick`. :meth:`get_vring_base` stops a ring and returns its position.
+
+    Instances are context managers; leaving the ``with`` block calls :meth:`close`.
+    """
+
+    # -- ownership and features --
+
+    @abc.abstractmethod
+    def set_owner(self) -> None:
+        """Claim the device for this process/connection. A second call is an error."""
+
+    @abc.abstractmethod
+    def reset_owner(self) -> None:
+        """Give up ownership and reset the device (deprecated in vhost-user)."""
+
+    @abc.abstractmethod
+    def get_features(self) -> int:
+        """The virtio feature bits the data plane offers."""
+
+    @abc.abstractmethod
+    def set_features(self, features: int) -> None:
+        """Acknowledge a subset of :meth:`get_features`."""
+
+    # -- memory and logging --
+
+    @abc.abstractmethod
+    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        """Describe guest memory. Replaces any previous table."""
+
+    @abc.abstractmethod
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """Set the dirty log: a user address (kernel) or a shared file (vhost-user)."""
+
+    @abc.abstractmethod
+    def set_log_fd(self, fd: int) -> None:
+        """An eventfd the data plane signals after it writes to the dirty log."""
+
+    # -- rings --
+
+    @abc.abstractmethod
+    def set_vring_num(self, index: int, num: int) -> None:
+        """Set the size of ring ``index``."""
+
+    @abc.abstractmethod
+    def set_vring_addr(self, addr: VringAddr) -> None:
+        """Set where ring ``addr.index`` lives."""
+
+    @abc.abstractmethod
+    def set_vring_base(self, index: int, base: int) -> None:
+        """Set the position the data plane resumes ring ``index`` from."""
+
+    @abc.abstractmethod
+    def get_vring_base(self, index: int) -> int:
+        """Stop ring ``index`` and return its position."""
+
+    @abc.abstractmethod
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        """The eventfd the driver signals when it adds buffers (``None``: poll instead)."""
+
+    @abc.abstractmethod
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        """The eventfd the data plane signals when it uses buffers (``None``: no interrupt)."""
+
+    @abc.abstractmethod
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        """The eventfd the data plane signals when ring ``index`` fails."""
+
+    # -- lifetime --
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the device or the connection. Safe to call twice."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
