@@ -1,0 +1,705 @@
+"""Packed virtqueues (virtio 1.2 section 2.8), in the driver role and in the device role.
+
+Layout: a ring of ``num`` 16-byte descriptors (``addr u64, len u32, id u16, flags u16``,
+16-byte aligned), the driver event suppression area and the device event suppression area
+(``off_wrap u16, flags u16`` each, 4-byte aligned). In a :class:`~vhostkit.backend.VringAddr`
+they are ``desc``, ``avail`` and ``used``.
+
+A descriptor is available when its AVAIL bit equals the driver's wrap counter and its USED bit
+does not; used when both equal the device's used wrap counter. The driver publishes a batch by
+writing the flags of the batch's first head last; the device completes a batch by writing the
+flags of its first used descriptor last.
+
+Ring positions for ``SET_VRING_BASE`` / ``GET_VRING_BASE`` are encoded as in Linux vhost:
+bits 0-14 the last avail index, bit 15 the avail wrap counter; bits 16-30 and 31 the same for
+the used side. vhost-user peers (QEMU, DPDK) send only the low 16 bits: when the high 16 bits
+are zero the used position is taken equal to the avail position (no buffers in flight). The
+one ambiguous case, used index 0 with wrap counter 0 and a different avail position, cannot be
+expressed; vhost has the same limit.
+
+The error policy is described in :mod:`vhostkit.virtio.ring`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostkit.backend import VringAddr
+from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam
+from vhostkit.virtio.features import VirtioFeature
+from vhostkit.virtio.memory import GuestMemory, MemoryTable
+from vhostkit.virtio.ring import (
+    BrokenState,
+    Buffer,
+    ChainBatch,
+    DescFlag,
+    PackedEventFlag,
+    as_sequence_pairs,
+    check_align,
+    check_order,
+    check_queue_size,
+    lookup_buffers,
+    need_event,
+)
+
+__all__ = [
+    "EVENT_ALIGN",
+    "PACKED_DESC_DTYPE",
+    "PACKED_RING_ALIGN",
+    "PackedDeviceQueue",
+    "PackedDriverQueue",
+    "decode_base",
+    "encode_base",
+    "packed_ring_size",
+]
+
+log = logging.getLogger(__name__)
+
+PACKED_RING_ALIGN = 16
+EVENT_ALIGN = 4
+
+#: ``struct vring_packed_desc``
+PACKED_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+
+_NEXT = int(DescFlag.NEXT)
+_WRITE = int(DescFlag.WRITE)
+_INDIRECT = int(DescFlag.INDIRECT)
+_AVAIL = int(DescFlag.AVAIL)
+_USED = int(DescFlag.USED)
+_WRAP_SHIFT = 15
+_DISABLE = int(PackedEventFlag.DISABLE)
+_DESC = int(PackedEventFlag.DESC)
+
+MAX_INDIRECT = 1024
+
+
+def _align_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def packed_ring_size(num: int) -> int:
+    """Bytes of a contiguous packed ring: descriptors plus the two event areas."""
+    return 16 * num + 8
+
+
+def encode_base(
+    avail_idx: int, avail_wrap: int, used_idx: int | None = None, used_wrap: int | None = None
+) -> int:
+    """A ring position as ``SET_VRING_BASE`` carries it (see the module docstring)."""
+    if used_idx is None:
+        used_idx = avail_idx
+    if used_wrap is None:
+        used_wrap = avail_wrap
+    for idx in (avail_idx, used_idx):
+        if not 0 <= idx < 0x8000:
+            raise InvalidParam(f"packed ring index {idx} out of range")
+    return (avail_idx | (avail_wrap & 1) << 15) | (used_idx | (used_wrap & 1) << 15) << 16
+
+
+def decode_base(base: int) -> tuple[int, int, int, int]:
+    """``(avail_idx, avail_wrap, used_idx, used_wrap)`` from a ``SET_VRING_BASE`` value."""
+    if not 0 <= base <= 0xFFFFFFFF:
+        raise InvalidParam(f"packed ring base {base:#x} out of range")
+    lo, hi = base & 0xFFFF, base >> 16
+    if hi == 0:
+        hi = lo
+    return lo & 0x7FFF, lo >> 15, hi & 0x7FFF, hi >> 15
+
+
+def _event_due(off_wrap: int, wrap: int, new: int, count: int, num: int) -> bool:
+    """Did the last ``count`` positions up to ``new`` (current wrap ``wrap``) pass the event?"""
+    off = off_wrap & 0x7FFF
+    if off_wrap >> _WRAP_SHIFT != wrap:
+        off -= num
+    return need_event(off, new, new - count)
+
+
+class _PackedViews:
+    __slots__ = ("desc", "dev_evt", "drv_evt", "table")
+
+    def __init__(
+        self,
+        table: MemoryTable,
+        space: Literal["gpa", "uva"],
+        num: int,
+        desc: int,
+        driver_event: int,
+        device_event: int,
+    ) -> None:
+        sp = table.gpa if space == "gpa" else table.uva
+        self.table = table
+        self.desc = np.frombuffer(sp.view(desc, 16 * num), PACKED_DESC_DTYPE, num)
+        self.drv_evt = np.frombuffer(sp.view(driver_event, 4), "<u2", 2)
+        self.dev_evt = np.frombuffer(sp.view(device_event, 4), "<u2", 2)
+
+
+class _PackedBase(BrokenState):
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        driver_event: int,
+        device_event: int,
+        space: Literal["gpa", "uva"],
+        features: int,
+        index: int,
+    ) -> None:
+        check_queue_size(num, power_of_two=False)
+        check_align("descriptor ring", desc, PACKED_RING_ALIGN)
+        check_align("driver event area", driver_event, EVENT_ALIGN)
+        check_align("device event area", device_event, EVENT_ALIGN)
+        self._mem = mem
+        self.num = num
+        self.index = index
+        self.features = features
+        self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
+        self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
+        self._space: Literal["gpa", "uva"] = space
+        self._addrs = (desc, driver_event, device_event)
+        self._gen = -1
+        self._v: _PackedViews = self._refresh()
+
+    def _refresh(self) -> _PackedViews:
+        gen = self._mem.generation
+        if gen != self._gen:
+            self._v = _PackedViews(self._mem.table, self._space, self.num, *self._addrs)
+            self._gen = gen
+        return self._v
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}[{self.index}]"
+
+    @property
+    def ring_gpas(self) -> tuple[int, int, int]:
+        """Guest-physical addresses of (descriptor ring, driver area, device area)."""
+        if self._space == "gpa":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(a), self._mem.uva_to_gpa(u)
+
+    @property
+    def ring_uvas(self) -> tuple[int, int, int]:
+        """User addresses of (descriptor ring, driver area, device area)."""
+        if self._space == "uva":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.gpa_to_uva(d), self._mem.gpa_to_uva(a), self._mem.gpa_to_uva(u)
+
+    def vring_addr(self, log: int = 0, flags: int = 0) -> VringAddr:
+        """A :class:`VringAddr` with user addresses (avail = driver area, used = device area)."""
+        d, a, u = self.ring_uvas
+        return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# device role
+# ----------------------------------------------------------------------------------------------
+
+
+class PackedDeviceQueue(_PackedBase):
+    """The device (backend) side of a packed virtqueue.
+
+    ``base`` is a ``SET_VRING_BASE`` value (see :func:`encode_base`); ``None`` is a fresh ring
+    (index 0, wrap counters 1).
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        driver_event: int,
+        device_event: int,
+        *,
+        space: Literal["gpa", "uva"] = "gpa",
+        features: int = 0,
+        base: int | None = None,
+        index: int = 0,
+    ) -> None:
+        super().__init__(mem, num, desc, driver_event, device_event, space, features, index)
+        a_idx, a_wrap, u_idx, u_wrap = decode_base(0x8000 if base is None else base)
+        if a_idx >= num or u_idx >= num:
+            raise InvalidParam(f"packed ring base {base:#x} beyond queue size {num}")
+        self._last_avail, self._avail_wrap = a_idx, a_wrap
+        self._used_idx, self._used_wrap = u_idx, u_wrap
+        self._inflight = np.zeros(0x10000, dtype=np.bool_)
+        self._ring_count = np.zeros(0x10000, dtype=np.int64)
+        self._n_ids = 0
+        self._n_descs = 0
+        self._notify = True
+        self._max_indirect = max(MAX_INDIRECT, num)
+        # _expect[wrap][last + i]: the wrap counter expected i positions after ``last``
+        crossed = np.arange(2 * num) >= num
+        self._expect = (crossed, ~crossed)
+
+    @classmethod
+    def from_gpa(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        driver_event: int,
+        device_event: int,
+        *,
+        features: int = 0,
+        base: int | None = None,
+        index: int = 0,
+    ) -> PackedDeviceQueue:
+        """A queue whose ring addresses are guest-physical."""
+        return cls(
+            mem,
+            num,
+            desc,
+            driver_event,
+            device_event,
+            space="gpa",
+            features=features,
+            base=base,
+            index=index,
+        )
+
+    @classmethod
+    def from_vring_addr(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        addr: VringAddr,
+        *,
+        features: int = 0,
+        base: int | None = None,
+    ) -> PackedDeviceQueue:
+        """A queue from a vhost-user ``SET_VRING_ADDR`` (frontend user addresses)."""
+        return cls(
+            mem,
+            num,
+            addr.desc,
+            addr.avail,
+            addr.used,
+            space="uva",
+            features=features,
+            base=base,
+            index=addr.index,
+        )
+
+    # -- position ---------------------------------------------------------------------------
+
+    def get_base(self) -> int:
+        """The ``GET_VRING_BASE`` value (avail position low, used position high)."""
+        return encode_base(self._last_avail, self._avail_wrap, self._used_idx, self._used_wrap)
+
+    @property
+    def inflight(self) -> list[int]:
+        """Buffer ids popped and not yet completed."""
+        return np.flatnonzero(self._inflight).tolist()
+
+    # -- popping ----------------------------------------------------------------------------
+
+    def _window(self, v: _PackedViews) -> tuple[np.ndarray, int]:
+        """A copy of the ring from the next avail position and how many are available."""
+        num = self.num
+        last = self._last_avail
+        rows = np.concatenate((v.desc[last:], v.desc[:last]))  # a copy: read once
+        f = rows["flags"]
+        expect = self._expect[self._avail_wrap][last : last + num]
+        ok = ((f & _AVAIL) != 0) == expect
+        ok &= ((f & _USED) != 0) != expect
+        count = num if ok.all() else int(np.argmin(ok))
+        if count > num - self._n_descs:
+            self._fail(f"{count} descriptors available with {self._n_descs} of {num} in flight")
+        return rows, count
+
+    def pending(self) -> int:
+        """Descriptors (not chains) the driver has made available and the device not popped."""
+        self._check_broken()
+        return self._window(self._refresh())[1]
+
+    def pop_batch(self, max_chains: int | None = None) -> ChainBatch:
+        """Pop every available chain (at most ``max_chains``) in one go."""
+        self._check_broken()
+        v = self._refresh()
+        rows, count = self._window(v)
+        if count == 0 or max_chains == 0:
+            return ChainBatch.empty(v.table)
+        flags = rows["flags"][:count]
+        last_mask = (flags & _NEXT) == 0
+        ends = np.flatnonzero(last_mask)
+        if not last_mask[count - 1]:
+            if count == self.num:
+                self._fail("descriptor chain longer than the queue size")
+            self._fail("chain continues into a descriptor that is not available")
+        if max_chains is not None:
+            ends = ends[:max_chains]
+        n = ends.shape[0]
+        used = int(ends[-1]) + 1
+        starts = np.zeros(n + 1, dtype=np.intp)
+        starts[1:] = ends + 1
+        ids = rows["id"][ends].astype(np.intp)
+        ring_count = np.diff(starts)
+        rec = rows[:used]
+        rflags = flags[:used]
+        if (rflags & _INDIRECT).any():
+            rec, starts = self._expand_indirect(v.table, rec, starts)
+            rflags = rec["flags"]
+        writable = (rflags & _WRITE) != 0
+        check_order(self, writable, starts)
+        addr = rec["addr"]
+        length = rec["len"].astype(np.uint64)
+        region, offset = lookup_buffers(self, v.table, addr, length)
+
+        inflight = self._inflight
+        if inflight[ids].any():
+            self._fail(f"buffer id {int(ids[inflight[ids]][0])} is already in flight")
+        inflight[ids] = True
+        n_ids = int(np.count_nonzero(inflight))
+        if n_ids != self._n_ids + n:
+            inflight[ids] = False
+            self._fail("the same buffer id is used twice")
+        self._n_ids = n_ids
+        self._ring_count[ids] = ring_count
+        self._n_descs += used
+        nxt = self._last_avail + used
+        if nxt >= self.num:
+            nxt -= self.num
+            self._avail_wrap ^= 1
+        self._last_avail = nxt
+        if self.event_idx and self._notify:
+            v.dev_evt[0] = self._last_avail | self._avail_wrap << _WRAP_SHIFT
+            v.dev_evt[1] = _DESC
+        return ChainBatch(v.table, ids, starts, addr, length, writable, region, offset)
+
+    def _expand_indirect(
+        self,
+        table: MemoryTable,
+        rec: np.ndarray,
+        starts: npt.NDArray[np.intp],
+    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
+        if not self.indirect:
+            self._fail("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+        is_ind = (rec["flags"] & _INDIRECT) != 0
+        bounds = starts.tolist()
+        segments: list[np.ndarray] = []
+        for c in range(len(bounds) - 1):
+            lo, hi = bounds[c], bounds[c + 1]
+            if not is_ind[lo:hi].any():
+                segments.append(rec[lo:hi])
+                continue
+            if hi - lo != 1:
+                self._fail("indirect descriptor combined with NEXT in a chain")
+            segments.append(self._read_indirect(table, int(rec["addr"][lo]), int(rec["len"][lo])))
+        new_starts = np.zeros(len(segments) + 1, dtype=np.intp)
+        np.cumsum([s.shape[0] for s in segments], out=new_starts[1:])
+        return np.concatenate(segments), new_starts
+
+    def _read_indirect(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
+        """An indirect table: every entry in order (NEXT and ids are ignored, per the spec)."""
+        if length == 0 or length % 16:
+            self._fail(f"indirect table length {length} is not a positive multiple of 16")
+        count = length // 16
+        if count > self._max_indirect:
+            self._fail(f"indirect table of {count} descriptors is too long")
+        try:
+            raw = b"".join(table.gpa.views(addr, length))
+        except GuestMemoryError as exc:
+            self._fail(f"indirect table outside guest memory: {exc}", exc)
+        tab = np.frombuffer(raw, PACKED_DESC_DTYPE, count)
+        if (tab["flags"] & _INDIRECT).any():
+            self._fail("indirect descriptor inside an indirect table")
+        return tab
+
+    # -- completing -------------------------------------------------------------------------
+
+    def complete(
+        self,
+        ids: Sequence[int] | npt.NDArray[np.integer],
+        lengths: Sequence[int] | npt.NDArray[np.integer],
+    ) -> bool:
+        """Write a batch of used descriptors (first one's flags last). Returns whether to signal."""
+        self._check_broken()
+        v = self._refresh()
+        ids_a = np.asarray(ids, dtype=np.int64).ravel()
+        lens_a = np.asarray(lengths, dtype=np.int64).ravel()
+        k = ids_a.shape[0]
+        if lens_a.shape[0] != k:
+            raise InvalidParam("ids and lengths differ in length")
+        if k == 0:
+            return False
+        if int(ids_a.min()) < 0 or int(ids_a.max()) > 0xFFFF:
+            raise InvalidParam("completed id out of range")
+        if int(lens_a.min()) < 0 or int(lens_a.max()) > 0xFFFFFFFF:
+            raise InvalidParam("used length out of range")
+        inflight = self._inflight
+        if not inflight[ids_a].all():
+            raise InvalidParam("completing a buffer id that is not in flight")
+        inflight[ids_a] = False
+        n_ids = int(np.count_nonzero(inflight))
+        if n_ids != self._n_ids - k:
+            inflight[ids_a] = True
+            raise InvalidParam("the same id completed twice in one batch")
+        self._n_ids = n_ids
+        num = self.num
+        counts = self._ring_count[ids_a]
+        offs = np.zeros(k, dtype=np.int64)
+        np.cumsum(counts[:-1], out=offs[1:])
+        total = int(offs[-1] + counts[-1])
+        pos = self._used_idx + offs
+        crossed = pos >= num
+        pos[crossed] -= num
+        wrap = crossed ^ bool(self._used_wrap)
+        flags = np.where(wrap, _AVAIL | _USED, 0).astype(np.uint16)
+        desc = v.desc
+        desc["id"][pos] = ids_a
+        desc["len"][pos] = lens_a
+        if k > 1:
+            desc["flags"][pos[1:]] = flags[1:]
+        desc["flags"][pos[0]] = flags[0]  # publishes the whole batch
+        self._n_descs -= total
+        nxt = self._used_idx + total
+        if nxt >= num:
+            nxt -= num
+            self._used_wrap ^= 1
+        self._used_idx = nxt
+        return self._need_signal(v, total)
+
+    def _need_signal(self, v: _PackedViews, count: int) -> bool:
+        flags = int(v.drv_evt[1])
+        if flags == _DISABLE:
+            return False
+        if flags != _DESC or not self.event_idx:
+            return True
+        return _event_due(int(v.drv_evt[0]), self._used_wrap, self._used_idx, count, self.num)
+
+    # -- notification suppression -----------------------------------------------------------
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again. Returns True when descriptors are already pending."""
+        self._check_broken()
+        v = self._refresh()
+        self._notify = True
+        if self.event_idx:
+            v.dev_evt[0] = self._last_avail | self._avail_wrap << _WRAP_SHIFT
+            v.dev_evt[1] = _DESC
+        else:
+            v.dev_evt[1] = int(PackedEventFlag.ENABLE)
+        return self.pending() > 0
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed."""
+        self._check_broken()
+        v = self._refresh()
+        self._notify = False
+        v.dev_evt[1] = _DISABLE
+
+
+# ----------------------------------------------------------------------------------------------
+# driver role
+# ----------------------------------------------------------------------------------------------
+
+
+class PackedDriverQueue(_PackedBase):
+    """The driver (guest) side of a packed virtqueue, laid out by this object in guest memory.
+
+    The descriptor ring starts at ``gpa`` (16-byte aligned), followed by the driver and device
+    event areas, then (``max_indirect`` > 0) one indirect table per buffer id. The memory is
+    zeroed. Buffer ids come from a free list of ``num`` ids.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        gpa: int,
+        *,
+        features: int = 0,
+        index: int = 0,
+        max_indirect: int = 0,
+    ) -> None:
+        check_queue_size(num, power_of_two=False)
+        check_align("ring", gpa, PACKED_RING_ALIGN)
+        size = self.footprint(num, max_indirect=max_indirect)
+        mem.gpa_view(gpa, size)[:] = bytes(size)
+        super().__init__(mem, num, gpa, gpa + 16 * num, gpa + 16 * num + 4, "gpa", features, index)
+        self.max_indirect = max_indirect if self.indirect else 0
+        self._indirect_gpa = gpa + _align_up(packed_ring_size(num), PACKED_RING_ALIGN)
+        self._free_ids: list[int] = list(range(num - 1, -1, -1))
+        self._free_descs = num
+        self._count = [0] * num
+        self._tokens: list[Any] = [None] * num
+        self._capacity = [0] * num
+        self._next_avail, self._avail_wrap = 0, 1
+        self._next_used, self._used_wrap = 0, 1
+        self._deferred: tuple[int, int] | None = None
+        self._added = 0
+        self._irq = True
+        self._write_irq_state(self._v)
+
+    @staticmethod
+    def footprint(num: int, *, max_indirect: int = 0) -> int:
+        """Bytes of guest memory the queue occupies (ring, event areas, indirect pool)."""
+        size = packed_ring_size(num)
+        if max_indirect:
+            size = _align_up(size, PACKED_RING_ALIGN) + num * max_indirect * 16
+        return size
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptor slots."""
+        return self._free_descs if self._free_ids else 0
+
+    def add(
+        self,
+        out: Sequence[Buffer],
+        in_: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+    ) -> int:
+        """Add a chain (``out`` buffers then ``in_`` buffers); returns its buffer id.
+
+        Visible to the device only after :meth:`publish`.
+        """
+        self._check_broken()
+        v = self._refresh()
+        outs = as_sequence_pairs(out)
+        ins = as_sequence_pairs(in_)
+        total = len(outs) + len(ins)
+        if total == 0:
+            raise InvalidParam("a chain needs at least one buffer")
+        if indirect is None:
+            indirect = self.max_indirect > 0 and 1 < total <= self.max_indirect
+        if indirect and not 0 < total <= self.max_indirect:
+            raise InvalidParam(
+                f"{total} buffers do not fit an indirect table of {self.max_indirect}"
+            )
+        needed = 1 if indirect else total
+        if needed > self._free_descs or not self._free_ids:
+            raise InvalidOperation(
+                f"queue full: {needed} descriptors needed, {self._free_descs} free"
+            )
+        bid = self._free_ids.pop()
+        bufs = outs + ins
+        wflags = [0] * len(outs) + [_WRITE] * len(ins)
+        if indirect:
+            tab = np.zeros(total, PACKED_DESC_DTYPE)
+            tab["addr"] = [a for a, _ in bufs]
+            tab["len"] = [n for _, n in bufs]
+            tab["flags"] = wflags
+            table = self._indirect_gpa + bid * self.max_indirect * 16
+            self._mem.gpa_array(table, PACKED_DESC_DTYPE, total)[:] = tab
+            bufs = [(table, total * 16)]
+            wflags = [_INDIRECT]
+        num = self.num
+        pos, wrap = self._next_avail, self._avail_wrap
+        positions: list[int] = []
+        flag_values: list[int] = []
+        for i, wf in enumerate(wflags):
+            f = wf | (_NEXT if i < needed - 1 else 0)
+            flag_values.append(f | (_AVAIL if wrap else _USED))
+            positions.append(pos)
+            pos += 1
+            if pos == num:
+                pos, wrap = 0, wrap ^ 1
+        # never write the flags with the body: a zero there could read as "used"
+        desc = v.desc
+        desc["addr"][positions] = [a for a, _ in bufs]
+        desc["len"][positions] = [n for _, n in bufs]
+        desc["id"][positions] = bid
+        if needed > 1:
+            desc["flags"][positions[1:]] = flag_values[1:]
+        head = (positions[0], flag_values[0])
+        if self._deferred is None:
+            self._deferred = head  # the batch's first head: published by publish()
+        else:
+            v.desc["flags"][head[0]] = head[1]
+        self._next_avail, self._avail_wrap = pos, wrap
+        self._added += needed
+        self._free_descs -= needed
+        self._count[bid] = needed
+        self._tokens[bid] = token
+        self._capacity[bid] = sum(n for _, n in ins)
+        return bid
+
+    def publish(self) -> bool:
+        """Make the batch visible (its first head's flags written last). Returns whether to kick."""
+        self._check_broken()
+        v = self._refresh()
+        if self._deferred is None:
+            return False
+        pos, f = self._deferred
+        v.desc["flags"][pos] = f
+        count = self._added
+        self._deferred = None
+        self._added = 0
+        flags = int(v.dev_evt[1])
+        if flags == _DISABLE:
+            return False
+        if flags != _DESC or not self.event_idx:
+            return True
+        return _event_due(int(v.dev_evt[0]), self._avail_wrap, self._next_avail, count, self.num)
+
+    def _used_at_head(self, v: _PackedViews) -> bool:
+        f = int(v.desc["flags"][self._next_used])
+        w = self._used_wrap
+        return bool(f & _AVAIL) == bool(w) and bool(f & _USED) == bool(w)
+
+    def pending_used(self) -> bool:
+        """True when the device has used the next buffer in ring order."""
+        self._check_broken()
+        return self._used_at_head(self._refresh())
+
+    def reap(self, max_items: int | None = None) -> list[tuple[Any, int]]:
+        """Take used buffers back: ``[(token, written_length), ...]`` in ring order."""
+        self._check_broken()
+        v = self._refresh()
+        num = self.num
+        out: list[tuple[Any, int]] = []
+        while (max_items is None or len(out) < max_items) and self._used_at_head(v):
+            row = v.desc[self._next_used]
+            bid, length = int(row["id"]), int(row["len"])
+            if bid >= num or not self._count[bid]:
+                self._fail(f"device used buffer id {bid}, which is not in flight")
+            if length > self._capacity[bid]:
+                self._fail(f"device wrote {length} bytes into a {self._capacity[bid]}-byte buffer")
+            out.append((self._tokens[bid], length))
+            cnt = self._count[bid]
+            self._count[bid] = 0
+            self._tokens[bid] = None
+            self._free_ids.append(bid)
+            self._free_descs += cnt
+            nxt = self._next_used + cnt
+            if nxt >= num:
+                nxt -= num
+                self._used_wrap ^= 1
+            self._next_used = nxt
+        if self.event_idx and self._irq:
+            v.drv_evt[0] = self._next_used | self._used_wrap << _WRAP_SHIFT
+        return out
+
+    def _write_irq_state(self, v: _PackedViews) -> None:
+        if not self._irq:
+            v.drv_evt[1] = _DISABLE
+        elif self.event_idx:
+            v.drv_evt[0] = self._next_used | self._used_wrap << _WRAP_SHIFT
+            v.drv_evt[1] = _DESC
+        else:
+            v.drv_evt[1] = int(PackedEventFlag.ENABLE)
+
+    def enable_interrupts(self) -> bool:
+        """Ask for used-buffer notifications. Returns True when used buffers are pending."""
+        self._check_broken()
+        v = self._refresh()
+        self._irq = True
+        self._write_irq_state(v)
+        return self._used_at_head(v)
+
+    def disable_interrupts(self) -> None:
+        """Suppress used-buffer notifications (``VRING_PACKED_EVENT_FLAG_DISABLE``)."""
+        self._check_broken()
+        v = self._refresh()
+        self._irq = False
+        self._write_irq_state(v)

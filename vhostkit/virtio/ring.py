@@ -1,0 +1,334 @@
+"""Pieces shared by the split and packed virtqueues: flags, dtypes, chains, batches, errors.
+
+Error policy for both ring formats (device role and driver role alike):
+
+* Anything malformed that the *peer* wrote into a ring (descriptor loop, index out of range,
+  nested indirect table, a buffer address outside guest memory, ...) raises
+  :class:`~vhostkit.errors.VirtqueueError`. When the cause is a bad address the
+  :class:`~vhostkit.errors.GuestMemoryError` is chained as ``__cause__``. The queue is then
+  *broken*: every later call raises the same error object. Other queues are unaffected.
+* Misuse by the *caller* (completing an id that is not in flight, adding to a full queue)
+  raises :class:`~vhostkit.errors.InvalidParam` / :class:`~vhostkit.errors.InvalidOperation`
+  and leaves the queue usable.
+* Ring addresses that do not translate when the queue is built raise
+  :class:`~vhostkit.errors.GuestMemoryError`; misaligned ones :class:`InvalidParam`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+from typing import NoReturn
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam, VirtqueueError
+from vhostkit.virtio.memory import MemoryTable
+
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "SPLIT_DESC_DTYPE",
+    "Buffer",
+    "Chain",
+    "ChainBatch",
+    "DescFlag",
+    "PackedEventFlag",
+    "need_event",
+]
+
+#: Largest queue size either ring format allows.
+MAX_QUEUE_SIZE = 32768
+
+#: ``struct vring_desc`` (split) / the same 16 bytes as ``struct vring_packed_desc`` differ in
+#: their last two fields; see :data:`vhostkit.virtio.packed.PACKED_DESC_DTYPE`.
+SPLIT_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("flags", "<u2"), ("next", "<u2")])
+
+#: A driver-side buffer: ``(guest_phys_addr, length)``.
+Buffer = tuple[int, int]
+
+
+class DescFlag(IntFlag):
+    """Descriptor flags (``VRING_DESC_F_*``, ``VRING_PACKED_DESC_F_*``)."""
+
+    NEXT = 1
+    WRITE = 2
+    INDIRECT = 4
+    AVAIL = 1 << 7
+    USED = 1 << 15
+
+
+class PackedEventFlag(IntEnum):
+    """Packed ring event suppression flags (``VRING_PACKED_EVENT_FLAG_*``)."""
+
+    ENABLE = 0
+    DISABLE = 1
+    DESC = 2
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """``vring_need_event``: did moving an index from ``old_idx`` to ``new_idx`` pass ``event_idx``?
+
+    All arithmetic is modulo 2**16, exactly as in ``virtio_ring.h``.
+    """
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One descriptor chain as the device sees it: views into guest memory, no copies.
+
+    ``id`` is what the device hands back on completion: the head descriptor index (split) or
+    the buffer id (packed). ``readable`` are the device-readable (driver "out") buffers,
+    ``writable`` the device-writable ("in") ones; a descriptor that spans two adjacent regions
+    contributes two views and a zero-length descriptor none.
+    """
+
+    id: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(v.nbytes for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(v.nbytes for v in self.writable)
+
+    def read_all(self) -> bytes:
+        """The readable buffers concatenated (a copy)."""
+        return b"".join(self.readable)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Scatter ``data`` into the writable buffers; returns the number of bytes written."""
+        src = memoryview(data).cast("B")
+        pos = 0
+        for view in self.writable:
+            if pos >= src.nbytes:
+                break
+            n = min(view.nbytes, src.nbytes - pos)
+            view[:n] = src[pos : pos + n]
+            pos += n
+        return pos
+
+
+class ChainBatch:
+    """All chains popped in one go, kept as NumPy arrays until a chain is looked at.
+
+    A sink that only completes can use :attr:`ids` and :attr:`writable_len` without building a
+    single memoryview. ``batch[i]`` / iteration build :class:`Chain` objects on demand.
+    """
+
+    __slots__ = (
+        "_addr",
+        "_cache",
+        "_length",
+        "_lens",
+        "_offset",
+        "_region",
+        "_starts",
+        "_table",
+        "_writable",
+        "ids",
+    )
+
+    def __init__(
+        self,
+        table: MemoryTable,
+        ids: npt.NDArray[np.integer],
+        starts: npt.NDArray[np.intp],
+        addr: npt.NDArray[np.uint64],
+        length: npt.NDArray[np.uint64],
+        writable: npt.NDArray[np.bool_],
+        region: npt.NDArray[np.intp],
+        offset: npt.NDArray[np.uint64],
+    ) -> None:
+        self._table = table
+        #: chain ids (head index or buffer id), in ring order
+        self.ids = ids
+        self._starts = starts
+        self._addr = addr
+        self._length = length
+        self._writable = writable
+        self._region = region
+        self._offset = offset
+        self._cache: tuple[list[int], ...] | None = None
+        self._lens: tuple[np.ndarray, np.ndarray] | None = None
+
+    def _chain_lens(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._lens is None:
+            lens = self._length.astype(np.int64)
+            w = np.where(self._writable, lens, 0)
+            r = lens - w
+            n = self.ids.shape[0]
+            if n == 0:
+                w = r = np.zeros(0, dtype=np.int64)
+            elif self._length.shape[0] != n:  # some chain has several descriptors
+                seg = self._starts[:-1]
+                w = np.add.reduceat(w, seg)
+                r = np.add.reduceat(r, seg)
+            self._lens = (w, r)
+        return self._lens
+
+    @property
+    def writable_len(self) -> np.ndarray:
+        """Total device-writable bytes per chain (int64)."""
+        return self._chain_lens()[0]
+
+    @property
+    def readable_len(self) -> np.ndarray:
+        """Total device-readable bytes per chain (int64)."""
+        return self._chain_lens()[1]
+
+    @classmethod
+    def empty(cls, table: MemoryTable) -> ChainBatch:
+        z64 = np.zeros(0, dtype=np.uint64)
+        zi = np.zeros(0, dtype=np.intp)
+        return cls(
+            table,
+            np.zeros(0, np.uint16),
+            np.zeros(1, np.intp),
+            z64,
+            z64,
+            np.zeros(0, np.bool_),
+            zi,
+            z64,
+        )
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, i: int) -> Chain:
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        if self._cache is None:
+            self._cache = (
+                self._starts.tolist(),
+                self._addr.tolist(),
+                self._length.tolist(),
+                self._writable.tolist(),
+                self._region.tolist(),
+                self._offset.tolist(),
+            )
+        starts, addr, length, writable, region, offset = self._cache
+        readable_views: list[memoryview] = []
+        writable_views: list[memoryview] = []
+        maps = self._table.gpa.maps
+        for j in range(starts[i], starts[i + 1]):
+            r = region[j]
+            if r == -2:
+                continue
+            target = writable_views if writable[j] else readable_views
+            if r >= 0:
+                off = offset[j]
+                target.append(maps[r].view[off : off + length[j]])
+            else:
+                target.extend(self._table.gpa.views(addr[j], length[j]))
+        return Chain(int(self.ids[i]), readable_views, writable_views)
+
+    def __iter__(self) -> Iterator[Chain]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def chains(self) -> list[Chain]:
+        """Every chain of the batch as a :class:`Chain`."""
+        n = len(self)
+        if n != self._length.shape[0] or (self._region < 0).any():
+            return list(self)
+        # one descriptor per chain, each inside one region: the common case, one tight loop
+        views = [m.view for m in self._table.gpa.maps]
+        out: list[Chain] = []
+        for cid, r, off, ln, w in zip(
+            self.ids.tolist(),
+            self._region.tolist(),
+            self._offset.tolist(),
+            self._length.tolist(),
+            self._writable.tolist(),
+            strict=True,
+        ):
+            view = views[r][off : off + ln]
+            out.append(Chain(cid, [], [view]) if w else Chain(cid, [view], []))
+        return out
+
+
+class BrokenState:
+    """Mixin: a queue that a malformed ring has broken keeps raising the same error."""
+
+    _broken: VirtqueueError | None = None
+
+    @property
+    def broken(self) -> VirtqueueError | None:
+        """The error that broke the queue, or ``None``."""
+        return self._broken
+
+    def _check_broken(self) -> None:
+        if self._broken is not None:
+            raise self._broken
+
+    def _fail(self, message: str, cause: BaseException | None = None) -> NoReturn:
+        err = VirtqueueError(f"{self._describe()}: {message}")
+        if cause is not None:
+            err.__cause__ = cause
+        self._broken = err
+        raise err
+
+    def _describe(self) -> str:
+        return type(self).__name__
+
+
+def check_queue_size(num: int, *, power_of_two: bool) -> None:
+    """Validate a queue size (split rings need a power of two)."""
+    if not 1 <= num <= MAX_QUEUE_SIZE:
+        raise InvalidParam(f"queue size {num} out of range 1..{MAX_QUEUE_SIZE}")
+    if power_of_two and num & (num - 1):
+        raise InvalidParam(f"split queue size {num} is not a power of two")
+
+
+def check_align(name: str, addr: int, align: int) -> None:
+    """Raise :class:`InvalidParam` unless ``addr`` is a multiple of ``align``."""
+    if addr % align:
+        raise InvalidParam(f"{name} address {addr:#x} is not {align}-byte aligned")
+
+
+def lookup_buffers(
+    queue: BrokenState, table: MemoryTable, addr: np.ndarray, length: np.ndarray
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint64]]:
+    """Translate descriptor buffers, turning a bad address into a broken-queue error."""
+    try:
+        return table.lookup_gpa_batch(addr, length)
+    except GuestMemoryError as exc:
+        queue._fail(f"descriptor buffer outside guest memory: {exc}", exc)
+
+
+def check_order(
+    queue: BrokenState, writable: npt.NDArray[np.bool_], starts: npt.NDArray[np.intp]
+) -> None:
+    """Every device-readable descriptor must come before every writable one in a chain."""
+    if writable.shape[0] < 2:
+        return
+    same_chain = np.ones(writable.shape[0] - 1, dtype=np.bool_)
+    inner = starts[1:-1]
+    same_chain[inner[inner > 0] - 1] = False
+    bad = writable[:-1] & ~writable[1:] & same_chain
+    if bad.any():
+        queue._fail("device-readable descriptor after a device-writable one in a chain")
+
+
+def require_open(closed: bool) -> None:
+    if closed:
+        raise InvalidOperation("queue is closed")
+
+
+def as_sequence_pairs(items: Sequence[Buffer]) -> list[Buffer]:
+    """Validate ``(addr, length)`` pairs given by a driver-role caller."""
+    out: list[Buffer] = []
+    for addr, length in items:
+        if not 0 <= addr <= (1 << 64) - 1 or not 0 <= length <= 0xFFFFFFFF:
+            raise InvalidParam(f"buffer ({addr:#x}, {length}) out of range")
+        out.append((int(addr), int(length)))
+    return out

@@ -1,0 +1,747 @@
+"""Split virtqueues (virtio 1.2 section 2.7), in the driver role and in the device role.
+
+Layout (all little-endian): the descriptor table (16 bytes per entry, 16-byte aligned), the
+available ring (``flags, idx, ring[num], used_event``, 2-byte aligned) and the used ring
+(``flags, idx, ring[num] of (id u32, len u32), avail_event``, 4-byte aligned).
+
+Both roles work on NumPy structured-array views of the mapped guest memory. The device role pops
+every pending chain with a handful of array operations (gather the avail entries, walk all chains
+one step at a time in parallel, translate every buffer at once), completes a batch with one
+scatter into the used ring and a single index store, and builds memoryviews only for the chains
+a caller looks at (:class:`~vhostkit.virtio.ring.ChainBatch`).
+
+The error policy is described in :mod:`vhostkit.virtio.ring`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from vhostkit.backend import VringAddr
+from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam
+from vhostkit.virtio.features import VirtioFeature
+from vhostkit.virtio.memory import GuestMemory, MemoryTable
+from vhostkit.virtio.ring import (
+    SPLIT_DESC_DTYPE,
+    BrokenState,
+    Buffer,
+    ChainBatch,
+    DescFlag,
+    as_sequence_pairs,
+    check_align,
+    check_order,
+    check_queue_size,
+    lookup_buffers,
+    need_event,
+)
+
+__all__ = [
+    "AVAIL_ALIGN",
+    "DESC_ALIGN",
+    "USED_ALIGN",
+    "USED_ELEM_DTYPE",
+    "SplitDeviceQueue",
+    "SplitDriverQueue",
+    "SplitLayout",
+    "vring_size",
+]
+
+log = logging.getLogger(__name__)
+
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+
+#: ``struct vring_used_elem``
+USED_ELEM_DTYPE = np.dtype([("id", "<u4"), ("len", "<u4")])
+
+#: ``VRING_AVAIL_F_NO_INTERRUPT`` / ``VRING_USED_F_NO_NOTIFY``
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+
+_NEXT = int(DescFlag.NEXT)
+_WRITE = int(DescFlag.WRITE)
+_INDIRECT = int(DescFlag.INDIRECT)
+
+#: Longest indirect table the device role accepts (the kernel's UIO_MAXIOV), unless the queue
+#: itself is larger.
+MAX_INDIRECT = 1024
+
+
+def _align_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def desc_table_size(num: int) -> int:
+    """Bytes of a descriptor table of ``num`` entries."""
+    return 16 * num
+
+
+def avail_ring_size(num: int) -> int:
+    """Bytes of an available ring, including ``used_event``."""
+    return 6 + 2 * num
+
+
+def used_ring_size(num: int) -> int:
+    """Bytes of a used ring, including ``avail_event``."""
+    return 6 + 8 * num
+
+
+def vring_size(num: int, align: int = 4096) -> int:
+    """Bytes of a contiguous split ring (legacy ``vring_size``): used ring aligned to ``align``."""
+    return _align_up(desc_table_size(num) + avail_ring_size(num), align) + used_ring_size(num)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitLayout:
+    """Offsets of the three parts of a contiguous split ring."""
+
+    num: int
+    desc: int
+    avail: int
+    used: int
+    size: int
+
+    @classmethod
+    def compute(cls, num: int, align: int = USED_ALIGN) -> SplitLayout:
+        """The legacy contiguous layout (``align=4096``) or the compact virtio 1.x one (4)."""
+        check_queue_size(num, power_of_two=True)
+        if align < USED_ALIGN or align & (align - 1):
+            raise InvalidParam(f"used ring alignment {align} must be a power of two >= 4")
+        avail = desc_table_size(num)
+        used = _align_up(avail + avail_ring_size(num), align)
+        return cls(num, 0, avail, used, used + used_ring_size(num))
+
+
+class _RingViews:
+    """NumPy views of the three parts of a split ring in one table snapshot."""
+
+    __slots__ = (
+        "avail_event",
+        "avail_hdr",
+        "avail_ring",
+        "desc",
+        "table",
+        "used_event",
+        "used_hdr",
+        "used_ring",
+        "used_words",
+    )
+
+    def __init__(
+        self,
+        table: MemoryTable,
+        space: Literal["gpa", "uva"],
+        num: int,
+        desc: int,
+        avail: int,
+        used: int,
+    ) -> None:
+        sp = table.gpa if space == "gpa" else table.uva
+        self.table = table
+        self.desc = np.frombuffer(sp.view(desc, desc_table_size(num)), SPLIT_DESC_DTYPE, num)
+        av = sp.view(avail, avail_ring_size(num))
+        self.avail_hdr = np.frombuffer(av, "<u2", 2)
+        self.avail_ring = np.frombuffer(av, "<u2", num, 4)
+        self.used_event = np.frombuffer(av, "<u2", 1, 4 + 2 * num)
+        us = sp.view(used, used_ring_size(num))
+        self.used_hdr = np.frombuffer(us, "<u2", 2)
+        self.used_ring = np.frombuffer(us, USED_ELEM_DTYPE, num, 4)
+        self.used_words = np.frombuffer(us, "<u4", 2 * num, 4).reshape(num, 2)
+        self.avail_event = np.frombuffer(us, "<u2", 1, 4 + 8 * num)
+
+
+class _SplitBase(BrokenState):
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        avail: int,
+        used: int,
+        space: Literal["gpa", "uva"],
+        features: int,
+        index: int,
+    ) -> None:
+        check_queue_size(num, power_of_two=True)
+        check_align("descriptor table", desc, DESC_ALIGN)
+        check_align("available ring", avail, AVAIL_ALIGN)
+        check_align("used ring", used, USED_ALIGN)
+        self._mem = mem
+        self.num = num
+        self.index = index
+        self.features = features
+        self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
+        self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
+        self._space: Literal["gpa", "uva"] = space
+        self._addrs = (desc, avail, used)
+        self._mask = num - 1
+        self._gen = -1
+        self._v: _RingViews = self._refresh()
+
+    def _refresh(self) -> _RingViews:
+        """Re-resolve the ring views when the memory table changed."""
+        gen = self._mem.generation
+        if gen != self._gen:
+            desc, avail, used = self._addrs
+            self._v = _RingViews(self._mem.table, self._space, self.num, desc, avail, used)
+            self._gen = gen
+        return self._v
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}[{self.index}]"
+
+    @property
+    def ring_gpas(self) -> tuple[int, int, int]:
+        """Guest-physical addresses of (desc, avail, used)."""
+        if self._space == "gpa":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(a), self._mem.uva_to_gpa(u)
+
+    @property
+    def ring_uvas(self) -> tuple[int, int, int]:
+        """User addresses of (desc, avail, used)."""
+        if self._space == "uva":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.gpa_to_uva(d), self._mem.gpa_to_uva(a), self._mem.gpa_to_uva(u)
+
+    def vring_addr(self, log: int = 0, flags: int = 0) -> VringAddr:
+        """A :class:`VringAddr` with user addresses, for ``set_vring_addr``."""
+        d, a, u = self.ring_uvas
+        return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# device role
+# ----------------------------------------------------------------------------------------------
+
+
+class SplitDeviceQueue(_SplitBase):
+    """The device (backend) side of a split virtqueue.
+
+    ``base`` is the ``SET_VRING_BASE`` value: the next avail index to process. The used index
+    is read from the ring, as vhost does. :meth:`get_base` returns the position for
+    ``GET_VRING_BASE``; chains popped but not completed at that point are lost, as with vhost.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        space: Literal["gpa", "uva"] = "gpa",
+        features: int = 0,
+        base: int = 0,
+        index: int = 0,
+    ) -> None:
+        super().__init__(mem, num, desc, avail, used, space, features, index)
+        if not 0 <= base <= 0xFFFF:
+            raise InvalidParam(f"split ring base {base} out of range")
+        self._last_avail = base
+        self._used_idx = int(self._v.used_hdr[1])
+        self._inflight = np.zeros(num, dtype=np.bool_)
+        self._n_inflight = 0
+        self._notify = True
+        self._max_indirect = max(MAX_INDIRECT, num)
+        self._arange = np.arange(num + 1, dtype=np.intp)
+
+    @classmethod
+    def from_gpa(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        avail: int,
+        used: int,
+        *,
+        features: int = 0,
+        base: int = 0,
+        index: int = 0,
+    ) -> SplitDeviceQueue:
+        """A queue whose ring addresses are guest-physical (e.g. from a virtio transport)."""
+        return cls(
+            mem, num, desc, avail, used, space="gpa", features=features, base=base, index=index
+        )
+
+    @classmethod
+    def from_vring_addr(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        addr: VringAddr,
+        *,
+        features: int = 0,
+        base: int = 0,
+    ) -> SplitDeviceQueue:
+        """A queue from a vhost-user ``SET_VRING_ADDR`` (frontend user addresses)."""
+        return cls(
+            mem,
+            num,
+            addr.desc,
+            addr.avail,
+            addr.used,
+            space="uva",
+            features=features,
+            base=base,
+            index=addr.index,
+        )
+
+    # -- position ---------------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._last_avail
+
+    @property
+    def used_idx(self) -> int:
+        return self._used_idx
+
+    def get_base(self) -> int:
+        """The ``GET_VRING_BASE`` value: the next avail index the device would process."""
+        return self._last_avail
+
+    @property
+    def inflight(self) -> list[int]:
+        """Heads popped and not yet completed."""
+        return np.flatnonzero(self._inflight).tolist()
+
+    # -- popping ----------------------------------------------------------------------------
+
+    def pending(self) -> int:
+        """How many chains the driver has made available and the device has not popped."""
+        self._check_broken()
+        v = self._refresh()
+        n = (int(v.avail_hdr[1]) - self._last_avail) & 0xFFFF
+        if n > self.num:
+            self._fail(f"avail idx moved {n} entries ahead (queue size {self.num})")
+        return n
+
+    def pop_batch(self, max_chains: int | None = None) -> ChainBatch:
+        """Pop every available chain (at most ``max_chains``) in one go."""
+        n = self.pending()
+        v = self._v
+        if max_chains is not None:
+            n = min(n, max_chains)
+        if n <= 0:
+            return ChainBatch.empty(v.table)
+        num = self.num
+        start = self._last_avail & self._mask
+        if start + n <= num:
+            heads = v.avail_ring[start : start + n].astype(np.intp)  # a copy: read once
+        else:
+            heads = np.concatenate((v.avail_ring[start:], v.avail_ring[: start + n - num]))
+            heads = heads.astype(np.intp)
+        top = int(heads.max())
+        if top >= num:
+            self._fail(f"avail ring head {top} out of range (size {num})")
+
+        # walk all chains one step at a time, in parallel
+        rec = v.desc[heads]
+        flags = rec["flags"]
+        seen = int(np.bitwise_or.reduce(flags))
+        if seen & _NEXT:
+            rec, starts = self._walk(v, rec, (flags & _NEXT) != 0, n)
+            flags = rec["flags"]
+            seen = int(np.bitwise_or.reduce(flags))
+        else:
+            starts = self._arange[: n + 1]
+        if seen & _INDIRECT:
+            rec, starts = self._expand_indirect(v.table, rec, starts)
+            flags = rec["flags"]
+
+        writable = (flags & _WRITE) != 0
+        if starts.shape[0] != writable.shape[0] + 1:  # some chain has several descriptors
+            check_order(self, writable, starts)
+        addr = rec["addr"]
+        length = rec["len"].astype(np.uint64)
+        region, offset = lookup_buffers(self, v.table, addr, length)
+
+        inflight = self._inflight
+        if inflight[heads].any():
+            self._fail(f"head {int(heads[inflight[heads]][0])} is already in flight")
+        inflight[heads] = True
+        count = int(np.count_nonzero(inflight))
+        if count != self._n_inflight + n:
+            inflight[heads] = False
+            self._fail("the same head appears twice in the avail ring")
+        self._n_inflight = count
+        self._last_avail = (self._last_avail + n) & 0xFFFF
+        if self.event_idx and self._notify:
+            v.avail_event[0] = self._last_avail
+        return ChainBatch(v.table, heads, starts, addr, length, writable, region, offset)
+
+    def _walk(
+        self,
+        v: _RingViews,
+        first: np.ndarray,
+        has_next: npt.NDArray[np.bool_],
+        n: int,
+    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
+        """Follow NEXT links of every chain in parallel; loops end at queue-size steps."""
+        num = self.num
+        recs = [first]
+        owners = [np.arange(n, dtype=np.intp)]
+        active = owners[0][has_next]
+        cur = first["next"][has_next].astype(np.intp)
+        steps = 1
+        while active.shape[0]:
+            if int(cur.max()) >= num:
+                self._fail(f"descriptor next index {int(cur.max())} out of range (size {num})")
+            steps += 1
+            if steps > num:
+                self._fail("descriptor chain longer than the queue size (loop?)")
+            rec = v.desc[cur]
+            recs.append(rec)
+            owners.append(active)
+            more = (rec["flags"] & _NEXT) != 0
+            active = active[more]
+            cur = rec["next"][more].astype(np.intp)
+        owner = np.concatenate(owners)
+        order = np.argsort(owner, kind="stable")
+        counts = np.bincount(owner, minlength=n)
+        starts = np.zeros(n + 1, dtype=np.intp)
+        np.cumsum(counts, out=starts[1:])
+        return np.concatenate(recs)[order], starts
+
+    def _expand_indirect(
+        self,
+        table: MemoryTable,
+        rec: np.ndarray,
+        starts: npt.NDArray[np.intp],
+    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
+        """Replace each indirect descriptor by the chain in its table."""
+        if not self.indirect:
+            self._fail("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+        is_ind = (rec["flags"] & _INDIRECT) != 0
+        segments: list[np.ndarray] = []
+        bounds = starts.tolist()
+        for c in range(len(bounds) - 1):
+            lo, hi = bounds[c], bounds[c + 1]
+            if not is_ind[lo:hi].any():
+                segments.append(rec[lo:hi])
+                continue
+            if hi - lo != 1:
+                self._fail("indirect descriptor combined with NEXT in a chain")
+            segments.append(self._read_indirect(table, int(rec["addr"][lo]), int(rec["len"][lo])))
+        new_starts = np.zeros(len(segments) + 1, dtype=np.intp)
+        np.cumsum([s.shape[0] for s in segments], out=new_starts[1:])
+        return np.concatenate(segments), new_starts
+
+    def _read_indirect(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
+        if length == 0 or length % 16:
+            self._fail(f"indirect table length {length} is not a positive multiple of 16")
+        count = length // 16
+        if count > self._max_indirect:
+            self._fail(f"indirect table of {count} descriptors is too long")
+        try:
+            raw = b"".join(table.gpa.views(addr, length))
+        except GuestMemoryError as exc:
+            self._fail(f"indirect table outside guest memory: {exc}", exc)
+        tab = np.frombuffer(raw, SPLIT_DESC_DTYPE, count)
+        flags = tab["flags"].tolist()
+        nxt = tab["next"].tolist()
+        order: list[int] = []
+        i = 0
+        while True:
+            if flags[i] & _INDIRECT:
+                self._fail("indirect descriptor inside an indirect table")
+            order.append(i)
+            if not flags[i] & _NEXT:
+                break
+            i = nxt[i]
+            if i >= count:
+                self._fail(f"indirect next index {i} outside the table of {count}")
+            if len(order) >= count:
+                self._fail("loop in an indirect table")
+        return tab[order]
+
+    # -- completing -------------------------------------------------------------------------
+
+    def complete(
+        self,
+        ids: Sequence[int] | npt.NDArray[np.integer],
+        lengths: Sequence[int] | npt.NDArray[np.integer],
+    ) -> bool:
+        """Put a batch of chains in the used ring (one index update).
+
+        ``lengths`` are the bytes written to each chain's writable buffers. Returns whether
+        the driver wants an interrupt (``VRING_AVAIL_F_NO_INTERRUPT`` or ``used_event``).
+        """
+        self._check_broken()
+        v = self._refresh()
+        ids_a = np.asarray(ids, dtype=np.int64).ravel()
+        lens_a = np.asarray(lengths, dtype=np.int64).ravel()
+        k = ids_a.shape[0]
+        if lens_a.shape[0] != k:
+            raise InvalidParam("ids and lengths differ in length")
+        if k == 0:
+            return False
+        if int(ids_a.min()) < 0 or int(ids_a.max()) >= self.num:
+            raise InvalidParam("completed id out of range")
+        if int(lens_a.min()) < 0 or int(lens_a.max()) > 0xFFFFFFFF:
+            raise InvalidParam("used length out of range")
+        inflight = self._inflight
+        if not inflight[ids_a].all():
+            raise InvalidParam("completing a chain that is not in flight")
+        inflight[ids_a] = False
+        count = int(np.count_nonzero(inflight))
+        if count != self._n_inflight - k:
+            inflight[ids_a] = True
+            raise InvalidParam("the same id completed twice in one batch")
+        self._n_inflight = count
+        old = self._used_idx
+        start = old & self._mask
+        used = v.used_words
+        if start + k <= self.num:
+            used[start : start + k, 0] = ids_a
+            used[start : start + k, 1] = lens_a
+        else:
+            pos = (start + self._arange[:k]) & self._mask
+            used[pos, 0] = ids_a
+            used[pos, 1] = lens_a
+        new = (old + k) & 0xFFFF
+        v.used_hdr[1] = new  # publish after the entries
+        self._used_idx = new
+        return self._need_signal(v, old, new)
+
+    def _need_signal(self, v: _RingViews, old: int, new: int) -> bool:
+        if self.event_idx:
+            return need_event(int(v.used_event[0]), new, old)
+        return not int(v.avail_hdr[0]) & AVAIL_F_NO_INTERRUPT
+
+    # -- notification suppression -----------------------------------------------------------
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again. Returns True when chains are already pending (pop them)."""
+        self._check_broken()
+        v = self._refresh()
+        self._notify = True
+        if self.event_idx:
+            v.avail_event[0] = self._last_avail
+        else:
+            v.used_hdr[0] = int(v.used_hdr[0]) & ~USED_F_NO_NOTIFY
+        return self.pending() > 0
+
+    def disable_notifications(self) -> None:
+        """Tell the driver kicks are not needed (a hint; without EVENT_IDX only)."""
+        self._check_broken()
+        v = self._refresh()
+        self._notify = False
+        if not self.event_idx:
+            v.used_hdr[0] = int(v.used_hdr[0]) | USED_F_NO_NOTIFY
+
+
+# ----------------------------------------------------------------------------------------------
+# driver role
+# ----------------------------------------------------------------------------------------------
+
+
+class SplitDriverQueue(_SplitBase):
+    """The driver (guest) side of a split virtqueue, laid out by this object in guest memory.
+
+    The ring (compact virtio 1.x layout, or legacy with ``align=4096``) starts at guest address
+    ``gpa`` (16-byte aligned); when ``max_indirect`` > 0 a pool of one indirect table of
+    ``max_indirect`` descriptors per head follows it. :meth:`footprint` says how many bytes to
+    reserve. The ring memory is zeroed.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        gpa: int,
+        *,
+        features: int = 0,
+        index: int = 0,
+        max_indirect: int = 0,
+        align: int = USED_ALIGN,
+    ) -> None:
+        layout = SplitLayout.compute(num, align)
+        check_align("ring", gpa, DESC_ALIGN)
+        mem.gpa_view(gpa, self.footprint(num, max_indirect=max_indirect, align=align))[:] = bytes(
+            self.footprint(num, max_indirect=max_indirect, align=align)
+        )
+        super().__init__(
+            mem,
+            num,
+            gpa + layout.desc,
+            gpa + layout.avail,
+            gpa + layout.used,
+            "gpa",
+            features,
+            index,
+        )
+        self.layout = layout
+        self.max_indirect = max_indirect if self.indirect else 0
+        self._indirect_gpa = gpa + _align_up(layout.size, DESC_ALIGN)
+        self._free: list[int] = list(range(num - 1, -1, -1))
+        self._tokens: list[Any] = [None] * num
+        self._chain: list[list[int] | None] = [None] * num
+        self._capacity = [0] * num
+        self._shadow = 0
+        self._published = 0
+        self._last_used = 0
+        self._irq = True
+
+    @staticmethod
+    def footprint(num: int, *, max_indirect: int = 0, align: int = USED_ALIGN) -> int:
+        """Bytes of guest memory the queue occupies (ring plus indirect pool)."""
+        size = SplitLayout.compute(num, align).size
+        if max_indirect:
+            size = _align_up(size, DESC_ALIGN) + num * max_indirect * 16
+        return size
+
+    @property
+    def num_free(self) -> int:
+        """Free descriptors."""
+        return len(self._free)
+
+    @property
+    def avail_idx(self) -> int:
+        """The avail index published so far."""
+        return self._published
+
+    @property
+    def last_used_idx(self) -> int:
+        return self._last_used
+
+    def add(
+        self,
+        out: Sequence[Buffer],
+        in_: Sequence[Buffer] = (),
+        token: Any = None,
+        *,
+        indirect: bool | None = None,
+    ) -> int:
+        """Add a chain: device-readable ``out`` buffers then device-writable ``in_`` buffers.
+
+        Buffers are ``(guest_phys_addr, length)``. ``indirect=None`` uses an indirect table
+        when negotiated and the chain has more than one buffer. Not visible to the device until
+        :meth:`publish`. Returns the head index; raises :class:`InvalidOperation` when there
+        are not enough free descriptors.
+        """
+        self._check_broken()
+        v = self._refresh()
+        outs = as_sequence_pairs(out)
+        ins = as_sequence_pairs(in_)
+        total = len(outs) + len(ins)
+        if total == 0:
+            raise InvalidParam("a chain needs at least one buffer")
+        if indirect is None:
+            indirect = self.max_indirect > 0 and 1 < total <= self.max_indirect
+        if indirect and not 0 < total <= self.max_indirect:
+            raise InvalidParam(
+                f"{total} buffers do not fit an indirect table of {self.max_indirect}"
+            )
+        needed = 1 if indirect else total
+        if needed > len(self._free):
+            raise InvalidOperation(
+                f"queue full: {needed} descriptors needed, {len(self._free)} free"
+            )
+        recs = np.zeros(total, SPLIT_DESC_DTYPE)
+        bufs = outs + ins
+        recs["addr"] = [a for a, _ in bufs]
+        recs["len"] = [n for _, n in bufs]
+        flags = np.array([0] * len(outs) + [_WRITE] * len(ins), dtype=np.uint16)
+        flags[:-1] |= _NEXT
+        recs["flags"] = flags
+        if indirect:
+            head = self._free.pop()
+            recs["next"] = np.arange(1, total + 1) % 0x10000
+            recs["next"][-1] = 0
+            table = self._indirect_gpa + head * self.max_indirect * 16
+            self._mem.gpa_array(table, SPLIT_DESC_DTYPE, total)[:] = recs
+            v.desc[head] = (table, total * 16, _INDIRECT, 0)
+            chain = [head]
+        else:
+            chain = [self._free.pop() for _ in range(total)]
+            nxt = [*chain[1:], 0]
+            recs["next"] = nxt
+            v.desc[chain] = recs
+            head = chain[0]
+        self._tokens[head] = token
+        self._chain[head] = chain
+        self._capacity[head] = sum(n for _, n in ins)
+        v.avail_ring[self._shadow & self._mask] = head
+        self._shadow = (self._shadow + 1) & 0xFFFF
+        return head
+
+    def publish(self) -> bool:
+        """Make every added chain visible (one avail idx store). Returns whether to kick."""
+        self._check_broken()
+        v = self._refresh()
+        old, new = self._published, self._shadow
+        if old == new:
+            return False
+        v.avail_hdr[1] = new  # after the descriptors and ring entries
+        self._published = new
+        if self.event_idx:
+            return need_event(int(v.avail_event[0]), new, old)
+        return not int(v.used_hdr[0]) & USED_F_NO_NOTIFY
+
+    def pending_used(self) -> int:
+        """Used entries the device has published and the driver has not reaped."""
+        self._check_broken()
+        v = self._refresh()
+        n = (int(v.used_hdr[1]) - self._last_used) & 0xFFFF
+        in_flight = self.num - len(self._free)
+        if n > in_flight:
+            self._fail(f"used idx moved {n} entries ahead with {in_flight} descriptors out")
+        return n
+
+    def reap(self, max_items: int | None = None) -> list[tuple[Any, int]]:
+        """Take every used chain back: ``[(token, written_length), ...]`` in used-ring order."""
+        n = self.pending_used()
+        v = self._v
+        if max_items is not None:
+            n = min(n, max_items)
+        out: list[tuple[Any, int]] = []
+        if n:
+            pos = (self._last_used + np.arange(n)) & self._mask
+            entries = v.used_ring[pos]
+            for head, length in zip(entries["id"].tolist(), entries["len"].tolist(), strict=True):
+                chain = self._chain[head] if head < self.num else None
+                if chain is None:
+                    self._fail(f"device used id {head}, which is not in flight")
+                if length > self._capacity[head]:
+                    self._fail(
+                        f"device wrote {length} bytes into a {self._capacity[head]}-byte buffer"
+                    )
+                out.append((self._tokens[head], length))
+                self._tokens[head] = None
+                self._chain[head] = None
+                self._free.extend(reversed(chain))
+            self._last_used = (self._last_used + n) & 0xFFFF
+        if self.event_idx and self._irq:
+            v.used_event[0] = self._last_used
+        return out
+
+    def enable_interrupts(self) -> bool:
+        """Ask for used-buffer notifications. Returns True when used entries are pending."""
+        self._check_broken()
+        v = self._refresh()
+        self._irq = True
+        if self.event_idx:
+            v.used_event[0] = self._last_used
+        else:
+            v.avail_hdr[0] = int(v.avail_hdr[0]) & ~AVAIL_F_NO_INTERRUPT
+        return self.pending_used() > 0
+
+    def disable_interrupts(self) -> None:
+        """Suppress used-buffer notifications (a hint; only the flag without EVENT_IDX)."""
+        self._check_broken()
+        v = self._refresh()
+        self._irq = False
+        if not self.event_idx:
+            v.avail_hdr[0] = int(v.avail_hdr[0]) | AVAIL_F_NO_INTERRUPT
