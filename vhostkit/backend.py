@@ -200,6 +200,27 @@ class VhostBackend(abc.ABC):
     def set_vring_err(self, index: int, fd: int | None) -> None:
         """The eventfd the data plane signals when ring ``index`` fails."""
 
+    # -- generic steps with a default --
+
+    def negotiate(self, features: int, protocol_features: int = 0) -> tuple[int, int]:
+        """Ack the subset of ``features`` the data plane offers; return ``(acked, protocol)``.
+
+        Data planes with a second feature word (vhost-user protocol features) override this
+        and negotiate ``protocol_features`` too; the kernel has none and returns 0 for it.
+        """
+        acked = features & self.get_features()
+        self.set_features(acked)
+        return acked, 0
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        """Enable or disable ring ``index``.
+
+        vhost-user rings start disabled once protocol features are negotiated and need this;
+        kernel vhost has no per-ring enable (a ring runs once it is set up and, for vhost-net,
+        a tap is attached), so the default does nothing.
+        """
+        return None
+
     # -- lifetime --
 
     @abc.abstractmethod

@@ -1,0 +1,302 @@
+"""The vhost-user transport: messages with fds over a Unix stream socket.
+
+:class:`Connection` sends a message with all its fds in one ``sendmsg`` (continuing without fds
+if the kernel takes only part of the bytes) and receives header, payload and fds even when the
+kernel hands them over in pieces. Framing and validation are the codec's
+(:mod:`vhostkit.user.codec`); this module only moves bytes and fds and maps socket errors onto
+the :mod:`vhostkit.errors` taxonomy.
+
+:class:`Listener` is the server side of a socket path (bind, listen, accept, unlink on close);
+:func:`connect` the client side, with retries while the peer is not listening yet.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import socket
+import stat
+import threading
+import time
+from typing import Self
+
+from vhostkit.errors import (
+    Disconnected,
+    IncorrectFds,
+    InvalidOperation,
+    PartialMessage,
+    SocketConnect,
+    SocketRetry,
+    VhostError,
+    error_from_errno,
+)
+from vhostkit.user.codec import Channel, Message, MessageParser, close_fds, encode
+from vhostkit.user.message import HEADER_SIZE, MAX_FDS
+
+__all__ = ["Connection", "Listener", "connect"]
+
+log = logging.getLogger(__name__)
+
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+
+
+def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            usable = len(data) - len(data) % arr.itemsize
+            arr.frombytes(data[:usable])
+            fds.extend(arr)
+    return fds
+
+
+class Connection:
+    """One end of a vhost-user channel.
+
+    ``channel`` says which requests travel on it (:class:`Channel.MAIN` for front-end
+    requests, :class:`Channel.BACKEND` for the back-end request channel). The connection owns
+    the socket and closes it on :meth:`close`. ``send`` and ``recv`` each take their own lock,
+    so one thread may send while another receives.
+    """
+
+    def __init__(self, sock: socket.socket, channel: Channel = Channel.MAIN) -> None:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise InvalidOperation("vhost-user runs over AF_UNIX stream sockets")
+        self.sock = sock
+        self.channel = channel
+        self._parser = MessageParser(channel)
+        self._send_lock = threading.Lock()
+        self._recv_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def pair(cls, channel: Channel = Channel.MAIN) -> tuple[Connection, Connection]:
+        """Two connected ends (for tests and in-process peers)."""
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return cls(a, channel), cls(b, channel)
+
+    @classmethod
+    def from_fd(cls, fd: int, channel: Channel) -> Connection:
+        """Wrap a socket fd received from the peer (takes ownership of ``fd``)."""
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISSOCK(mode):
+                raise IncorrectFds(f"fd {fd} is not a socket")
+            sock = socket.socket(fileno=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            return cls(sock, channel)
+        except BaseException:
+            sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- sending --
+
+    def send(self, msg: Message) -> None:
+        """Send ``msg`` and its fds (the fds stay open: the caller still owns them)."""
+        data, fds = encode(msg)
+        with self._send_lock:
+            self._sendall(data, fds)
+        log.debug(
+            "sent %s%s size=%d fds=%d",
+            msg.request.name,
+            " reply" if msg.is_reply else "",
+            len(data) - HEADER_SIZE,
+            len(fds),
+        )
+
+    def _sendall(self, data: bytes, fds: tuple[int, ...]) -> None:
+        view = memoryview(data)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        while view:
+            try:
+                sent = self.sock.sendmsg([view], anc)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno is None:
+                    raise
+                raise error_from_errno(exc.errno, "vhost-user send") from exc
+            anc = []  # fds travel with the first bytes only
+            view = view[sent:]
+
+    # -- receiving --
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """Receive one whole message.
+
+        Raises :class:`Disconnected` if the peer closed between messages,
+        :class:`PartialMessage` if it closed in the middle of one, :class:`SocketRetry` on a
+        timeout, and a :class:`ProtocolError` subclass for anything malformed (the connection
+        should then be closed).
+        """
+        with self._recv_lock:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                need = self._parser.bytes_needed
+                chunk, fds = self._recv_some(max(need, 1), deadline)
+                if not chunk:
+                    close_fds(fds)
+                    if self._parser.idle:
+                        raise Disconnected("vhost-user peer closed the connection")
+                    self._parser.close()
+                    raise PartialMessage("vhost-user peer closed the connection mid-message")
+                msgs = self._parser.feed(chunk, fds)
+                if msgs:
+                    # We read at most what the current message needs, so at most one completes.
+                    assert len(msgs) == 1
+                    msg = msgs[0]
+                    log.debug(
+                        "received %s%s fds=%d",
+                        msg.request.name,
+                        " reply" if msg.is_reply else "",
+                        len(msg.fds),
+                    )
+                    return msg
+
+    def _recv_some(self, n: int, deadline: float | None) -> tuple[bytes, list[int]]:
+        while True:
+            remaining = None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise SocketRetry("timed out waiting for a vhost-user message")
+            try:
+                self.sock.settimeout(remaining)
+                data, anc, flags, _ = self.sock.recvmsg(n, _CMSG_SPACE, socket.MSG_CMSG_CLOEXEC)
+            except InterruptedError:
+                continue
+            except TimeoutError:
+                raise SocketRetry("timed out waiting for a vhost-user message") from None
+            except OSError as exc:
+                if self._closed:
+                    raise Disconnected("the connection was closed locally") from None
+                if exc.errno is None:
+                    raise
+                raise error_from_errno(exc.errno, "vhost-user receive") from exc
+            fds = _fds_from_ancillary(anc)
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                self._parser.close()
+                raise IncorrectFds(f"more than {MAX_FDS} fds in one message: truncated")
+            return data, fds
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        """Close the socket and drop any partial message. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._parser.close()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Listener:
+    """A listening Unix socket at ``path`` that accepts vhost-user connections.
+
+    A stale socket file left by a dead process is replaced; any other existing file is an
+    error. The path is unlinked on :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], backlog: int = 8) -> None:
+        self.path = os.fspath(path)
+        if os.path.lexists(self.path):
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise InvalidOperation(f"{self.path} exists and is not a socket")
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.bind(self.path)
+            self.sock.listen(backlog)
+        except OSError as exc:
+            self.sock.close()
+            raise error_from_errno(exc.errno or 0, f"listen on {self.path}") from exc
+        self._closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self, timeout: float | None = None, channel: Channel = Channel.MAIN) -> Connection:
+        """Wait for one peer; :class:`SocketRetry` if ``timeout`` passes first."""
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            raise SocketRetry(f"no vhost-user peer connected to {self.path}") from None
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise error_from_errno(exc.errno, f"accept on {self.path}") from exc
+        conn.set_inheritable(False)
+        try:
+            return Connection(conn, channel)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def connect(
+    path: str | os.PathLike[str],
+    *,
+    timeout: float = 0.0,
+    interval: float = 0.05,
+    channel: Channel = Channel.MAIN,
+) -> Connection:
+    """Connect to a listening peer at ``path``.
+
+    With ``timeout`` > 0, keep trying while the socket does not exist yet or refuses
+    connections (the peer is still starting) until ``timeout`` seconds have passed.
+    """
+    target = os.fspath(path)
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            err = error_from_errno(exc.errno or 0, f"connect to {target}")
+            if isinstance(err, SocketConnect) and time.monotonic() < deadline:
+                time.sleep(interval)  # polling a path that does not exist yet: no event to wait on
+                continue
+            raise err from exc
+        try:
+            return Connection(sock, channel)
+        except VhostError:
+            sock.close()
+            raise

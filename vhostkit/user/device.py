@@ -1,0 +1,440 @@
+"""A complete generic vhost-user back-end: the state every device needs, no device logic.
+
+:class:`BackendDevice` implements every generic request of :class:`BackendHandler`: ownership,
+feature and protocol-feature negotiation, the memory table (mapped with
+:class:`vhostkit.virtio.memory.GuestMemory`, also ADD/REM_MEM_REG), per-ring state (size,
+addresses, position, kick/call/err fds, enabled/started), config space, status, reset, the
+dirty log, inflight areas and the back-end request channel. Real devices (net, blk) subclass it
+and add their ring processing; tests and the demo use it as it is.
+
+Ring states follow the spec: a ring starts *stopped*; it is *started* once it has a kick fd
+(or, in polling mode, when the front-end sets its kick with the no-fd flag) and its addresses;
+``GET_VRING_BASE`` stops it and returns its position. Without ``VHOST_USER_F_PROTOCOL_FEATURES``
+rings are enabled as soon as they start; with it they stay disabled until
+``SET_VRING_ENABLE``. ``SET_FEATURES`` never disables a ring.
+
+Every state change notifies :attr:`BackendDevice.changed`, so a test (or a supervisor) can
+:meth:`BackendDevice.wait_for` a condition instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vhostkit.backend import MemoryRegion, VringAddr
+from vhostkit.errors import InvalidOperation, InvalidParam, SocketRetry
+from vhostkit.user.backend_req import BackendChannel
+from vhostkit.user.backend_req_handler import BackendHandler, InflightArea
+from vhostkit.user.codec import close_fds
+from vhostkit.user.connection import Connection
+from vhostkit.user.message import (
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    InflightDesc,
+    LogDesc,
+    ProtocolFeature,
+)
+from vhostkit.virtio.memory import GuestMemory
+
+__all__ = ["DEFAULT_PROTOCOL_FEATURES", "BackendDevice", "VringInfo"]
+
+log = logging.getLogger(__name__)
+
+#: What :class:`BackendDevice` implements generically.
+DEFAULT_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.BACKEND_SEND_FD
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+)
+
+_RING_PACKED = 1 << 34
+_INFLIGHT_ALIGN = 64
+
+
+@dataclass
+class VringInfo:
+    """What the front-end told the back-end about one ring."""
+
+    index: int
+    num: int = 0
+    addr: VringAddr | None = None
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    polling: bool = False
+    enabled: bool = False
+    started: bool = False
+    big_endian: bool = False
+    kicks: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def close_fds(self) -> None:
+        close_fds(fd for fd in (self.kick_fd, self.call_fd, self.err_fd) if fd is not None)
+        self.kick_fd = self.call_fd = self.err_fd = None
+
+
+def inflight_queue_size(queue_size: int, packed: bool) -> int:
+    """Bytes of one queue's inflight region (header + one entry per descriptor), 64-aligned."""
+    header, entry = (32, 32) if packed else (16, 16)
+    raw = header + entry * queue_size
+    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
+
+
+class BackendDevice(BackendHandler):
+    """Generic vhost-user back-end state.
+
+    ``features`` are the virtio feature bits offered (bit 30 is added when
+    ``protocol_features`` is non-zero); ``num_queues`` the rings the device has;
+    ``config`` the initial device config space.
+    """
+
+    def __init__(
+        self,
+        *,
+        features: int,
+        protocol_features: int = DEFAULT_PROTOCOL_FEATURES,
+        num_queues: int = 2,
+        config: bytes = b"",
+        max_mem_slots: int = 32,
+        max_queue_size: int = 32768,
+    ) -> None:
+        if num_queues < 1:
+            raise InvalidParam("a device has at least one queue")
+        self.offered_features = features | (
+            VHOST_USER_F_PROTOCOL_FEATURES if protocol_features else 0
+        )
+        self.offered_protocol_features = ProtocolFeature(protocol_features)
+        self.num_queues = num_queues
+        self.max_mem_slots = max_mem_slots
+        self.max_queue_size = max_queue_size
+        self.config = bytearray(config)
+        self.changed = threading.Condition()
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.owner = False
+        self.acked_features = 0
+        self.acked_protocol_features = ProtocolFeature(0)
+        self.protocol_negotiated = False
+        self.memory: GuestMemory | None = None
+        self.vrings = [VringInfo(i) for i in range(self.num_queues)]
+        self.status = 0
+        self.log_fd: int | None = None
+        self.log_desc: LogDesc | None = None
+        self.log_call_fd: int | None = None
+        self.backend_channel: BackendChannel | None = None
+        self.inflight_fd: int | None = None
+        self.inflight_desc: InflightDesc | None = None
+        self.mtu: int | None = None
+        self.rarp_macs: list[bytes] = []
+        self.requests_seen = 0
+
+    # -- waiting --
+
+    def _changed(self) -> None:
+        with self.changed:
+            self.requests_seen += 1
+            self.changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Block until ``predicate()`` is true (checked after every request)."""
+        with self.changed:
+            if not self.changed.wait_for(predicate, timeout):
+                raise SocketRetry(f"device state did not reach the condition in {timeout}s")
+
+    # -- helpers --
+
+    def _ring(self, index: int) -> VringInfo:
+        if not 0 <= index < self.num_queues:
+            raise InvalidParam(f"ring {index} does not exist (device has {self.num_queues})")
+        return self.vrings[index]
+
+    def _maybe_start(self, ring: VringInfo) -> None:
+        if ring.started or ring.addr is None or (ring.kick_fd is None and not ring.polling):
+            return
+        ring.started = True
+        if not self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            ring.enabled = True
+        log.debug("ring %d started (enabled=%s)", ring.index, ring.enabled)
+        self.ring_started(ring)
+
+    def ring_started(self, ring: VringInfo) -> None:
+        """Hook: ring ``ring.index`` just started. Devices start their worker here."""
+
+    def ring_stopped(self, ring: VringInfo) -> int:
+        """Hook: ring stopped by GET_VRING_BASE; return its position (default: the base)."""
+        return ring.base
+
+    def avail_idx(self, index: int) -> int:
+        """The driver's current ``avail->idx`` of split ring ``index`` (read from guest memory)."""
+        ring = self._ring(index)
+        if self.memory is None or ring.addr is None:
+            raise InvalidOperation(f"ring {index} has no memory or addresses yet")
+        return int.from_bytes(self.memory.uva_view(ring.addr.avail + 2, 2), "little")
+
+    # -- session and features --
+
+    def set_owner(self) -> None:
+        if self.owner:
+            raise InvalidOperation("SET_OWNER: the device already has an owner")
+        self.owner = True
+        self._changed()
+
+    def reset_owner(self) -> None:
+        self._release()
+        self._reset_state()
+        self._changed()
+
+    def get_features(self) -> int:
+        return self.offered_features
+
+    def set_features(self, features: int) -> None:
+        if features & ~self.offered_features:
+            raise InvalidParam(f"features {features & ~self.offered_features:#x} not offered")
+        self.acked_features = features
+        self._changed()
+
+    def get_protocol_features(self) -> int:
+        return int(self.offered_protocol_features)
+
+    def set_protocol_features(self, features: ProtocolFeature) -> None:
+        self.acked_protocol_features = features
+        self.protocol_negotiated = True
+        self._changed()
+
+    def get_queue_num(self) -> int:
+        return self.num_queues
+
+    # -- memory --
+
+    def set_mem_table(self, regions: tuple[MemoryRegion, ...]) -> None:
+        # Mapped, the memory stays alive without the fds: they are closed, also on failure.
+        memory = GuestMemory.map_regions(regions, take_fds=True)
+        old, self.memory = self.memory, memory
+        if old is not None:
+            old.close()
+        log.info(
+            "memory table: %s",
+            ", ".join(
+                f"gpa {r.guest_phys_addr:#x}+{r.memory_size:#x} off {r.mmap_offset:#x}"
+                for r in regions
+            ),
+        )
+        self.memory_changed()
+        self._changed()
+
+    def memory_changed(self) -> None:
+        """Hook: the memory table changed (rebuild ring views here)."""
+
+    def get_max_mem_slots(self) -> int:
+        return self.max_mem_slots
+
+    def add_mem_region(self, region: MemoryRegion) -> None:
+        if self.memory is None:
+            self.memory = GuestMemory()
+        if len(self.memory.regions) >= self.max_mem_slots:
+            raise InvalidParam(f"all {self.max_mem_slots} memory slots are in use")
+        self.memory.add_region(region, take_fd=True)
+        self.memory_changed()
+        self._changed()
+
+    def remove_mem_region(self, region: MemoryRegion) -> None:
+        if self.memory is None:
+            raise InvalidParam("no memory region is mapped")
+        self.memory.remove_region(region)
+        self.memory_changed()
+        self._changed()
+
+    def set_log_base(self, log_desc: LogDesc, fd: int) -> None:
+        if self.log_fd is not None:
+            os.close(self.log_fd)
+        self.log_fd, self.log_desc = fd, log_desc
+        self._changed()
+
+    def set_log_fd(self, fd: int) -> None:
+        if self.log_call_fd is not None:
+            os.close(self.log_call_fd)
+        self.log_call_fd = fd
+        self._changed()
+
+    # -- rings --
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        ring = self._ring(index)
+        if not 0 < num <= self.max_queue_size:
+            raise InvalidParam(f"ring size {num} out of range 1..{self.max_queue_size}")
+        packed = bool(self.acked_features & _RING_PACKED)
+        if not packed and num & (num - 1):
+            raise InvalidParam(f"split ring size {num} is not a power of two")
+        ring.num = num
+        self._changed()
+
+    def set_vring_addr(self, addr: VringAddr) -> None:
+        ring = self._ring(addr.index)
+        ring.addr = addr
+        self._maybe_start(ring)
+        self._changed()
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        ring = self._ring(index)
+        if ring.started:
+            raise InvalidOperation(f"SET_VRING_BASE on ring {index} while it runs")
+        ring.base = base
+        self._changed()
+
+    def get_vring_base(self, index: int) -> int:
+        ring = self._ring(index)
+        position = self.ring_stopped(ring) if ring.started else ring.base
+        ring.base = position
+        ring.started = False
+        if ring.kick_fd is not None:
+            os.close(ring.kick_fd)
+            ring.kick_fd = None
+        self._changed()
+        return position
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        ring = self._ring(index)
+        if ring.kick_fd is not None:
+            os.close(ring.kick_fd)
+        ring.kick_fd, ring.polling = fd, fd is None
+        self._maybe_start(ring)
+        self._changed()
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        ring = self._ring(index)
+        if ring.call_fd is not None:
+            os.close(ring.call_fd)
+        ring.call_fd = fd
+        self._changed()
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        ring = self._ring(index)
+        if ring.err_fd is not None:
+            os.close(ring.err_fd)
+        ring.err_fd = fd
+        self._changed()
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        self._ring(index).enabled = enable
+        self._changed()
+
+    def set_vring_endian(self, index: int, big_endian: bool) -> None:
+        self._ring(index).big_endian = big_endian
+        self._changed()
+
+    def vring_kick(self, index: int) -> None:
+        self._ring(index).kicks += 1
+        self._changed()
+
+    # -- device --
+
+    def get_config(self, offset: int, size: int, flags: int) -> bytes:
+        if offset + size > len(self.config):
+            raise InvalidParam(
+                f"config read {offset}+{size} beyond the {len(self.config)}-byte config space"
+            )
+        return bytes(self.config[offset : offset + size])
+
+    def set_config(self, offset: int, data: bytes, flags: int) -> None:
+        if offset + len(data) > len(self.config):
+            raise InvalidParam(
+                f"config write {offset}+{len(data)} beyond the {len(self.config)}-byte space"
+            )
+        self.config[offset : offset + len(data)] = data
+        self._changed()
+
+    def set_status(self, status: int) -> None:
+        self.status = status
+        self._changed()
+
+    def get_status(self) -> int:
+        return self.status
+
+    def reset_device(self) -> None:
+        for ring in self.vrings:
+            ring.close_fds()
+        self.vrings = [VringInfo(i) for i in range(self.num_queues)]
+        self.status = 0
+        self.acked_features = 0
+        self._changed()
+
+    def send_rarp(self, mac: bytes) -> None:
+        self.rarp_macs.append(mac)
+        self._changed()
+
+    def net_set_mtu(self, mtu: int) -> None:
+        if not 68 <= mtu <= 65535:
+            raise InvalidParam(f"MTU {mtu} out of range 68..65535")
+        self.mtu = mtu
+        self._changed()
+
+    def set_backend_req_fd(self, conn: Connection) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = BackendChannel(conn, self.acked_protocol_features)
+        self._changed()
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
+        if not 0 < num_queues <= self.num_queues or not 0 < queue_size <= self.max_queue_size:
+            raise InvalidParam(f"inflight area for {num_queues} x {queue_size} out of range")
+        size = num_queues * inflight_queue_size(
+            queue_size, bool(self.acked_features & _RING_PACKED)
+        )
+        fd = os.memfd_create("vhostkit-inflight", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            keep = os.dup(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self.inflight_fd is not None:
+            os.close(self.inflight_fd)
+        self.inflight_fd = keep
+        self.inflight_desc = InflightDesc(size, 0, num_queues, queue_size)
+        self._changed()
+        return InflightArea(fd, size, 0)
+
+    def set_inflight_fd(self, desc: InflightDesc, fd: int) -> None:
+        if os.fstat(fd).st_size < desc.mmap_offset + desc.mmap_size:
+            raise InvalidParam("inflight fd is smaller than the area it should hold")
+        if self.inflight_fd is not None:
+            os.close(self.inflight_fd)
+        self.inflight_fd, self.inflight_desc = fd, desc
+        self._changed()
+
+    # -- lifetime --
+
+    def _release(self) -> None:
+        for ring in self.vrings:
+            ring.close_fds()
+        for fd in (self.log_fd, self.log_call_fd, self.inflight_fd):
+            if fd is not None:
+                os.close(fd)
+        self.log_fd = self.log_call_fd = self.inflight_fd = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    def disconnected(self) -> None:
+        """The front-end left: drop its fds and memory, keep nothing but the config."""
+        self._release()
+        self._reset_state()
+        self._changed()
+
+    def close(self) -> None:
+        self._release()
