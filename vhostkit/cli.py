@@ -1,0 +1,146 @@
+"""The ``vhostkit`` command line.
+
+``vhostkit demo`` starts a vhostkit vhost-user back-end on a Unix socket, drives it with the
+vhostkit front-end over that socket, and prints what the two sides negotiated and what the
+back-end ended up holding (memory it mapped, ring state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from vhostkit.backend import VringAddr
+from vhostkit.user import BackendDevice, BackendListener, Frontend
+from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature, feature_names
+from vhostkit.virtio.memory import GuestMemory
+
+__all__ = ["main"]
+
+NET_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.RING_EVENT_IDX
+    | VirtioFeature.RING_INDIRECT_DESC
+    | VirtioNetFeature.MAC
+    | VirtioNetFeature.MRG_RXBUF
+    | VirtioNetFeature.STATUS
+    | VirtioNetFeature.MTU
+)
+
+RING_SIZE = 256
+
+
+def _names(bits: int, table: type) -> str:
+    return ", ".join(f.name for f in table if f & bits and f.name) or "-"
+
+
+def run_demo(out: object = sys.stdout) -> int:
+    """The demo behind ``vhostkit demo``; returns the exit code."""
+
+    def say(text: str = "") -> None:
+        print(text, file=out)  # type: ignore[arg-type]
+
+    mac = bytes.fromhex("525400123456")
+    config = (
+        mac + (1).to_bytes(2, "little") + (1).to_bytes(2, "little") + (1500).to_bytes(2, "little")
+    )
+    with tempfile.TemporaryDirectory(prefix="vhostkit-demo-") as tmp:
+        path = os.path.join(tmp, "net0.sock")
+        device = BackendDevice(features=NET_FEATURES, num_queues=2, config=config)
+        listener = BackendListener(path, lambda: device, max_connections=1).start()
+        say(f"back-end   listening on {path} (vhostkit BackendDevice, 2 queues)")
+        try:
+            with (
+                Frontend.connect(path, timeout=5) as fe,
+                GuestMemory.allocate([(0, 0xA0000), (0x100000, 0x100000)]) as mem,
+            ):
+                say("front-end  connected")
+                fe.set_owner()
+                offered = fe.get_features()
+                say(f"offered    features {offered:#x}: {', '.join(feature_names(offered))}")
+                acked, protocol = fe.negotiate(
+                    NET_FEATURES,
+                    ProtocolFeature.MQ
+                    | ProtocolFeature.REPLY_ACK
+                    | ProtocolFeature.CONFIG
+                    | ProtocolFeature.STATUS
+                    | ProtocolFeature.CONFIGURE_MEM_SLOTS,
+                )
+                say(f"acked      features {acked:#x}: {', '.join(feature_names(acked))}")
+                say(f"protocol   features {int(protocol):#x}: {_names(protocol, ProtocolFeature)}")
+                say(f"queues     {fe.get_queue_num()} (GET_QUEUE_NUM)")
+                say(f"mem slots  {fe.get_max_mem_slots()} (GET_MAX_MEM_SLOTS)")
+                cfg = fe.get_config(0, len(config))
+                say(
+                    f"config     mac {cfg[:6].hex(':')} status {int.from_bytes(cfg[6:8], 'little')}"
+                    f" max_queue_pairs {int.from_bytes(cfg[8:10], 'little')}"
+                    f" mtu {int.from_bytes(cfg[10:12], 'little')}"
+                )
+
+                fe.set_mem_table(mem.regions)
+                # Rings for RX (0) and TX (1) in the high region, split layout.
+                kicks, calls = [], []
+                high = mem.regions[1].userspace_addr
+                for index in (0, 1):
+                    base = high + index * 0x10000
+                    fe.set_vring_num(index, RING_SIZE)
+                    fe.set_vring_base(index, 0)
+                    fe.set_vring_addr(
+                        VringAddr(index, desc=base, avail=base + 0x1000, used=base + 0x2000)
+                    )
+                    kick = os.eventfd(0, os.EFD_CLOEXEC)
+                    call = os.eventfd(0, os.EFD_CLOEXEC)
+                    kicks.append(kick)
+                    calls.append(call)
+                    fe.set_vring_call(index, call)
+                    fe.set_vring_kick(index, kick)
+                    fe.set_vring_enable(index, True)
+                status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+                fe.set_status(status | DeviceStatus.DRIVER_OK)
+                say(f"status     {fe.get_status():#x} (DRIVER_OK)")
+
+                assert device.memory is not None
+                say("back-end   mapped the memory table:")
+                for r in device.memory.regions:
+                    say(
+                        f"           gpa {r.guest_phys_addr:#010x}-{r.guest_end:#010x}"
+                        f"  front-end va {r.userspace_addr:#x}  file offset {r.mmap_offset:#x}"
+                    )
+                mem.write(0x100000 + 0x1000 + 2, (3).to_bytes(2, "little"))
+                for ring in device.vrings:
+                    say(
+                        f"ring {ring.index}     size {ring.num} started={ring.started} "
+                        f"enabled={ring.enabled} avail.idx={device.avail_idx(ring.index)}"
+                    )
+                for index in (0, 1):
+                    say(f"ring {index}     GET_VRING_BASE -> {fe.get_vring_base(index)} (stopped)")
+                for fd in kicks + calls:
+                    os.close(fd)
+        finally:
+            listener.stop()
+            device.close()
+    say("done: front-end and back-end agreed over a real vhost-user socket")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vhostkit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log protocol messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="vhostkit front-end drives a vhostkit back-end over a socket")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    if args.command == "demo":
+        return run_demo()
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())
