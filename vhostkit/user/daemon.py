@@ -63,6 +63,9 @@ class ActiveRing:
     thread: threading.Thread | None = None
     signals: int = 0
     error: BaseException | None = None
+    #: whether the worker should also wake on :meth:`RingDevice.wake_fds` (a device clears it
+    #: while it cannot take more input, e.g. no receive buffers, and waits for a kick instead)
+    extra_wanted: bool = True
 
     @property
     def index(self) -> int:
@@ -118,9 +121,18 @@ class RingDevice(BackendDevice):
 
     # -- the hook devices implement --
 
-    def process(self, ring: ActiveRing) -> None:
-        """Handle everything pending on ``ring`` (called by its worker, under ``ring.lock``)."""
+    def process(self, ring: ActiveRing) -> bool | None:
+        """Handle what is pending on ``ring`` (called by its worker, under ``ring.lock``).
+
+        Return ``True`` or ``None`` when the ring itself ran dry (the worker re-enables
+        notifications and looks again, so a racing kick is never lost); ``False`` when it
+        stopped for another reason (an input fd from :meth:`wake_fds` has nothing more).
+        """
         raise NotImplementedError
+
+    def wake_fds(self, ring: ActiveRing) -> list[int]:
+        """Fds besides the kick that should wake ``ring``'s worker (e.g. a tap to read)."""
+        return []
 
     def process_disabled(self, ring: ActiveRing) -> None:
         """Called instead of :meth:`process` while the ring is started but disabled."""
@@ -196,10 +208,19 @@ class RingDevice(BackendDevice):
         if kick is not None:
             poller.register(kick, select.POLLIN)
         timeout = None if kick is not None else POLL_INTERVAL_MS
+        extra = self.wake_fds(active)
+        registered = False
         try:
             with active.lock:
                 self._run_once(active)
             while True:
+                if active.extra_wanted != registered:
+                    for fd in extra:
+                        if active.extra_wanted:
+                            poller.register(fd, select.POLLIN)
+                        else:
+                            poller.unregister(fd)
+                    registered = active.extra_wanted
                 events = poller.poll(timeout)
                 if any(fd == active.stop_fd for fd, _ in events):
                     return
@@ -242,8 +263,8 @@ class RingDevice(BackendDevice):
                 self.process_disabled(active)
                 return
             queue.disable_notifications()
-            self.process(active)
-            if not queue.enable_notifications():
+            drained = self.process(active) is not False
+            if not queue.enable_notifications() or not drained:
                 return
 
     # -- state changes that touch a running ring --

@@ -1,0 +1,308 @@
+"""A tap-backed virtio-net vhost-user back-end: the userspace twin of vhost-net.
+
+:class:`NetDevice` serves queue pair *i* (RX ring ``2i``, TX ring ``2i+1``) with tap queue *i*:
+
+* TX: each chain the driver queued is written to the tap with one ``writev`` straight from the
+  guest-memory views, virtio-net header included (the tap is told the same header size, and
+  takes the checksum/GSO fields from it): no copy.
+* RX: a frame read from the tap (the tap prepends its virtio-net header) is written into the
+  driver's receive buffers; with ``VIRTIO_NET_F_MRG_RXBUF`` a large frame spans several
+  buffers and ``num_buffers`` says how many (without it, ``num_buffers`` is 1, as the spec
+  asks of a device with a 12-byte header). A frame is only read from the tap when receive
+  buffers are there; otherwise the worker stops watching the tap until the driver kicks.
+* Offloads: the guest-side offload features acked (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN,
+  GUEST_UFO) become the tap's ``TUNSETOFFLOAD`` flags; the header size (10, or 12 with
+  VERSION_1 or MRG_RXBUF) becomes ``TUNSETVNETHDRSZ``.
+* A started but disabled TX ring is consumed and its frames dropped; a disabled RX ring gets
+  nothing (the spec's "no side effects" rule for net).
+* SEND_RARP writes a RARP announcement for the given MAC to the tap.
+
+Run it from the command line with ``python3 -m vhostkit.devices.net``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import struct
+import sys
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from vhostkit.errors import InvalidParam
+from vhostkit.kernel.ioctls import TunOffload
+from vhostkit.kernel.tap import Tap
+from vhostkit.user.daemon import ActiveRing, RingDevice
+from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
+from vhostkit.virtio.net import VirtioNetHdr, fill_mergeable, header_size
+
+__all__ = ["DEFAULT_NET_FEATURES", "NetDevice", "main", "net_config"]
+
+log = logging.getLogger(__name__)
+
+VF = VirtioFeature
+NF = VirtioNetFeature
+
+#: What the device offers by default.
+DEFAULT_NET_FEATURES = int(
+    VF.VERSION_1
+    | VF.RING_EVENT_IDX
+    | VF.RING_INDIRECT_DESC
+    | VF.RING_PACKED
+    | NF.CSUM
+    | NF.GUEST_CSUM
+    | NF.HOST_TSO4
+    | NF.HOST_TSO6
+    | NF.HOST_ECN
+    | NF.GUEST_TSO4
+    | NF.GUEST_TSO6
+    | NF.GUEST_ECN
+    | NF.MAC
+    | NF.MTU
+    | NF.MRG_RXBUF
+    | NF.STATUS
+)
+
+#: Protocol features: everything generic, plus the net ones (MQ, MTU, RARP). CONFIG is left
+#: out: QEMU's virtio-net warns that it does not use it.
+NET_PROTOCOL_FEATURES = int(
+    (DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.CONFIG)
+    | ProtocolFeature.MQ
+    | ProtocolFeature.MTU
+    | ProtocolFeature.RARP
+)
+
+_OFFLOADS = (
+    (NF.GUEST_CSUM, TunOffload.CSUM),
+    (NF.GUEST_TSO4, TunOffload.TSO4),
+    (NF.GUEST_TSO6, TunOffload.TSO6),
+    (NF.GUEST_ECN, TunOffload.TSO_ECN),
+    (NF.GUEST_UFO, TunOffload.UFO),
+)
+#: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
+MAX_RX_FRAME = 65536 + 256
+VIRTIO_NET_S_LINK_UP = 1
+
+
+def net_config(mac: bytes, queue_pairs: int, mtu: int) -> bytes:
+    """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
+    if len(mac) != 6:
+        raise InvalidParam("a MAC address is 6 bytes")
+    return mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, queue_pairs, mtu)
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """A RARP "reverse request" announcing ``mac`` (what QEMU sends after migration)."""
+    return (
+        b"\xff" * 6
+        + mac
+        + struct.pack("!HHHBBH", 0x8035, 1, 0x0800, 6, 4, 3)
+        + mac
+        + bytes(4)
+        + mac
+        + bytes(4)
+    ).ljust(60, b"\0")
+
+
+class NetDevice(RingDevice):
+    """virtio-net over a tap. ``tap`` needs ``queue_pairs`` queues, a vnet header and
+    non-blocking fds (``Tap(..., nonblocking=True)``); the device borrows it (the caller closes
+    it)."""
+
+    def __init__(
+        self,
+        tap: Tap,
+        *,
+        mac: bytes = bytes.fromhex("525400000001"),
+        mtu: int = 1500,
+        queue_pairs: int = 1,
+        features: int = DEFAULT_NET_FEATURES,
+        protocol_features: int = NET_PROTOCOL_FEATURES,
+    ) -> None:
+        if len(tap.fds) < queue_pairs:
+            raise InvalidParam(f"{queue_pairs} queue pairs need a tap with as many queues")
+        if os.get_blocking(tap.fds[0]):
+            raise InvalidParam("the tap's fds must be non-blocking (Tap(nonblocking=True))")
+        self.tap = tap
+        self.mac = mac
+        self.queue_pairs = queue_pairs
+        self.hdr_size = 12
+        self.tx_frames = 0
+        self.tx_dropped = 0
+        self.rx_frames = 0
+        self.rx_dropped = 0
+        self._rx_buf = bytearray(MAX_RX_FRAME)
+        self._stats_lock = threading.Lock()
+        super().__init__(
+            features=features,
+            protocol_features=protocol_features,
+            num_queues=2 * queue_pairs,
+            config=net_config(mac, queue_pairs, mtu),
+        )
+
+    # -- features --
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        version_1 = bool(features & VF.VERSION_1)
+        mrg = bool(features & NF.MRG_RXBUF)
+        self.hdr_size = header_size(features) if (version_1 or mrg) else 10
+        offload = TunOffload(0)
+        for feature, flag in _OFFLOADS:
+            if features & feature:
+                offload |= flag
+        self.tap.set_vnet_hdr_size(self.hdr_size)
+        self.tap.set_offload(offload)
+        log.info("net: header %d bytes, tap offloads %s", self.hdr_size, offload)
+
+    @property
+    def mergeable(self) -> bool:
+        return bool(self.acked_features & NF.MRG_RXBUF)
+
+    # -- rings --
+
+    def _tap_fd(self, ring: ActiveRing) -> int:
+        return self.tap.fds[ring.index // 2]
+
+    def wake_fds(self, ring: ActiveRing) -> list[int]:
+        return [self._tap_fd(ring)] if ring.index % 2 == 0 else []
+
+    def process(self, ring: ActiveRing) -> bool | None:
+        if ring.index % 2:
+            return self._transmit(ring, send=True)
+        return self._receive(ring)
+
+    def process_disabled(self, ring: ActiveRing) -> None:
+        if ring.index % 2:
+            self._transmit(ring, send=False)
+
+    def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
+        fd = self._tap_fd(ring)
+        while True:
+            batch = ring.queue.pop_batch()
+            n = len(batch)
+            if not n:
+                return True
+            sent = dropped = 0
+            if send:
+                for chain in batch:
+                    try:
+                        os.writev(fd, chain.readable)
+                        sent += 1
+                    except BlockingIOError:
+                        dropped += 1  # the tap's queue is full: drop, as a NIC would
+                    except OSError as exc:
+                        log.warning("tap write failed: %s", exc)
+                        dropped += 1
+            else:
+                dropped = n
+            with self._stats_lock:
+                self.tx_frames += sent
+                self.tx_dropped += dropped
+            ring.complete(batch.ids, np.zeros(n, dtype=np.int64))
+
+    def _receive(self, ring: ActiveRing) -> bool:
+        fd = self._tap_fd(ring)
+        queue = ring.queue
+        buf = self._rx_buf if ring.index == 0 else bytearray(MAX_RX_FRAME)
+        view = memoryview(buf)
+        size = self.hdr_size
+        while True:
+            if not queue.pending():
+                ring.extra_wanted = False  # no buffers: wait for the driver's kick
+                return True
+            ring.extra_wanted = True
+            try:
+                got = os.readv(fd, [view])
+            except BlockingIOError:
+                return False
+            if got < size:
+                continue
+            hdr = VirtioNetHdr.unpack(view[:size], size)
+            frame = view[size:got]
+            need = got
+            chains = []
+            room = 0
+            # Pop chains one at a time until the frame fits (one without MRG_RXBUF).
+            while room < need and queue.pending():
+                chain = queue.pop_batch(max_chains=1)[0]
+                chains.append(chain)
+                room += chain.writable_len
+                if not self.mergeable:
+                    break
+            written: list[int] = []
+            if room >= need:
+                written = fill_mergeable(chains, frame, hdr, size)
+            if not written:
+                # Too little buffer space for this frame: drop it. The buffers go back empty
+                # (a driver discards a used buffer shorter than a header).
+                with self._stats_lock:
+                    self.rx_dropped += 1
+                ring.complete([c.id for c in chains], [0] * len(chains))
+                continue
+            ring.complete([c.id for c in chains], written)
+            with self._stats_lock:
+                self.rx_frames += 1
+
+    # -- net requests --
+
+    def send_rarp(self, mac: bytes) -> None:
+        super().send_rarp(mac)
+        frame = bytes(self.hdr_size) + rarp_frame(mac)
+        os.write(self.tap.fds[0], frame)
+
+    def net_set_mtu(self, mtu: int) -> None:
+        super().net_set_mtu(mtu)
+        self.config[10:12] = struct.pack("<H", mtu)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python3 -m vhostkit.devices.net --socket PATH --tap NAME``: serve until SIGINT/SIGTERM."""
+    from vhostkit.user.listener import BackendListener, serve_client
+
+    parser = argparse.ArgumentParser(description="vhostkit tap-backed vhost-user net backend")
+    parser.add_argument("--socket", required=True, help="vhost-user socket path")
+    parser.add_argument("--tap", default="vhk%d", help="tap name (created if absent)")
+    parser.add_argument("--mac", default="52:54:00:00:00:01")
+    parser.add_argument("--mtu", type=int, default=1500)
+    parser.add_argument("--queues", type=int, default=1, help="queue pairs")
+    parser.add_argument("--client", action="store_true", help="connect to a listening frontend")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    mac = bytes.fromhex(args.mac.replace(":", ""))
+    with Tap(args.tap, queues=args.queues, nonblocking=True) as tap:
+        tap.up()
+        device = NetDevice(tap, mac=mac, mtu=args.mtu, queue_pairs=args.queues)
+        print(f"vhostkit net backend: tap {tap.name}, socket {args.socket}", flush=True)
+        try:
+            if args.client:
+                t = threading.Thread(
+                    target=serve_client,
+                    args=(args.socket, device),
+                    kwargs={"reconnect": True, "stop": stop},
+                    daemon=True,
+                )
+                t.start()
+                stop.wait()
+            else:
+                with BackendListener(args.socket, lambda: device, max_connections=1).start():
+                    stop.wait()
+        finally:
+            device.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
