@@ -31,6 +31,7 @@ from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.backend_req_handler import BackendHandler, InflightArea
 from vhostkit.user.codec import close_fds
 from vhostkit.user.connection import Connection
+from vhostkit.user.inflight import packed_queue_region_size, split_queue_region_size
 from vhostkit.user.message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     InflightDesc,
@@ -58,7 +59,6 @@ DEFAULT_PROTOCOL_FEATURES = (
 )
 
 _RING_PACKED = 1 << 34
-_INFLIGHT_ALIGN = 64
 
 
 @dataclass
@@ -86,9 +86,7 @@ class VringInfo:
 
 def inflight_queue_size(queue_size: int, packed: bool) -> int:
     """Bytes of one queue's inflight region (header + one entry per descriptor), 64-aligned."""
-    header, entry = (32, 32) if packed else (16, 16)
-    raw = header + entry * queue_size
-    return (raw + _INFLIGHT_ALIGN - 1) // _INFLIGHT_ALIGN * _INFLIGHT_ALIGN
+    return (packed_queue_region_size if packed else split_queue_region_size)(queue_size)
 
 
 class BackendDevice(BackendHandler):
