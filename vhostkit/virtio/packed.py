@@ -531,6 +531,11 @@ class PackedDriverQueue(_PackedBase):
         self._count = [0] * num
         self._tokens: list[Any] = [None] * num
         self._capacity = [0] * num
+        # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
+        self._single = np.zeros(num, dtype=np.bool_)
+        self._n_single = 0
+        self._tok_arr = np.zeros(num, dtype=np.int64)
+        self._cap_arr = np.zeros(num, dtype=np.int64)
         self._next_avail, self._avail_wrap = 0, 1
         self._next_used, self._used_wrap = 0, 1
         self._deferred: tuple[int, int] | None = None
@@ -624,6 +629,73 @@ class PackedDriverQueue(_PackedBase):
         self._capacity[bid] = sum(n for _, n in ins)
         return bid
 
+    def add_batch(
+        self,
+        addrs: Sequence[int] | npt.NDArray[np.integer],
+        lens: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        writable: bool,
+        tokens: Sequence[int] | npt.NDArray[np.integer] | None = None,
+    ) -> npt.NDArray[np.intp]:
+        """Add ``len(addrs)`` single-buffer chains at once (a few NumPy operations).
+
+        Same contract as :meth:`SplitDriverQueue.add_batch`: exactly the effect of one
+        :meth:`add` per chain, in order; integer ``tokens`` (default: the buffer id). Returns
+        the buffer ids.
+        """
+        self._check_broken()
+        v = self._refresh()
+        addr_a = np.asarray(addrs, dtype=np.uint64).ravel()
+        n = addr_a.shape[0]
+        len_a = np.asarray(lens).ravel()
+        if len_a.shape[0] != n:
+            raise InvalidParam("addrs and lens differ in length")
+        if n == 0:
+            return np.zeros(0, dtype=np.intp)
+        if int(len_a.min()) < 0 or int(len_a.max()) > 0xFFFFFFFF:
+            raise InvalidParam("buffer length out of range")
+        if tokens is not None:
+            tok_a = np.asarray(tokens, dtype=np.int64).ravel()
+            if tok_a.shape[0] != n:
+                raise InvalidParam("addrs and tokens differ in length")
+        free = self._free_ids
+        if n > self._free_descs or n > len(free):
+            raise InvalidOperation(
+                f"queue full: {n} descriptors needed, {min(self._free_descs, len(free))} free"
+            )
+        bids = np.array(free[: -n - 1 : -1] if n < len(free) else free[::-1], dtype=np.intp)
+        del free[-n:]
+        num = self.num
+        pos = self._next_avail + np.arange(n)
+        wraps = pos // num  # 0 or 1 laps ahead (n <= num)
+        pos -= wraps * num
+        wrap = (wraps & 1).astype(np.bool_) ^ bool(self._avail_wrap)
+        base = _WRITE if writable else 0
+        flags = np.where(wrap, base | _AVAIL, base | _USED).astype(np.uint16)
+        desc = v.desc
+        desc["addr"][pos] = addr_a
+        desc["len"][pos] = len_a
+        desc["id"][pos] = bids
+        # never write the flags with the body; the batch's first head goes last (publish)
+        if self._deferred is None:
+            if n > 1:
+                desc["flags"][pos[1:]] = flags[1:]
+            self._deferred = (int(pos[0]), int(flags[0]))
+        else:
+            desc["flags"][pos] = flags
+        end = self._next_avail + n
+        if end >= num:
+            end -= num
+            self._avail_wrap ^= 1
+        self._next_avail = end
+        self._added += n
+        self._free_descs -= n
+        self._single[bids] = True
+        self._n_single += n
+        self._tok_arr[bids] = bids if tokens is None else tok_a
+        self._cap_arr[bids] = len_a if writable else 0
+        return bids
+
     def publish(self) -> bool:
         """Make the batch visible (its first head's flags written last). Returns whether to kick."""
         self._check_broken()
@@ -653,7 +725,12 @@ class PackedDriverQueue(_PackedBase):
         return self._used_at_head(self._refresh())
 
     def reap(self, max_items: int | None = None) -> list[tuple[Any, int]]:
-        """Take used buffers back: ``[(token, written_length), ...]`` in ring order."""
+        """Take used buffers back: ``[(token, written_length), ...]`` in ring order.
+
+        A chain without device-writable buffers reports length 0 whatever the device wrote
+        (DPDK's vhost writes the readable length there); a length beyond a chain's writable
+        bytes breaks the queue.
+        """
         self._check_broken()
         v = self._refresh()
         num = self.num
@@ -661,9 +738,29 @@ class PackedDriverQueue(_PackedBase):
         while (max_items is None or len(out) < max_items) and self._used_at_head(v):
             row = v.desc[self._next_used]
             bid, length = int(row["id"]), int(row["len"])
+            if bid < num and self._single[bid]:  # a chain from add_batch
+                if not self._cap_arr[bid]:
+                    length = 0  # no device-writable buffer: the used length means nothing
+                elif length > self._cap_arr[bid]:
+                    self._fail(
+                        f"device wrote {length} bytes into a {int(self._cap_arr[bid])}-byte buffer"
+                    )
+                out.append((int(self._tok_arr[bid]), length))
+                self._single[bid] = False
+                self._n_single -= 1
+                self._free_ids.append(bid)
+                self._free_descs += 1
+                nxt = self._next_used + 1
+                if nxt >= num:
+                    nxt -= num
+                    self._used_wrap ^= 1
+                self._next_used = nxt
+                continue
             if bid >= num or not self._count[bid]:
                 self._fail(f"device used buffer id {bid}, which is not in flight")
-            if length > self._capacity[bid]:
+            if not self._capacity[bid]:
+                length = 0  # no device-writable buffer: the used length means nothing
+            elif length > self._capacity[bid]:
                 self._fail(f"device wrote {length} bytes into a {self._capacity[bid]}-byte buffer")
             out.append((self._tokens[bid], length))
             cnt = self._count[bid]
@@ -679,6 +776,74 @@ class PackedDriverQueue(_PackedBase):
         if self.event_idx and self._irq:
             v.drv_evt[0] = self._next_used | self._used_wrap << _WRAP_SHIFT
         return out
+
+    def reap_batch(
+        self, max_items: int | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Like :meth:`reap`, as two arrays ``(tokens, written_lengths)``, vectorised.
+
+        Every token must be an integer. A run of used chains that all came from
+        :meth:`add_batch` (one descriptor each, so their used descriptors are adjacent) is
+        handled with a few NumPy operations; anything else falls back to :meth:`reap`.
+        """
+        self._check_broken()
+        v = self._refresh()
+        num = self.num
+        k = num - self._free_descs
+        if max_items is not None:
+            k = min(k, max_items)
+        n = 0
+        if k > 0:
+            pos = self._next_used + np.arange(k)
+            wraps = pos // num
+            pos -= wraps * num
+            wrap = (wraps & 1).astype(np.bool_) ^ bool(self._used_wrap)
+            flags = v.desc["flags"][pos]
+            avail = (flags & _AVAIL) != 0
+            used = (avail == wrap) & (((flags & _USED) != 0) == wrap)
+            n = k if used.all() else int(np.argmin(used))
+            if n:
+                ids = v.desc["id"][pos[:n]].astype(np.intp)  # read after the flags
+                ok = (ids < num) & self._single[np.minimum(ids, num - 1)]
+                if not ok.all():
+                    n = int(np.argmin(ok))
+                    ids = ids[:n]
+        if n == 0:
+            items = self.reap(max_items)
+            return (
+                np.array([t for t, _ in items], dtype=np.int64),
+                np.array([ln for _, ln in items], dtype=np.int64),
+            )
+        lens = v.desc["len"][pos[:n]].astype(np.int64)
+        caps = self._cap_arr[ids]
+        lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
+        over = lens > caps
+        if over.any():
+            j = int(np.argmax(over))
+            self._fail(
+                f"device wrote {int(lens[j])} bytes into a {int(self._cap_arr[ids[j]])}-byte buffer"
+            )
+        self._single[ids] = False
+        count = int(np.count_nonzero(self._single))
+        if count != self._n_single - n:
+            self._fail("device used the same buffer id twice")
+        self._n_single = count
+        tokens = self._tok_arr[ids]
+        self._free_ids.extend(ids.tolist())
+        self._free_descs += n
+        nxt = self._next_used + n
+        if nxt >= num:
+            nxt -= num
+            self._used_wrap ^= 1
+        self._next_used = nxt
+        if self.event_idx and self._irq:
+            v.drv_evt[0] = self._next_used | self._used_wrap << _WRAP_SHIFT
+        if (max_items is None or n < max_items) and self._used_at_head(v):
+            # the run stopped at a chain that add() made: the checked slow path for the rest
+            items = self.reap(None if max_items is None else max_items - n)
+            tokens = np.concatenate((tokens, np.array([t for t, _ in items], dtype=np.int64)))
+            lens = np.concatenate((lens, np.array([ln for _, ln in items], dtype=np.int64)))
+        return tokens, lens
 
     def _write_irq_state(self, v: _PackedViews) -> None:
         if not self._irq:

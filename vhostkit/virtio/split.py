@@ -589,6 +589,11 @@ class SplitDriverQueue(_SplitBase):
         self._tokens: list[Any] = [None] * num
         self._chain: list[list[int] | None] = [None] * num
         self._capacity = [0] * num
+        # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
+        self._single = np.zeros(num, dtype=np.bool_)
+        self._n_single = 0
+        self._tok_arr = np.zeros(num, dtype=np.int64)
+        self._cap_arr = np.zeros(num, dtype=np.int64)
         self._shadow = 0
         self._published = 0
         self._last_used = 0
@@ -673,9 +678,65 @@ class SplitDriverQueue(_SplitBase):
         self._tokens[head] = token
         self._chain[head] = chain
         self._capacity[head] = sum(n for _, n in ins)
+        self._single[head] = False
         v.avail_ring[self._shadow & self._mask] = head
         self._shadow = (self._shadow + 1) & 0xFFFF
         return head
+
+    def add_batch(
+        self,
+        addrs: Sequence[int] | npt.NDArray[np.integer],
+        lens: Sequence[int] | npt.NDArray[np.integer],
+        *,
+        writable: bool,
+        tokens: Sequence[int] | npt.NDArray[np.integer] | None = None,
+    ) -> npt.NDArray[np.intp]:
+        """Add ``len(addrs)`` single-buffer chains at once (a few NumPy operations).
+
+        Chain ``i`` is one buffer ``(addrs[i], lens[i])``, device-writable when ``writable``.
+        ``tokens`` are integers handed back by :meth:`reap` / :meth:`reap_batch` (default: the
+        head index). The effect on the ring and on this object is exactly that of calling
+        :meth:`add` once per chain in order. Not visible to the device until :meth:`publish`.
+        Returns the heads; raises :class:`InvalidOperation` (nothing added) when fewer than
+        ``len(addrs)`` descriptors are free.
+        """
+        self._check_broken()
+        v = self._refresh()
+        addr_a = np.asarray(addrs, dtype=np.uint64).ravel()
+        n = addr_a.shape[0]
+        len_a = np.asarray(lens).ravel()
+        if len_a.shape[0] != n:
+            raise InvalidParam("addrs and lens differ in length")
+        if n == 0:
+            return np.zeros(0, dtype=np.intp)
+        if int(len_a.min()) < 0 or int(len_a.max()) > 0xFFFFFFFF:
+            raise InvalidParam("buffer length out of range")
+        if tokens is not None:
+            tok_a = np.asarray(tokens, dtype=np.int64).ravel()
+            if tok_a.shape[0] != n:
+                raise InvalidParam("addrs and tokens differ in length")
+        free = self._free
+        if n > len(free):
+            raise InvalidOperation(f"queue full: {n} descriptors needed, {len(free)} free")
+        heads = np.array(free[: -n - 1 : -1] if n < len(free) else free[::-1], dtype=np.intp)
+        del free[-n:]
+        recs = np.empty(n, SPLIT_DESC_DTYPE)
+        recs["addr"] = addr_a
+        recs["len"] = len_a
+        recs["flags"] = _WRITE if writable else 0
+        recs["next"] = 0
+        v.desc[heads] = recs
+        self._single[heads] = True
+        self._n_single += n
+        self._tok_arr[heads] = heads if tokens is None else tok_a
+        self._cap_arr[heads] = len_a if writable else 0
+        start = self._shadow & self._mask
+        if start + n <= self.num:
+            v.avail_ring[start : start + n] = heads
+        else:
+            v.avail_ring[(start + np.arange(n)) & self._mask] = heads
+        self._shadow = (self._shadow + n) & 0xFFFF
+        return heads
 
     def publish(self) -> bool:
         """Make every added chain visible (one avail idx store). Returns whether to kick."""
@@ -701,7 +762,12 @@ class SplitDriverQueue(_SplitBase):
         return n
 
     def reap(self, max_items: int | None = None) -> list[tuple[Any, int]]:
-        """Take every used chain back: ``[(token, written_length), ...]`` in used-ring order."""
+        """Take every used chain back: ``[(token, written_length), ...]`` in used-ring order.
+
+        A chain without device-writable buffers reports length 0 whatever the device wrote
+        (DPDK's vhost writes the readable length there for packed rings); a length beyond a
+        chain's writable bytes breaks the queue.
+        """
         n = self.pending_used()
         v = self._v
         if max_items is not None:
@@ -712,9 +778,25 @@ class SplitDriverQueue(_SplitBase):
             entries = v.used_ring[pos]
             for head, length in zip(entries["id"].tolist(), entries["len"].tolist(), strict=True):
                 chain = self._chain[head] if head < self.num else None
+                if chain is None and head < self.num and self._single[head]:
+                    # a chain from add_batch
+                    if not self._cap_arr[head]:
+                        length = 0  # no device-writable buffer: the used length means nothing
+                    elif length > self._cap_arr[head]:
+                        self._fail(
+                            f"device wrote {length} bytes into a "
+                            f"{int(self._cap_arr[head])}-byte buffer"
+                        )
+                    out.append((int(self._tok_arr[head]), length))
+                    self._single[head] = False
+                    self._n_single -= 1
+                    self._free.append(head)
+                    continue
                 if chain is None:
                     self._fail(f"device used id {head}, which is not in flight")
-                if length > self._capacity[head]:
+                if not self._capacity[head]:
+                    length = 0  # no device-writable buffer: the used length means nothing
+                elif length > self._capacity[head]:
                     self._fail(
                         f"device wrote {length} bytes into a {self._capacity[head]}-byte buffer"
                     )
@@ -726,6 +808,56 @@ class SplitDriverQueue(_SplitBase):
         if self.event_idx and self._irq:
             v.used_event[0] = self._last_used
         return out
+
+    def reap_batch(
+        self, max_items: int | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Like :meth:`reap`, as two arrays ``(tokens, written_lengths)``, vectorised.
+
+        Every token must be an integer (chains from :meth:`add_batch` always are). When every
+        reaped chain came from :meth:`add_batch` the whole batch is handled with a few NumPy
+        operations; otherwise this falls back to :meth:`reap`.
+        """
+        n = self.pending_used()
+        v = self._v
+        if max_items is not None:
+            n = min(n, max_items)
+        if n == 0:
+            if self.event_idx and self._irq:
+                v.used_event[0] = self._last_used
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        start = self._last_used & self._mask
+        if start + n <= self.num:
+            entries = v.used_ring[start : start + n].copy()
+        else:
+            entries = v.used_ring[(start + np.arange(n)) & self._mask]
+        ids = entries["id"].astype(np.intp)
+        if int(ids.max()) >= self.num or not self._single[ids].all():
+            items = self.reap(n)  # multi-descriptor chains or a bad id: the checked slow path
+            return (
+                np.array([t for t, _ in items], dtype=np.int64),
+                np.array([ln for _, ln in items], dtype=np.int64),
+            )
+        lens = entries["len"].astype(np.int64)
+        caps = self._cap_arr[ids]
+        lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
+        over = lens > caps
+        if over.any():
+            j = int(np.argmax(over))
+            self._fail(
+                f"device wrote {int(lens[j])} bytes into a {int(self._cap_arr[ids[j]])}-byte buffer"
+            )
+        self._single[ids] = False
+        count = int(np.count_nonzero(self._single))
+        if count != self._n_single - n:
+            self._fail("device used the same id twice")
+        self._n_single = count
+        tokens = self._tok_arr[ids]
+        self._free.extend(ids.tolist())
+        self._last_used = (self._last_used + n) & 0xFFFF
+        if self.event_idx and self._irq:
+            v.used_event[0] = self._last_used
+        return tokens, lens
 
     def enable_interrupts(self) -> bool:
         """Ask for used-buffer notifications. Returns True when used entries are pending."""
