@@ -185,7 +185,7 @@ class NetDevice(RingDevice):
     def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
         fd = self._tap_fd(ring)
         while True:
-            batch = ring.queue.pop_batch()
+            batch = ring.pop_batch()
             n = len(batch)
             if not n:
                 return True
@@ -214,7 +214,7 @@ class NetDevice(RingDevice):
         view = memoryview(buf)
         size = self.hdr_size
         while True:
-            if not queue.pending():
+            if not queue.pending() and ring.resubmitted is None:
                 ring.extra_wanted = False  # no buffers: wait for the driver's kick
                 return True
             ring.extra_wanted = True
@@ -230,8 +230,8 @@ class NetDevice(RingDevice):
             chains = []
             room = 0
             # Pop chains one at a time until the frame fits (one without MRG_RXBUF).
-            while room < need and queue.pending():
-                chain = queue.pop_batch(max_chains=1)[0]
+            while room < need and (queue.pending() or ring.resubmitted is not None):
+                chain = ring.pop_batch(max_chains=1)[0]
                 chains.append(chain)
                 room += chain.writable_len
                 if not self.mergeable:

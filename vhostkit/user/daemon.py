@@ -34,10 +34,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import VringAddr
+from vhostkit.backend import MemoryRegion, VringAddr
 from vhostkit.errors import InvalidOperation, VhostError, VirtqueueError
+from vhostkit.user.backend_req_handler import InflightArea
 from vhostkit.user.device import BackendDevice, VringInfo
+from vhostkit.user.inflight import SplitInflight, split_queue_region_size
+from vhostkit.user.message import InflightDesc, ProtocolFeature
+from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDeviceQueue
+from vhostkit.virtio.ring import ChainBatch
 from vhostkit.virtio.split import SplitDeviceQueue
 
 __all__ = ["ActiveRing", "RingDevice", "SinkDevice"]
@@ -66,6 +71,10 @@ class ActiveRing:
     #: whether the worker should also wake on :meth:`RingDevice.wake_fds` (a device clears it
     #: while it cannot take more input, e.g. no receive buffers, and waits for a kick instead)
     extra_wanted: bool = True
+    #: inflight tracking of this ring (INFLIGHT_SHMFD negotiated and an area given)
+    inflight: SplitInflight | None = None
+    #: chains a previous back-end took and never completed, handed out first
+    resubmitted: ChainBatch | None = None
 
     @property
     def index(self) -> int:
@@ -84,13 +93,38 @@ class ActiveRing:
         elif self.device.inband_notifications and self.device.backend_channel is not None:
             self.device.backend_channel.vring_call(self.index)
 
+    def pop_batch(self, max_chains: int | None = None) -> ChainBatch:
+        """Take available chains (first any resubmitted after a restart), tracked in flight.
+
+        Devices should pop through here rather than ``ring.queue`` so that inflight tracking
+        sees every chain.
+        """
+        if self.resubmitted is not None:
+            batch = self.resubmitted
+            if max_chains is not None and len(batch) > max_chains:
+                batch, rest = batch.split(max_chains)
+                self.resubmitted = rest
+            else:
+                self.resubmitted = None
+            return batch
+        batch = self.queue.pop_batch(max_chains)
+        if self.inflight is not None and len(batch):
+            self.inflight.popped(batch.ids)
+        return batch
+
     def complete(
         self,
         ids: Sequence[int] | npt.NDArray[np.integer],
         lengths: Sequence[int] | npt.NDArray[np.integer],
     ) -> None:
         """Put a batch in the used ring and signal if the driver wants it."""
-        if self.queue.complete(ids, lengths):
+        tracker = self.inflight
+        if tracker is not None:
+            tracker.completing(ids)
+        want = self.queue.complete(ids, lengths)
+        if tracker is not None:
+            tracker.completed(ids, self.queue.used_idx)
+        if want:
             self.signal()
 
     def signal_error(self) -> None:
@@ -111,12 +145,11 @@ class RingDevice(BackendDevice):
 
     def __init__(self, **kwargs: object) -> None:
         self.active: dict[int, ActiveRing] = {}
+        self._inflight_map: GuestMemory | None = None
         super().__init__(**kwargs)  # type: ignore[arg-type]
 
     @property
     def inband_notifications(self) -> bool:
-        from vhostkit.user.message import ProtocolFeature
-
         return bool(self.acked_protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS)
 
     # -- the hook devices implement --
@@ -156,9 +189,66 @@ class RingDevice(BackendDevice):
             ring.started = False
             raise
         active = ActiveRing(ring, queue, self)
+        if isinstance(queue, SplitDeviceQueue):
+            self._track_inflight(active, queue)
         active.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.active[ring.index] = active
         self._start_worker(active)
+
+    # -- inflight tracking --
+
+    def _inflight_area(self) -> GuestMemory | None:
+        """The inflight area, mapped (once per fd)."""
+        if not self.acked_protocol_features & ProtocolFeature.INFLIGHT_SHMFD:
+            return None
+        if self.inflight_fd is None or self.inflight_desc is None:
+            return None
+        if self._inflight_map is None:
+            desc = self.inflight_desc
+            self._inflight_map = GuestMemory.map_regions(
+                [MemoryRegion(0, desc.mmap_size, 0, desc.mmap_offset, self.inflight_fd)]
+            )
+        return self._inflight_map
+
+    def _drop_inflight_map(self) -> None:
+        if self._inflight_map is not None:
+            self._inflight_map.close()
+            self._inflight_map = None
+
+    def _track_inflight(self, active: ActiveRing, queue: SplitDeviceQueue) -> None:
+        area = self._inflight_area()
+        if area is None:
+            return
+        size = split_queue_region_size(queue.num)
+        view = area.gpa_view(active.index * size, size)
+        fresh = view[8:10] == b"\0\0"  # version 0: nobody used this region yet
+        tracker = SplitInflight(view, queue.num)
+        active.inflight = tracker
+        if fresh:
+            tracker.completed([], queue.used_idx)
+            return
+        heads = tracker.recover(queue.used_idx)
+        if heads:
+            resume = (queue.used_idx + len(heads)) & 0xFFFF
+            active.resubmitted = queue.resubmit(heads, resume)
+            log.info(
+                "ring %d: resubmitting %d inflight chains %s, resuming at avail %d",
+                active.index,
+                len(heads),
+                heads,
+                resume,
+            )
+        elif queue.last_avail_idx != queue.used_idx:
+            # nothing was in flight: everything taken was completed
+            queue.resubmit([], queue.used_idx)
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
+        self._drop_inflight_map()
+        return super().get_inflight_fd(num_queues, queue_size)
+
+    def set_inflight_fd(self, desc: InflightDesc, fd: int) -> None:
+        self._drop_inflight_map()
+        super().set_inflight_fd(desc, fd)
 
     def _start_worker(self, active: ActiveRing) -> None:
         t = threading.Thread(
@@ -258,14 +348,17 @@ class RingDevice(BackendDevice):
         if active.error is not None:
             return
         queue = active.queue
-        while True:
-            if not active.info.enabled:
-                self.process_disabled(active)
-                return
-            queue.disable_notifications()
-            drained = self.process(active) is not False
-            if not queue.enable_notifications() or not drained:
-                return
+        try:
+            while True:
+                if not active.info.enabled:
+                    self.process_disabled(active)
+                    return
+                queue.disable_notifications()
+                drained = self.process(active) is not False
+                if not queue.enable_notifications() or not drained:
+                    return
+        finally:
+            self.notify_waiters()
 
     # -- state changes that touch a running ring --
 
@@ -328,6 +421,7 @@ class RingDevice(BackendDevice):
 
     def _release(self) -> None:
         self._stop_all()
+        self._drop_inflight_map()
         super()._release()
 
 
@@ -344,7 +438,7 @@ class SinkDevice(RingDevice):
 
     def process(self, ring: ActiveRing) -> None:
         while True:
-            batch = ring.queue.pop_batch()
+            batch = ring.pop_batch()
             n = len(batch)
             if not n:
                 return

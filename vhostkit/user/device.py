@@ -145,8 +145,14 @@ class BackendDevice(BackendHandler):
             self.requests_seen += 1
             self.changed.notify_all()
 
+    def notify_waiters(self) -> None:
+        """Wake :meth:`wait_for` callers (ring workers call this after each round of work)."""
+        with self.changed:
+            self.changed.notify_all()
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Block until ``predicate()`` is true (checked after every request)."""
+        """Block until ``predicate()`` is true (checked after every request and every round
+        of ring work)."""
         with self.changed:
             if not self.changed.wait_for(predicate, timeout):
                 raise SocketRetry(f"device state did not reach the condition in {timeout}s")

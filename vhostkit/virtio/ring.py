@@ -200,6 +200,33 @@ class ChainBatch:
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
+    def split(self, k: int) -> tuple[ChainBatch, ChainBatch]:
+        """The first ``k`` chains and the rest, as two batches (no memory is touched)."""
+        n = len(self)
+        k = max(0, min(k, n))
+        cut = int(self._starts[k])
+        head = ChainBatch(
+            self._table,
+            self.ids[:k],
+            self._starts[: k + 1],
+            self._addr[:cut],
+            self._length[:cut],
+            self._writable[:cut],
+            self._region[:cut],
+            self._offset[:cut],
+        )
+        tail = ChainBatch(
+            self._table,
+            self.ids[k:],
+            self._starts[k:] - cut,
+            self._addr[cut:],
+            self._length[cut:],
+            self._writable[cut:],
+            self._region[cut:],
+            self._offset[cut:],
+        )
+        return head, tail
+
     def __getitem__(self, i: int) -> Chain:
         n = len(self)
         if i < 0:

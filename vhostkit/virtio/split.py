@@ -342,8 +342,36 @@ class SplitDeviceQueue(_SplitBase):
         else:
             heads = np.concatenate((v.avail_ring[start:], v.avail_ring[: start + n - num]))
             heads = heads.astype(np.intp)
+        batch = self._chains_for(v, heads)
+        self._last_avail = (self._last_avail + n) & 0xFFFF
+        if self.event_idx and self._notify:
+            v.avail_event[0] = self._last_avail
+        return batch
+
+    def resubmit(self, heads: Sequence[int], last_avail: int) -> ChainBatch:
+        """Take chains back after a back-end restart (inflight tracking), then go on from there.
+
+        ``heads`` are the chains the previous back-end had taken and not completed (oldest
+        first); they are walked and marked in flight as if popped, and the next avail entry to
+        pop becomes ``last_avail`` (the used index plus the number of chains resubmitted).
+        """
+        self._check_broken()
+        v = self._refresh()
+        if not 0 <= last_avail <= 0xFFFF:
+            raise InvalidParam(f"avail index {last_avail} out of range")
+        h = np.asarray(heads, dtype=np.intp)
+        batch = self._chains_for(v, h) if h.shape[0] else ChainBatch.empty(v.table)
+        self._last_avail = last_avail
+        if self.event_idx and self._notify:
+            v.avail_event[0] = self._last_avail
+        return batch
+
+    def _chains_for(self, v: _RingViews, heads: npt.NDArray[np.intp]) -> ChainBatch:
+        """Walk the chains starting at ``heads`` and mark them in flight."""
+        n = heads.shape[0]
+        num = self.num
         top = int(heads.max())
-        if top >= num:
+        if top >= num or int(heads.min()) < 0:
             self._fail(f"avail ring head {top} out of range (size {num})")
 
         # walk all chains one step at a time, in parallel
@@ -376,9 +404,6 @@ class SplitDeviceQueue(_SplitBase):
             inflight[heads] = False
             self._fail("the same head appears twice in the avail ring")
         self._n_inflight = count
-        self._last_avail = (self._last_avail + n) & 0xFFFF
-        if self.event_idx and self._notify:
-            v.avail_event[0] = self._last_avail
         return ChainBatch(v.table, heads, starts, addr, length, writable, region, offset)
 
     def _walk(
