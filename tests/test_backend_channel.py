@@ -10,7 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhostkit.errors import Disconnected, IncorrectFds, ProtocolError, RequestFailed
+from vhostkit.errors import (
+    Disconnected,
+    IncorrectFds,
+    ProtocolError,
+    RequestFailed,
+    SocketBroken,
+)
 from vhostkit.user import (
     BackendDevice,
     BackendListener,
@@ -231,3 +237,24 @@ def test_inflight_reply_without_fd_is_an_error(fd_check) -> None:
         with pytest.raises(IncorrectFds, match="no fd"):
             fe.get_inflight_fd(1, 64)
     t.join(timeout=5)
+
+
+def test_backend_client_stop_ends_a_live_connection(fd_check, sock_dir) -> None:
+    from vhostkit.user import BackendClient
+
+    path = sock_dir / "live.sock"
+    device = BackendDevice(features=1 << 32)
+    with Listener(path) as listener:
+        client = BackendClient(path, device, reconnect=True).start()
+        fe = Frontend(listener.accept(timeout=10))
+        try:
+            fe.set_owner()
+            device.wait_for(lambda: device.owner)  # the connection is being served
+            client.stop()  # the front-end is still connected: the back-end hangs up
+            with pytest.raises((Disconnected, SocketBroken)) as info:
+                fe.conn.recv(timeout=5)
+            assert info.value.should_reconnect()
+        finally:
+            fe.close()
+    assert client.connections == 1 and not client.errors
+    device.close()

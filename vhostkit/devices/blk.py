@@ -655,7 +655,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve an image until SIGINT/SIGTERM; SIGHUP re-reads the image size. Returns 0."""
-    from vhostkit.user.listener import BackendListener, serve_client
+    from vhostkit.user.listener import BackendClient, BackendListener
 
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -672,20 +672,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as device,
     ):
         if args.client:
-            stop = threading.Event()
-            worker = threading.Thread(
-                target=serve_client,
-                args=(args.socket, device),
-                kwargs={"reconnect": True, "stop": stop},
-                name="vhost-user-blk-client",
-                daemon=True,
-            )
-            worker.start()
-            print(f"vhostkit blk backend: {args.image}, connecting to {args.socket}", flush=True)
-            _serve_signals(device, signals)
-            # serve_client only looks at ``stop`` between connections; the process exits
-            # next, which ends a connection still being served.
-            stop.set()
+            with BackendClient(args.socket, device, reconnect=True).start():
+                print(
+                    f"vhostkit blk backend: {args.image}, connecting to {args.socket}", flush=True
+                )
+                _serve_signals(device, signals)
         else:
             with BackendListener(args.socket, lambda: device, max_connections=1).start():
                 print(f"vhostkit blk backend: {args.image}, listening on {args.socket}", flush=True)

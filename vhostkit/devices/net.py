@@ -264,7 +264,7 @@ class NetDevice(RingDevice):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python3 -m vhostkit.devices.net --socket PATH --tap NAME``: serve until SIGINT/SIGTERM."""
-    from vhostkit.user.listener import BackendListener, serve_client
+    from vhostkit.user.listener import BackendClient, BackendListener
 
     parser = argparse.ArgumentParser(description="vhostkit tap-backed vhost-user net backend")
     parser.add_argument("--socket", required=True, help="vhost-user socket path")
@@ -288,14 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vhostkit net backend: tap {tap.name}, socket {args.socket}", flush=True)
         try:
             if args.client:
-                t = threading.Thread(
-                    target=serve_client,
-                    args=(args.socket, device),
-                    kwargs={"reconnect": True, "stop": stop},
-                    daemon=True,
-                )
-                t.start()
-                stop.wait()
+                with BackendClient(args.socket, device, reconnect=True).start():
+                    stop.wait()
             else:
                 with BackendListener(args.socket, lambda: device, max_connections=1).start():
                     stop.wait()

@@ -15,11 +15,12 @@ from vhostkit.user.connection import Connection, Listener, connect
 from vhostkit.user.device import BackendDevice, VringInfo
 from vhostkit.user.frontend import Frontend, InflightRegion
 from vhostkit.user.frontend_req_handler import FrontendReqHandler, FrontendReqServer
-from vhostkit.user.listener import BackendListener, serve_client
+from vhostkit.user.listener import BackendClient, BackendListener, serve_client
 from vhostkit.user.message import BackendReq, FrontendReq, ProtocolFeature
 
 __all__ = [
     "BackendChannel",
+    "BackendClient",
     "BackendDevice",
     "BackendHandler",
     "BackendListener",

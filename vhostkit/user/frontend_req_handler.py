@@ -22,6 +22,7 @@ from vhostkit.errors import (
     FeatureNotNegotiated,
     InvalidOperation,
     ProtocolError,
+    TransportError,
     Unsupported,
     VhostError,
 )
@@ -86,6 +87,7 @@ class FrontendReqServer:
         self.protocol_features = ProtocolFeature(protocol_features)
         self.last_error: VhostError | None = None
         self._thread: threading.Thread | None = None
+        self._closing = False
 
     def handle_request(self, timeout: float | None = None) -> Message:
         msg = self.conn.recv(timeout=timeout)
@@ -148,13 +150,17 @@ class FrontendReqServer:
         return ()
 
     def serve(self) -> None:
-        """Handle requests until the back-end closes the channel."""
+        """Handle requests until the back-end closes the channel (or :meth:`close`)."""
         try:
             while True:
                 try:
                     self.handle_request()
                 except Disconnected:
                     return
+                except TransportError:
+                    if self._closing:
+                        return  # closed from another thread mid-request
+                    raise
         finally:
             self.conn.close()
 
@@ -167,6 +173,7 @@ class FrontendReqServer:
         return self._thread
 
     def close(self) -> None:
+        self._closing = True
         self.conn.close()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)

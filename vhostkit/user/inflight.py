@@ -78,9 +78,7 @@ class SplitInflight:
         if view.nbytes < need:
             raise InvalidParam(f"inflight region of {view.nbytes} bytes, {need} needed")
         self._header = np.frombuffer(view, SPLIT_HEADER_DTYPE, 1, 0)
-        self.desc = np.frombuffer(
-            view, SPLIT_DESC_DTYPE, queue_size, SPLIT_HEADER_DTYPE.itemsize
-        )
+        self.desc = np.frombuffer(view, SPLIT_DESC_DTYPE, queue_size, SPLIT_HEADER_DTYPE.itemsize)
         self.queue_size = queue_size
         h = self._header[0]
         if int(h["version"]) == 0:

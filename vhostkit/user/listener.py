@@ -2,8 +2,9 @@
 
 * :class:`BackendListener`: the back-end owns the socket path and accepts front-ends; each
   connection gets its own handler from a factory and is served in its own thread.
-* :func:`serve_client`: the front-end listens (QEMU ``server=on``, testpmd ``server=1``) and the
-  back-end connects, optionally reconnecting when the front-end goes away.
+* :class:`BackendClient` / :func:`serve_client`: the front-end listens (QEMU ``server=on``,
+  testpmd ``server=1``) and the back-end connects, optionally reconnecting when the front-end
+  goes away.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Callable
 from typing import Self
 
 from vhostkit.errors import (
-    Disconnected,
     ProtocolError,
     SocketConnect,
     TransportError,
@@ -26,7 +26,7 @@ from vhostkit.errors import (
 from vhostkit.user.backend_req_handler import BackendHandler, BackendReqServer
 from vhostkit.user.connection import Listener, connect
 
-__all__ = ["BackendListener", "serve_client"]
+__all__ = ["BackendClient", "BackendListener", "serve_client"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,94 @@ class BackendListener:
         self.stop()
 
 
+class BackendClient:
+    """Client mode: connect to a front-end listening at ``path`` and serve it with ``handler``.
+
+    With ``reconnect``, connect again after the front-end goes away (the handler drops its
+    per-connection state in :meth:`BackendHandler.disconnected` in between). :meth:`stop`
+    ends a live connection too, from any thread; ``stop``, if given, is the event it sets
+    (and that ends the reconnect loop when someone else sets it).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handler: BackendHandler,
+        *,
+        connect_timeout: float = 10.0,
+        reconnect: bool = False,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.handler = handler
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.connections = 0
+        self.errors: list[BaseException] = []
+        self._stop = stop if stop is not None else threading.Event()
+        self._lock = threading.Lock()
+        self._server: BackendReqServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        """Serve in this thread until the front-end leaves (or, with reconnect, :meth:`stop`)."""
+        while not self._stop.is_set():
+            try:
+                conn = connect(self.path, timeout=self.connect_timeout)
+            except SocketConnect:
+                if self.reconnect and not self._stop.is_set():
+                    continue
+                raise
+            server = BackendReqServer(conn, self.handler)
+            with self._lock:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                self._server = server
+                self.connections += 1
+            try:
+                server.serve()
+            except TransportError as exc:
+                log.info("front-end at %s went away: %s", self.path, exc)
+            finally:
+                with self._lock:
+                    self._server = None
+            if not self.reconnect:
+                return
+
+    def start(self) -> Self:
+        """Serve in a background thread."""
+        self._thread = threading.Thread(
+            target=self._run_logged, daemon=True, name="vhost-user-client"
+        )
+        self._thread.start()
+        return self
+
+    def _run_logged(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            if not self._stop.is_set():
+                log.exception("client-mode back-end failed")
+                self.errors.append(exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the live connection (if any) and stop reconnecting."""
+        self._stop.set()
+        with self._lock:
+            server = self._server
+        if server is not None:
+            server.stop()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def serve_client(
     path: str | os.PathLike[str],
     handler: BackendHandler,
@@ -150,23 +238,12 @@ def serve_client(
     reconnect: bool = False,
     stop: threading.Event | None = None,
 ) -> None:
-    """Connect to a front-end listening at ``path`` and serve it.
+    """Connect to a front-end listening at ``path`` and serve it, in this thread.
 
     With ``reconnect``, connect again after the front-end disconnects, until ``stop`` is set
-    (the handler's per-connection state is dropped in between by
-    :meth:`BackendHandler.disconnected`).
+    (``stop`` is looked at between connections; to end a live connection from another thread
+    use :class:`BackendClient` and its :meth:`~BackendClient.stop`).
     """
-    stop = stop or threading.Event()
-    while not stop.is_set():
-        try:
-            conn = connect(path, timeout=connect_timeout)
-        except SocketConnect:
-            if reconnect and not stop.is_set():
-                continue
-            raise
-        try:
-            BackendReqServer(conn, handler).serve()
-        except (Disconnected, TransportError) as exc:
-            log.info("front-end at %s went away: %s", path, exc)
-        if not reconnect:
-            return
+    BackendClient(
+        path, handler, connect_timeout=connect_timeout, reconnect=reconnect, stop=stop
+    ).run()
