@@ -26,3 +26,14 @@ def test_demo_runs_as_a_module() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.rstrip().endswith("over a real vhost-user socket")
+
+
+def test_daemons_are_reachable_from_the_cli() -> None:
+    for name in ("net-backend", "blk-backend"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "vhostkit", name, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0 and "--socket" in proc.stdout, proc.stderr

@@ -1,5 +1,8 @@
 """The ``vhostkit`` command line.
 
+* ``vhostkit net-backend --socket PATH --tap NAME``: the tap-backed vhost-user net daemon.
+* ``vhostkit blk-backend --socket PATH --image FILE``: the file-backed vhost-user blk daemon.
+
 ``vhostkit demo`` starts a vhostkit vhost-user back-end on a Unix socket, drives it with the
 vhostkit front-end over that socket, and prints what the two sides negotiated and what the
 back-end ended up holding (memory it mapped, ring state).
@@ -8,6 +11,7 @@ back-end ended up holding (memory it mapped, ring state).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -129,10 +133,20 @@ def run_demo(out: object = sys.stdout) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vhostkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vhostkit", description="Drive virtio data planes: kernel vhost and vhost-user."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log protocol messages")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="vhostkit front-end drives a vhostkit back-end over a socket")
+    sub.add_parser("net-backend", add_help=False, help="tap-backed vhost-user net daemon")
+    sub.add_parser("blk-backend", add_help=False, help="file-backed vhost-user blk daemon")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the daemons parse their own options
+    for name, module in (("net-backend", "net"), ("blk-backend", "blk")):
+        if name in argv[:2]:
+            rest = argv[argv.index(name) + 1 :]
+            return int(importlib.import_module(f"vhostkit.devices.{module}").main(rest))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
