@@ -52,8 +52,10 @@ front-end negotiated ``BACKEND_REQ`` and ``CONFIG``; QEMU then re-reads the conf
 notifies the guest.
 
 Protocol features: the generic set of :class:`~vhostkit.user.device.BackendDevice` minus
-``INFLIGHT_SHMFD`` (inflight I/O is not tracked, so it is not offered) and ``LOG_SHMFD``
-(writes to guest memory are not logged: no migration while running).
+``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running).
+``INFLIGHT_SHMFD`` is offered: on split rings a restarted back-end resubmits the requests its
+predecessor had taken and not completed (:mod:`vhostkit.user.inflight`); packed rings are not
+tracked yet.
 
 Standalone daemon::
 
@@ -168,9 +170,7 @@ class DiscardFlag(IntFlag):
 
 
 #: Protocol features the blk device offers (see the module docstring).
-BLK_PROTOCOL_FEATURES = ProtocolFeature(
-    DEFAULT_PROTOCOL_FEATURES & ~(ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.LOG_SHMFD)
-)
+BLK_PROTOCOL_FEATURES = ProtocolFeature(DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD)
 
 #: struct virtio_blk_config, through write_zeroes_may_unmap and its 3 padding bytes.
 _CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
