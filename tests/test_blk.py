@@ -319,7 +319,8 @@ def test_config_space_and_features(rig: Rig) -> None:
     assert not d.features & BF.RO
     offered = d.fe.get_protocol_features()
     assert offered & P.CONFIG and offered & P.MQ
-    assert not offered & P.INFLIGHT_SHMFD  # inflight I/O is not tracked: not offered
+    assert offered & P.INFLIGHT_SHMFD  # inflight I/O is tracked (tests/test_restart.py)
+    assert not offered & P.LOG_SHMFD  # writes to guest memory are not logged
     assert d.fe.get_queue_num() == 1
     # beyond the config space, and any write to it, are refused
     with pytest.raises(RequestFailed):
