@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Self
 
@@ -24,13 +25,15 @@ from vhostkit.errors import (
     VhostError,
 )
 from vhostkit.user.backend_req_handler import BackendHandler, BackendReqServer
-from vhostkit.user.connection import Listener, connect
+from vhostkit.user.connection import Connection, Listener, connect
 
 __all__ = ["BackendClient", "BackendListener", "serve_client"]
 
 log = logging.getLogger(__name__)
 
 HandlerFactory = Callable[[], BackendHandler]
+#: How often a client-mode back-end retries while the front-end's socket does not exist yet.
+CONNECT_RETRY_INTERVAL = 0.05
 
 
 class BackendListener:
@@ -174,12 +177,9 @@ class BackendClient:
     def run(self) -> None:
         """Serve in this thread until the front-end leaves (or, with reconnect, :meth:`stop`)."""
         while not self._stop.is_set():
-            try:
-                conn = connect(self.path, timeout=self.connect_timeout)
-            except SocketConnect:
-                if self.reconnect and not self._stop.is_set():
-                    continue
-                raise
+            conn = self._connect()
+            if conn is None:
+                return
             server = BackendReqServer(conn, self.handler)
             with self._lock:
                 if self._stop.is_set():
@@ -196,6 +196,20 @@ class BackendClient:
                     self._server = None
             if not self.reconnect:
                 return
+
+    def _connect(self) -> Connection | None:
+        """Connect, retrying while the front-end is not listening yet; ``None`` once stopped."""
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            try:
+                return connect(self.path)
+            except SocketConnect:
+                if time.monotonic() >= deadline and not self.reconnect:
+                    raise
+            # Nothing to wait on for a socket path to appear: retry shortly, but wake at once
+            # when stopped.
+            if self._stop.wait(CONNECT_RETRY_INTERVAL):
+                return None
 
     def start(self) -> Self:
         """Serve in a background thread."""
