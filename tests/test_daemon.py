@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -268,3 +270,51 @@ def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir) -> None
         os.close(call)
         if region is not None:
             os.close(region.fd)
+
+
+class NeverDry(RingDevice):
+    """A device whose ring never runs dry: it keeps working until the framework asks it to
+    yield (what a ring under continuous load looks like to the worker)."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.busy = threading.Event()
+        self.yields = 0
+
+    def process(self, ring) -> bool:  # type: ignore[no-untyped-def]
+        self.busy.set()
+        while not ring.interrupted:
+            time.sleep(0.001)  # stands for work on an endless stream of chains
+        self.yields += 1
+        return True
+
+
+def test_a_busy_ring_still_lets_requests_through(fd_check, sock_dir) -> None:
+    device = NeverDry(features=VERSION_1, num_queues=1)
+    listener = BackendListener(str(sock_dir / "busy.sock"), lambda: device).start()
+    mem = GuestMemory.allocate([(0, 0x100000)])
+    q = SplitDriverQueue(mem, NUM, 0, features=VERSION_1)
+    kick, call, call2 = eventfd(), eventfd(), eventfd()
+    try:
+        with Frontend.connect(sock_dir / "busy.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(VERSION_1, ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            assert device.busy.wait(10)
+            # the worker never runs dry, yet a call fd swap (which needs the ring's lock) and
+            # GET_VRING_BASE (which stops the worker) both complete: REPLY_ACK acks them
+            fe.set_vring_call(0, call2)
+            assert device.vrings[0].call_fd is not None
+            assert fe.get_vring_base(0) == 0
+            assert device.yields >= 2
+    finally:
+        listener.stop()
+        device.close()
+        mem.close()
+        for fd in (kick, call, call2):
+            os.close(fd)

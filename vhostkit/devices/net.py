@@ -139,6 +139,9 @@ class NetDevice(RingDevice):
         self.rx_dropped = 0
         self._rx_buf = bytearray(MAX_RX_FRAME)
         self._stats_lock = threading.Lock()
+        if queue_pairs > 1:
+            # without VIRTIO_NET_F_MQ offered, a front-end (QEMU) hides the extra pairs
+            features |= int(NF.MQ)
         super().__init__(
             features=features,
             protocol_features=protocol_features,
@@ -214,6 +217,8 @@ class NetDevice(RingDevice):
         view = memoryview(buf)
         size = self.hdr_size
         while True:
+            if ring.interrupted:
+                return False  # let whoever waits for the ring in; the worker comes back
             if not queue.pending() and ring.resubmitted is None:
                 ring.extra_wanted = False  # no buffers: wait for the driver's kick
                 return True
@@ -230,8 +235,12 @@ class NetDevice(RingDevice):
             chains = []
             room = 0
             # Pop chains one at a time until the frame fits (one without MRG_RXBUF).
-            while room < need and (queue.pending() or ring.resubmitted is not None):
-                chain = ring.pop_batch(max_chains=1)[0]
+            while room < need:
+                # force: this frame is already read, finish it even if the ring is wanted
+                one = ring.pop_batch(max_chains=1, force=True)
+                if not len(one):
+                    break
+                chain = one[0]
                 chains.append(chain)
                 room += chain.writable_len
                 if not self.mergeable:
@@ -246,11 +255,17 @@ class NetDevice(RingDevice):
                     self.rx_dropped += 1
                 ring.complete([c.id for c in chains], [0] * len(chains))
                 continue
-            ring.complete([c.id for c in chains], written)
+            # counted before the driver can see the frame: counters never lag behind it
             with self._stats_lock:
                 self.rx_frames += 1
+            ring.complete([c.id for c in chains], written)
 
     # -- net requests --
+
+    def get_queue_num(self) -> int:
+        # For net, GET_QUEUE_NUM counts queue *pairs*: QEMU compares it with its ``queues=``
+        # (pairs) and DPDK's vhost answers its maximum of pairs.
+        return self.queue_pairs
 
     def send_rarp(self, mac: bytes) -> None:
         super().send_rarp(mac)

@@ -24,11 +24,12 @@ memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,7 +65,13 @@ class ActiveRing:
     queue: DeviceQueue
     device: RingDevice
     lock: threading.RLock = field(default_factory=threading.RLock)
-    stop_fd: int = -1
+    #: the worker's control eventfd: written to stop it or to make it look again
+    ctl_fd: int = -1
+    #: set before ``ctl_fd`` is written to stop the worker
+    stopping: bool = False
+    #: how many threads wait for :attr:`lock` (while non-zero, :meth:`pop_batch` hands out
+    #: nothing, so a busy worker finishes its round and lets them in)
+    waiters: int = 0
     thread: threading.Thread | None = None
     signals: int = 0
     error: BaseException | None = None
@@ -93,12 +100,21 @@ class ActiveRing:
         elif self.device.inband_notifications and self.device.backend_channel is not None:
             self.device.backend_channel.vring_call(self.index)
 
-    def pop_batch(self, max_chains: int | None = None) -> ChainBatch:
+    @property
+    def interrupted(self) -> bool:
+        """True when the worker should end its round (stopping, or someone waits for the
+        ring's lock): :meth:`pop_batch` then returns empty batches."""
+        return self.stopping or self.waiters > 0
+
+    def pop_batch(self, max_chains: int | None = None, *, force: bool = False) -> ChainBatch:
         """Take available chains (first any resubmitted after a restart), tracked in flight.
 
         Devices should pop through here rather than ``ring.queue`` so that inflight tracking
-        sees every chain.
+        sees every chain. While :attr:`interrupted` the batch is empty (a device's loop then
+        ends), unless ``force`` (a device finishing a unit of work it already started).
         """
+        if self.interrupted and not force:
+            return self.queue.pop_batch(max_chains=0)
         if self.resubmitted is not None:
             batch = self.resubmitted
             if max_chains is not None and len(batch) > max_chains:
@@ -191,7 +207,7 @@ class RingDevice(BackendDevice):
         active = ActiveRing(ring, queue, self)
         if isinstance(queue, SplitDeviceQueue):
             self._track_inflight(active, queue)
-        active.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        active.ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.active[ring.index] = active
         self._start_worker(active)
 
@@ -259,20 +275,34 @@ class RingDevice(BackendDevice):
 
     def _stop_worker(self, active: ActiveRing) -> None:
         if active.thread is not None and active.thread.is_alive():
-            os.eventfd_write(active.stop_fd, 1)
+            active.stopping = True
+            os.eventfd_write(active.ctl_fd, 1)
             active.thread.join()
         active.thread = None
-        # drain the stop counter so a restarted worker does not stop at once
+        active.stopping = False
+        # drain the control counter so a restarted worker does not stop at once
         try:
-            os.eventfd_read(active.stop_fd)
+            os.eventfd_read(active.ctl_fd)
         except BlockingIOError:
             pass
+
+    @contextlib.contextmanager
+    def _holding(self, active: ActiveRing) -> Iterator[None]:
+        """Hold ``active.lock``, making a busy worker end its round first; wake it after."""
+        active.waiters += 1
+        try:
+            with active.lock:
+                yield
+        finally:
+            active.waiters -= 1
+            if active.thread is not None:
+                os.eventfd_write(active.ctl_fd, 1)
 
     def _retire(self, index: int) -> ActiveRing | None:
         active = self.active.pop(index, None)
         if active is not None:
             self._stop_worker(active)
-            os.close(active.stop_fd)
+            os.close(active.ctl_fd)
         return active
 
     def ring_stopped(self, ring: VringInfo) -> int:
@@ -285,15 +315,12 @@ class RingDevice(BackendDevice):
         """Make the worker look at its ring again (after enable, or a config change)."""
         active = self.active.get(index)
         if active is not None and active.thread is not None:
-            # A fake kick: the worker drains the stop fd only when stopping, so use the
-            # queue directly by running one round in the caller's thread instead.
-            with active.lock:
-                self._run_once(active)
+            os.eventfd_write(active.ctl_fd, 1)
 
     def _worker(self, active: ActiveRing) -> None:
         info = active.info
         poller = select.poll()
-        poller.register(active.stop_fd, select.POLLIN)
+        poller.register(active.ctl_fd, select.POLLIN)
         kick = info.kick_fd
         if kick is not None:
             poller.register(kick, select.POLLIN)
@@ -312,7 +339,13 @@ class RingDevice(BackendDevice):
                             poller.unregister(fd)
                     registered = active.extra_wanted
                 events = poller.poll(timeout)
-                if any(fd == active.stop_fd for fd, _ in events):
+                for fd, _ in events:
+                    if fd == active.ctl_fd:
+                        try:
+                            os.eventfd_read(fd)
+                        except BlockingIOError:
+                            pass
+                if active.stopping:
                     return
                 for fd, ev in events:
                     if fd == kick:
@@ -355,7 +388,7 @@ class RingDevice(BackendDevice):
                     return
                 queue.disable_notifications()
                 drained = self.process(active) is not False
-                if not queue.enable_notifications() or not drained:
+                if not queue.enable_notifications() or not drained or active.interrupted:
                     return
         finally:
             self.notify_waiters()
@@ -372,7 +405,7 @@ class RingDevice(BackendDevice):
         if active is None:
             super().set_vring_call(index, fd)
             return
-        with active.lock:
+        with self._holding(active):
             super().set_vring_call(index, fd)
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
@@ -380,7 +413,7 @@ class RingDevice(BackendDevice):
         if active is None:
             super().set_vring_err(index, fd)
             return
-        with active.lock:
+        with self._holding(active):
             super().set_vring_err(index, fd)
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
