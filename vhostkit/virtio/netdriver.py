@@ -46,23 +46,18 @@ Example (vhost-user)::
 from __future__ import annotations
 
 import logging
-import os
-import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Self
 
 import numpy as np
 import numpy.typing as npt
 
 from vhostkit.backend import VhostBackend
-from vhostkit.errors import InvalidOperation, InvalidParam, Unsupported
-from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature
-from vhostkit.virtio.memory import PAGE_SIZE, GuestMemory
+from vhostkit.errors import InvalidOperation, InvalidParam
+from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
+from vhostkit.virtio.guest import DriverQueue, GuestRing, VirtioGuest
 from vhostkit.virtio.net import VirtioNetHdr, header_size
-from vhostkit.virtio.packed import PackedDriverQueue, encode_base
-from vhostkit.virtio.split import SplitDriverQueue
 
 __all__ = [
     "DEFAULT_FEATURES",
@@ -79,17 +74,6 @@ DEFAULT_FEATURES = int(VirtioFeature.VERSION_1 | VirtioNetFeature.MRG_RXBUF)
 #: vhost-user protocol features asked for by default: REPLY_ACK | MQ | STATUS (bits 3, 0, 16).
 #: Plain numbers so that this module does not depend on :mod:`vhostkit.user`.
 DEFAULT_PROTOCOL_FEATURES = (1 << 3) | (1 << 0) | (1 << 16)
-_PROTOCOL_STATUS = 1 << 16
-
-_DRIVER_OK = int(
-    DeviceStatus.ACKNOWLEDGE
-    | DeviceStatus.DRIVER
-    | DeviceStatus.FEATURES_OK
-    | DeviceStatus.DRIVER_OK
-)
-_RING_ALIGN = 4096
-
-DriverQueue = SplitDriverQueue | PackedDriverQueue
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,13 +89,17 @@ class DriverStats:
 
 
 class _Pair:
-    """One queue pair's rings, eventfds and buffer pools (internal, mutable)."""
+    """One queue pair's rings and buffer pools (internal, mutable; the rings' eventfds belong
+    to the :class:`VirtioGuest` base)."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, rx: GuestRing, tx: GuestRing) -> None:
         self.index = index
-        self.rx: DriverQueue | None = None
-        self.tx: DriverQueue | None = None
-        self.rx_kick = self.rx_call = self.tx_kick = self.tx_call = -1
+        self.rx_ring: GuestRing | None = rx
+        self.tx_ring: GuestRing | None = tx
+        self.rx: DriverQueue | None = rx.queue
+        self.tx: DriverQueue | None = tx.queue
+        self.rx_kick, self.rx_call = rx.kick, rx.call
+        self.tx_kick, self.tx_call = tx.kick, tx.call
         self.rx_base = self.tx_base = 0
         self.rx_pool: npt.NDArray[np.uint8] = np.zeros((0, 0), np.uint8)
         self.tx_pool: npt.NDArray[np.uint8] = np.zeros((0, 0), np.uint8)
@@ -122,37 +110,23 @@ class _Pair:
         self.partial: list[bytes] = []
         self.partial_hdr: VirtioNetHdr | None = None
         self.partial_left = 0
-        self.tx_frames = self.tx_kicks = self.tx_completed = 0
-        self.rx_frames = self.rx_kicks = self.rx_waits = 0
+        self.tx_frames = self.tx_completed = 0
+        self.rx_frames = 0
 
-    def fds(self) -> list[int]:
-        return [fd for fd in (self.rx_kick, self.rx_call, self.tx_kick, self.tx_call) if fd >= 0]
+    @property
+    def tx_kicks(self) -> int:
+        return self.tx_ring.kicks if self.tx_ring is not None else 0
 
+    @property
+    def rx_kicks(self) -> int:
+        return self.rx_ring.kicks if self.rx_ring is not None else 0
 
-def _eventfd() -> int:
-    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-
-
-def _kick(fd: int) -> None:
-    os.eventfd_write(fd, 1)
-
-
-def _drain(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
+    @property
+    def rx_waits(self) -> int:
+        return self.rx_ring.interrupt_waits if self.rx_ring is not None else 0
 
 
-def _wait_fd(fd: int, timeout: float | None) -> bool:
-    """Block until ``fd`` is readable or ``timeout`` seconds passed; True when readable."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-    return bool(poller.poll(ms))
-
-
-class VirtioNetDriver:
+class VirtioNetDriver(VirtioGuest):
     """A userspace virtio-net driver over any :class:`VhostBackend` (see the module docstring).
 
     Parameters: ``packed`` (packed rings, needs VIRTIO_F_RING_PACKED from the data plane),
@@ -166,7 +140,9 @@ class VirtioNetDriver:
     VIRTIO_F_RING_EVENT_IDX), ``set_status`` (send SET_STATUS DRIVER_OK when the backend
     supports it).
 
-    :meth:`start` sets everything up; the constructor does not touch the backend.
+    :meth:`start` sets everything up; the constructor does not touch the backend. The ring
+    plumbing (memory, eventfds, start-up order, :meth:`stop`, :meth:`close`) is
+    :class:`~vhostkit.virtio.guest.VirtioGuest`'s.
     """
 
     def __init__(
@@ -193,158 +169,77 @@ class VirtioNetDriver:
                 raise InvalidParam(f"buffer size {size} must be a multiple of 16, >= 64")
         if rx_buffers is not None and not 0 < rx_buffers <= queue_size:
             raise InvalidParam(f"rx_buffers {rx_buffers} out of range 1..{queue_size}")
-        self.backend = backend
-        self.packed = packed
-        self.queue_size = queue_size
-        self.queue_pairs = queue_pairs
         wanted = DEFAULT_FEATURES if features is None else features
-        if packed:
-            wanted |= VirtioFeature.RING_PACKED
         if event_idx:
             wanted |= VirtioFeature.RING_EVENT_IDX
         if queue_pairs > 1:
             wanted |= VirtioNetFeature.MQ
-        self.wanted_features = int(wanted)
-        self.wanted_protocol_features = protocol_features
+        super().__init__(
+            backend,
+            num_rings=2 * queue_pairs,
+            queue_size=queue_size,
+            packed=packed,
+            features=int(wanted),
+            protocol_features=protocol_features,
+            set_status=set_status,
+            name=name,
+        )
+        self.queue_pairs = queue_pairs
         self.buffer_size = buffer_size
         self.rx_buffer_size = rx_bs
         self.rx_buffers = queue_size if rx_buffers is None else rx_buffers
-        self.send_status = set_status
-        self.name = name
-        #: the features the data plane acked (valid after :meth:`start`)
-        self.acked_features = 0
-        #: the vhost-user protocol features acked (0 on the kernel)
-        self.acked_protocol_features = 0
         #: the virtio-net header size for :attr:`acked_features`
         self.header_size = 0
-        self.memory: GuestMemory | None = None
         self._pairs: list[_Pair] = []
         self._mrg = False
-        self._started = False
-        self._stopped = False
-        self._closed = False
 
-    # -- layout -----------------------------------------------------------------------------
+    # -- layout and start-up hooks -----------------------------------------------------------
 
-    def _ring_footprint(self) -> int:
-        if self.packed:
-            size = PackedDriverQueue.footprint(self.queue_size)
-        else:
-            size = SplitDriverQueue.footprint(self.queue_size)
-        return -(-size // _RING_ALIGN) * _RING_ALIGN
-
-    def _memory_size(self) -> int:
-        rings = 2 * self.queue_pairs * self._ring_footprint()
-        pools = self.queue_pairs * (
+    def _buffer_bytes(self) -> int:
+        return self.queue_pairs * (
             self.rx_buffers * self.rx_buffer_size + self.queue_size * self.buffer_size
         )
-        total = rings + pools
-        return -(-total // PAGE_SIZE) * PAGE_SIZE
 
-    @property
-    def ring_indices(self) -> list[int]:
-        """Every ring index: RX ``2 * i`` and TX ``2 * i + 1`` for each queue pair ``i``."""
-        return list(range(2 * self.queue_pairs))
-
-    # -- start-up ---------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        """Set the data plane up and post the receive buffers (see the module docstring).
-
-        On failure everything the driver opened is closed again and the error propagates.
-        """
-        if self._started or self._closed:
-            raise InvalidOperation("the driver was already started")
-        self._started = True
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def _start(self) -> None:
-        be = self.backend
-        self.memory = mem = GuestMemory.allocate([(0, self._memory_size())], name=self.name)
-        be.set_owner()
-        acked, protocol = be.negotiate(self.wanted_features, self.wanted_protocol_features)
-        self.acked_features, self.acked_protocol_features = int(acked), int(protocol)
-        if self.packed and not acked & VirtioFeature.RING_PACKED:
-            raise Unsupported("the data plane does not offer VIRTIO_F_RING_PACKED")
+    def _on_negotiated(self) -> None:
         self.header_size = header_size(self.acked_features)
         self._mrg = bool(self.acked_features & VirtioNetFeature.MRG_RXBUF)
-        log.info(
-            "features acked %#x (protocol %#x), header %d bytes",
-            self.acked_features,
-            self.acked_protocol_features,
-            self.header_size,
-        )
-        be.set_mem_table(mem.regions)
+        log.info("virtio-net header %d bytes, mergeable rx %s", self.header_size, self._mrg)
 
-        ring_size = self._ring_footprint()
+    def _setup_buffers(self) -> None:
+        mem = self.memory
+        assert mem is not None
         bs, rbs = self.buffer_size, self.rx_buffer_size
-        gpa = 0
-        ring_gpas: list[int] = []
-        for _ in self.ring_indices:
-            ring_gpas.append(gpa)
-            gpa += ring_size
         for i in range(self.queue_pairs):
-            p = _Pair(i)
+            p = _Pair(i, self._rings[2 * i], self._rings[2 * i + 1])
             self._pairs.append(p)
-            p.rx_base = gpa
-            gpa += self.rx_buffers * rbs
-            p.tx_base = gpa
-            gpa += self.queue_size * bs
+            p.rx_base = self._carve(self.rx_buffers * rbs)
+            p.tx_base = self._carve(self.queue_size * bs)
             p.rx_pool = mem.gpa_array(p.rx_base, np.uint8, self.rx_buffers * rbs).reshape(-1, rbs)
             p.tx_pool = mem.gpa_array(p.tx_base, np.uint8, self.queue_size * bs).reshape(-1, bs)
             p.rx_flat = mem.gpa_view(p.rx_base, self.rx_buffers * rbs)
             p.tx_free = np.arange(self.queue_size - 1, -1, -1, dtype=np.int64)
             p.tx_top = self.queue_size
-            p.rx_kick, p.rx_call = _eventfd(), _eventfd()
-            p.tx_kick, p.tx_call = _eventfd(), _eventfd()
-            p.rx = self._setup_ring(2 * i, ring_gpas[2 * i], p.rx_kick, p.rx_call)
-            p.tx = self._setup_ring(2 * i + 1, ring_gpas[2 * i + 1], p.tx_kick, p.tx_call)
-            # interrupts are asked for only while waiting
-            p.rx.disable_interrupts()
-            p.tx.disable_interrupts()
+            assert p.rx is not None
             slots = np.arange(self.rx_buffers, dtype=np.int64)
             p.rx.add_batch(
                 p.rx_base + slots * rbs, np.full(slots.shape[0], rbs), writable=True, tokens=slots
             )
             p.rx.publish()
-        for index in self.ring_indices:
-            be.set_vring_enable(index, True)
-        if self.send_status and self.acked_protocol_features & _PROTOCOL_STATUS:
-            set_status = getattr(be, "set_status", None)
-            if set_status is not None:
-                set_status(_DRIVER_OK)
-        for p in self._pairs:
-            _kick(p.rx_kick)  # tell a device that waits for kicks that buffers are there
-            p.rx_kicks += 1
 
-    def _setup_ring(self, index: int, gpa: int, kick: int, call: int) -> DriverQueue:
-        be = self.backend
-        assert self.memory is not None
-        q: DriverQueue
-        if self.packed:
-            q = PackedDriverQueue(
-                self.memory, self.queue_size, gpa, features=self.acked_features, index=index
-            )
-            base = encode_base(0, 1)
-        else:
-            q = SplitDriverQueue(
-                self.memory, self.queue_size, gpa, features=self.acked_features, index=index
-            )
-            base = 0
-        be.set_vring_num(index, self.queue_size)
-        be.set_vring_base(index, base)
-        be.set_vring_addr(q.vring_addr())
-        be.set_vring_kick(index, kick)
-        be.set_vring_call(index, call)
-        return q
+    def _on_enabled(self) -> None:
+        for p in self._pairs:
+            assert p.rx_ring is not None
+            p.rx_ring.notify()  # tell a device that waits for kicks that buffers are there
+
+    def _release(self) -> None:
+        pairs, self._pairs = self._pairs, []
+        for p in pairs:
+            p.rx = p.tx = None
+            p.rx_ring = p.tx_ring = None
+            p.rx_flat.release()
 
     def _pair(self, queue: int) -> _Pair:
-        if not self._started or self._closed or self._stopped or not self._pairs:
+        if not self.running or not self._pairs:
             raise InvalidOperation("the driver is not running (start() it first)")
         try:
             return self._pairs[queue]
@@ -418,9 +313,8 @@ class VirtioNetDriver:
         tx.add_batch(p.tx_base + slots * bs, lengths + hs, writable=False, tokens=slots)
         p.tx_top = top - k
         p.tx_frames += k
-        if tx.publish():
-            _kick(p.tx_kick)
-            p.tx_kicks += 1
+        assert p.tx_ring is not None
+        p.tx_ring.publish()
         return k
 
     def send_all(
@@ -454,21 +348,10 @@ class VirtioNetDriver:
 
     def _wait_tx(self, queue: int, deadline: float | None) -> bool:
         """Wait on the TX call eventfd for completions; False when ``deadline`` passed."""
-        p = self._pair(queue)
-        tx = p.tx
-        assert tx is not None
-        try:
-            if tx.enable_interrupts():
-                return True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            if not _wait_fd(p.tx_call, left):
-                return False
-            _drain(p.tx_call)
-            return True
-        finally:
-            tx.disable_interrupts()
+        ring = self._pair(queue).tx_ring
+        assert ring is not None
+        left = None if deadline is None else deadline - time.monotonic()
+        return ring.wait_used(left)
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -497,8 +380,6 @@ class VirtioNetDriver:
         self, max_frames: int | None, timeout: float | None, queue: int, *, headers: bool
     ) -> list[tuple[VirtioNetHdr | None, bytes]]:
         p = self._pair(queue)
-        rx = p.rx
-        assert rx is not None
         if max_frames is not None and max_frames <= 0:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -509,15 +390,9 @@ class VirtioNetDriver:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return []
-            try:
-                if rx.enable_interrupts():
-                    continue
-                p.rx_waits += 1
-                if not _wait_fd(p.rx_call, left):
-                    return []
-                _drain(p.rx_call)
-            finally:
-                rx.disable_interrupts()
+            assert p.rx_ring is not None
+            if not p.rx_ring.wait_used(left):
+                return []
 
     def _take(
         self, p: _Pair, max_frames: int | None, headers: bool
@@ -570,9 +445,8 @@ class VirtioNetDriver:
         p.rx_frames += len(out)
         # repost the buffers (their contents were copied out above)
         rx.add_batch(p.rx_base + offs, np.full(k, bs), writable=True, tokens=tokens)
-        if rx.publish():
-            _kick(p.rx_kick)
-            p.rx_kicks += 1
+        assert p.rx_ring is not None
+        p.rx_ring.publish()
         return out
 
     # -- state ------------------------------------------------------------------------------
@@ -594,46 +468,6 @@ class VirtioNetDriver:
         """The ``(rx, tx)`` call eventfds of pair ``queue`` (owned by the driver)."""
         p = self._pair(queue)
         return p.rx_call, p.tx_call
-
-    # -- stop and close ---------------------------------------------------------------------
-
-    def stop(self) -> dict[int, int]:
-        """Stop every ring (``get_vring_base``); returns ``{ring index: position}``.
-
-        Afterwards no more frames can be sent or received; :meth:`close` still must be called.
-        """
-        if not self._started or self._closed or self._stopped:
-            raise InvalidOperation("the driver is not running")
-        self._stopped = True
-        return {index: self.backend.get_vring_base(index) for index in self.ring_indices}
-
-    def close(self) -> None:
-        """Close the eventfds and the guest memory the driver made. Idempotent.
-
-        The backend is borrowed and stays open. Close the driver only after the data plane
-        stopped using the rings (:meth:`stop`, or the backend closed), since the memory goes.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        pairs, self._pairs = self._pairs, []
-        for p in pairs:
-            for fd in p.fds():
-                os.close(fd)
-            p.rx = p.tx = None
-            p.rx_flat.release()
-        if self.memory is not None:
-            self.memory.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._started else "new"

@@ -1,0 +1,422 @@
+"""vhostkit as the guest: the ring plumbing every userspace virtio driver shares.
+
+:class:`VirtioGuest` is the data-plane-agnostic part of a "virtual guest device" over any
+:class:`~vhostkit.backend.VhostBackend` (kernel vhost or a vhost-user back-end through the
+:class:`~vhostkit.user.Frontend`). It owns
+
+* the guest memory (one memfd region from :meth:`GuestMemory.allocate`, rings first, then the
+  buffer area a device driver carves with :meth:`VirtioGuest._carve`),
+* one driver-role queue per ring (split by default, packed on request) with its kick and call
+  eventfds (:class:`GuestRing`),
+
+and does the start-up a VMM does, in this order: ``set_owner``, ``negotiate`` (virtio features,
+plus vhost-user protocol features where the data plane has them), ``set_mem_table``, per ring
+``set_vring_num`` / ``set_vring_base`` / ``set_vring_addr`` / ``set_vring_kick`` /
+``set_vring_call``, the driver's buffers posted, ``set_vring_enable`` for every ring, and for
+vhost-user with STATUS negotiated ``SET_STATUS`` DRIVER_OK. :meth:`VirtioGuest.stop` stops the
+rings and returns their positions (``get_vring_base``); :meth:`VirtioGuest.close` closes the
+eventfds and the guest memory (the backend is borrowed and stays open).
+
+Device drivers (:class:`~vhostkit.virtio.netdriver.VirtioNetDriver`,
+:class:`~vhostkit.virtio.vsockdriver.VsockDriver`) subclass it and fill in the hooks:
+
+* :meth:`~VirtioGuest._buffer_bytes`: how much buffer memory to reserve after the rings;
+* :meth:`~VirtioGuest._on_negotiated`: check the acked features, derive header sizes;
+* :meth:`~VirtioGuest._setup_buffers`: lay out buffer pools, post receive buffers (after every
+  ring is set up, before the rings are enabled);
+* :meth:`~VirtioGuest._on_enabled`: e.g. kick the receive rings once;
+* :meth:`~VirtioGuest._quiesce`: stop the data plane before the ring positions are read, where
+  that data plane needs it (kernel vhost-vsock's SET_RUNNING 0);
+* :meth:`~VirtioGuest._release`: drop views of guest memory before it is unmapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from collections.abc import Iterable
+from typing import Self
+
+from vhostkit.backend import VhostBackend
+from vhostkit.errors import InvalidOperation, InvalidParam, Unsupported
+from vhostkit.virtio.features import DeviceStatus, VirtioFeature
+from vhostkit.virtio.memory import PAGE_SIZE, GuestMemory
+from vhostkit.virtio.packed import PackedDriverQueue, encode_base
+from vhostkit.virtio.split import SplitDriverQueue
+
+__all__ = [
+    "DRIVER_OK_STATUS",
+    "PROTOCOL_STATUS",
+    "DriverQueue",
+    "GuestRing",
+    "VirtioGuest",
+    "drain_eventfd",
+    "kick_eventfd",
+    "new_eventfd",
+    "wait_readable",
+]
+
+log = logging.getLogger(__name__)
+
+#: The vhost-user STATUS protocol feature bit (16). A plain number so that this module does not
+#: depend on :mod:`vhostkit.user`.
+PROTOCOL_STATUS = 1 << 16
+
+#: The device status a driver sets once it is ready.
+DRIVER_OK_STATUS = int(
+    DeviceStatus.ACKNOWLEDGE
+    | DeviceStatus.DRIVER
+    | DeviceStatus.FEATURES_OK
+    | DeviceStatus.DRIVER_OK
+)
+_RING_ALIGN = 4096
+
+DriverQueue = SplitDriverQueue | PackedDriverQueue
+
+
+def new_eventfd() -> int:
+    """A non-blocking, close-on-exec eventfd (the caller owns it)."""
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+def kick_eventfd(fd: int) -> None:
+    """Signal an eventfd once."""
+    os.eventfd_write(fd, 1)
+
+
+def drain_eventfd(fd: int) -> int:
+    """Reset a non-blocking eventfd; returns the count it held (0 when it was not signalled)."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+def wait_readable(fds: Iterable[int], timeout: float | None) -> list[int]:
+    """Block until some of ``fds`` are readable or ``timeout`` seconds passed (``None``:
+    forever); returns the readable ones (``[]`` on timeout)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ in poller.poll(ms)]
+
+
+class GuestRing:
+    """One ring of a :class:`VirtioGuest`: its driver-role queue and its two eventfds.
+
+    Owned by the guest (internal, mutable); the eventfds are closed by :meth:`VirtioGuest.close`.
+    """
+
+    __slots__ = ("call", "gpa", "index", "interrupt_waits", "kick", "kicks", "queue")
+
+    def __init__(self, index: int, gpa: int, queue: DriverQueue, kick: int, call: int) -> None:
+        self.index = index
+        self.gpa = gpa
+        self.queue = queue
+        self.kick = kick
+        self.call = call
+        self.kicks = 0
+        self.interrupt_waits = 0
+
+    def notify(self) -> None:
+        """Kick the device (signal the kick eventfd)."""
+        kick_eventfd(self.kick)
+        self.kicks += 1
+
+    def publish(self) -> bool:
+        """Publish what was added and kick when the ring asks for it; True when kicked."""
+        if self.queue.publish():
+            self.notify()
+            return True
+        return False
+
+    def wait_used(self, timeout: float | None) -> bool:
+        """Wait until the device used buffers of this ring (call eventfd, interrupts on only
+        while waiting); True when used entries are pending, False after ``timeout`` seconds."""
+        q = self.queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                if q.enable_interrupts():
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self.interrupt_waits += 1
+                if not wait_readable((self.call,), left):
+                    return False
+                drain_eventfd(self.call)
+        finally:
+            q.disable_interrupts()
+
+    def __repr__(self) -> str:
+        return f"<GuestRing {self.index} kick={self.kick} call={self.call}>"
+
+
+class VirtioGuest:
+    """The shared guest-side plumbing of vhostkit's userspace virtio drivers.
+
+    ``num_rings`` rings of ``queue_size`` entries (``packed``: packed rings, which needs
+    VIRTIO_F_RING_PACKED from the data plane); ``features`` are the virtio features wanted
+    (RING_PACKED is added with ``packed``); ``protocol_features`` are asked for from vhost-user
+    data planes (the kernel has none); ``set_status`` sends SET_STATUS DRIVER_OK when the data
+    plane negotiated the STATUS protocol feature. See the module docstring for the hooks.
+
+    :meth:`start` sets everything up; the constructor does not touch the backend.
+    """
+
+    def __init__(
+        self,
+        backend: VhostBackend,
+        *,
+        num_rings: int,
+        queue_size: int = 256,
+        packed: bool = False,
+        features: int = int(VirtioFeature.VERSION_1),
+        protocol_features: int = 0,
+        set_status: bool = True,
+        name: str = "vhostkit-guest",
+    ) -> None:
+        if num_rings < 1:
+            raise InvalidParam("a virtio device has at least one ring")
+        self.backend = backend
+        self.num_rings = num_rings
+        self.queue_size = queue_size
+        self.packed = packed
+        wanted = features | (VirtioFeature.RING_PACKED if packed else 0)
+        self.wanted_features = int(wanted)
+        self.wanted_protocol_features = protocol_features
+        self.send_status = set_status
+        self.name = name
+        #: the features the data plane acked (valid after :meth:`start`)
+        self.acked_features = 0
+        #: the vhost-user protocol features acked (0 on the kernel)
+        self.acked_protocol_features = 0
+        self.memory: GuestMemory | None = None
+        self._rings: list[GuestRing] = []
+        self._fds: list[int] = []
+        self._carve_at = 0
+        self._started = False
+        self._stopped = False
+        self._closed = False
+
+    # -- hooks (subclasses override what they need) -----------------------------------------
+
+    def _buffer_bytes(self) -> int:
+        """Bytes of buffer memory to reserve after the rings."""
+        return 0
+
+    def _on_negotiated(self) -> None:
+        """Called once :attr:`acked_features` is known, before the memory table is sent."""
+
+    def _setup_buffers(self) -> None:
+        """Called after every ring is set up and before they are enabled: carve buffer pools
+        (:meth:`_carve`) and post receive buffers (publish, but kick in :meth:`_on_enabled`)."""
+
+    def _on_enabled(self) -> None:
+        """Called after the rings were enabled (and DRIVER_OK sent)."""
+
+    def _quiesce(self) -> None:
+        """Called by :meth:`stop` before the ring positions are read."""
+
+    def _release(self) -> None:
+        """Called by :meth:`close` before the guest memory is unmapped: drop views of it."""
+
+    # -- layout -----------------------------------------------------------------------------
+
+    def _ring_footprint(self) -> int:
+        if self.packed:
+            size = PackedDriverQueue.footprint(self.queue_size)
+        else:
+            size = SplitDriverQueue.footprint(self.queue_size)
+        return -(-size // _RING_ALIGN) * _RING_ALIGN
+
+    def _memory_size(self) -> int:
+        total = self.num_rings * self._ring_footprint() + self._buffer_bytes()
+        return -(-total // PAGE_SIZE) * PAGE_SIZE
+
+    def _carve(self, size: int, align: int = 64) -> int:
+        """Reserve ``size`` bytes of the buffer area; returns their guest-physical address."""
+        assert self.memory is not None
+        gpa = -(-self._carve_at // align) * align
+        end = gpa + size
+        limit = self.memory.regions[0].memory_size
+        if end > limit:
+            raise InvalidParam(
+                f"buffer area exhausted: {size} bytes at {gpa:#x} do not fit {limit:#x} "
+                "(the driver's _buffer_bytes is too small)"
+            )
+        self._carve_at = end
+        return gpa
+
+    @property
+    def ring_indices(self) -> list[int]:
+        """Every ring index of the device."""
+        return list(range(self.num_rings))
+
+    # -- start-up ---------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Set the data plane up (see the module docstring).
+
+        On failure everything the guest opened is closed again and the error propagates.
+        """
+        if self._started or self._closed:
+            raise InvalidOperation(f"{type(self).__name__} was already started")
+        self._started = True
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self) -> None:
+        be = self.backend
+        self.memory = mem = GuestMemory.allocate([(0, self._memory_size())], name=self.name)
+        be.set_owner()
+        acked, protocol = be.negotiate(self.wanted_features, self.wanted_protocol_features)
+        self.acked_features, self.acked_protocol_features = int(acked), int(protocol)
+        if self.packed and not acked & VirtioFeature.RING_PACKED:
+            raise Unsupported("the data plane does not offer VIRTIO_F_RING_PACKED")
+        log.info(
+            "%s: features acked %#x (protocol %#x)",
+            self.name,
+            self.acked_features,
+            self.acked_protocol_features,
+        )
+        self._on_negotiated()
+        be.set_mem_table(mem.regions)
+        footprint = self._ring_footprint()
+        for index in self.ring_indices:
+            self._rings.append(self._setup_ring(index, index * footprint))
+        self._carve_at = self.num_rings * footprint
+        self._setup_buffers()
+        for index in self.ring_indices:
+            be.set_vring_enable(index, True)
+        if self.send_status and self.acked_protocol_features & PROTOCOL_STATUS:
+            set_status = getattr(be, "set_status", None)
+            if set_status is not None:
+                set_status(DRIVER_OK_STATUS)
+        self._on_enabled()
+
+    def _setup_ring(self, index: int, gpa: int) -> GuestRing:
+        be = self.backend
+        assert self.memory is not None
+        kick = new_eventfd()
+        self._fds.append(kick)
+        call = new_eventfd()
+        self._fds.append(call)
+        q: DriverQueue
+        if self.packed:
+            q = PackedDriverQueue(
+                self.memory, self.queue_size, gpa, features=self.acked_features, index=index
+            )
+            base = encode_base(0, 1)
+        else:
+            q = SplitDriverQueue(
+                self.memory, self.queue_size, gpa, features=self.acked_features, index=index
+            )
+            base = 0
+        be.set_vring_num(index, self.queue_size)
+        be.set_vring_base(index, base)
+        be.set_vring_addr(q.vring_addr())
+        be.set_vring_kick(index, kick)
+        be.set_vring_call(index, call)
+        # interrupts are asked for only while waiting
+        q.disable_interrupts()
+        return GuestRing(index, gpa, q, kick, call)
+
+    # -- access -----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """Started, not stopped, not closed."""
+        return self._started and not self._stopped and not self._closed and bool(self._rings)
+
+    def _check_running(self) -> None:
+        if not self.running:
+            raise InvalidOperation(f"{type(self).__name__} is not running (start() it first)")
+
+    def ring(self, index: int) -> GuestRing:
+        """Ring ``index`` (while running)."""
+        self._check_running()
+        try:
+            return self._rings[index]
+        except IndexError:
+            raise InvalidParam(f"ring {index} does not exist") from None
+
+    def wait_any(self, indices: Iterable[int], timeout: float | None) -> list[int]:
+        """Wait until one of the rings ``indices`` has used entries (their call eventfds, with
+        interrupts enabled only while waiting); returns the ring indices with used entries
+        pending (``[]`` after ``timeout`` seconds)."""
+        rings = [self.ring(i) for i in indices]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                ready = [r.index for r in rings if r.queue.enable_interrupts()]
+                if ready:
+                    return ready
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return []
+                for r in rings:
+                    r.interrupt_waits += 1
+                fired = wait_readable([r.call for r in rings], left)
+                if not fired:
+                    return []
+                for fd in fired:
+                    drain_eventfd(fd)
+        finally:
+            for r in rings:
+                r.queue.disable_interrupts()
+
+    # -- stop and close ---------------------------------------------------------------------
+
+    def stop(self) -> dict[int, int]:
+        """Stop every ring (``get_vring_base``); returns ``{ring index: position}``.
+
+        Afterwards the rings are not used any more; :meth:`close` still must be called.
+        """
+        if not self._started or self._closed or self._stopped:
+            raise InvalidOperation(f"{type(self).__name__} is not running")
+        self._stopped = True
+        self._quiesce()
+        return {index: self.backend.get_vring_base(index) for index in self.ring_indices}
+
+    def close(self) -> None:
+        """Close the eventfds and the guest memory the guest made. Idempotent.
+
+        The backend is borrowed and stays open. Close only after the data plane stopped using
+        the rings (:meth:`stop`, or the backend closed), since the memory goes.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._release()
+        finally:
+            self._rings = []
+            fds, self._fds = self._fds, []
+            for fd in fds:
+                os.close(fd)
+            if self.memory is not None:
+                self.memory.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "running" if self._started else "new"
+        ring = "packed" if self.packed else "split"
+        return f"<{type(self).__name__} {ring} x{self.num_rings} {state}>"
