@@ -34,8 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vhostkit.errors import InvalidParam
-from vhostkit.kernel.ioctls import TunOffload
-from vhostkit.kernel.tap import Tap
+from vhostkit.kernel.tap import Tap, offload_for_features
 from vhostkit.user.daemon import ActiveRing, RingDevice
 from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.user.message import ProtocolFeature
@@ -78,13 +77,6 @@ NET_PROTOCOL_FEATURES = int(
     | ProtocolFeature.RARP
 )
 
-_OFFLOADS = (
-    (NF.GUEST_CSUM, TunOffload.CSUM),
-    (NF.GUEST_TSO4, TunOffload.TSO4),
-    (NF.GUEST_TSO6, TunOffload.TSO6),
-    (NF.GUEST_ECN, TunOffload.TSO_ECN),
-    (NF.GUEST_UFO, TunOffload.UFO),
-)
 #: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
 MAX_RX_FRAME = 65536 + 256
 VIRTIO_NET_S_LINK_UP = 1
@@ -156,10 +148,7 @@ class NetDevice(RingDevice):
         version_1 = bool(features & VF.VERSION_1)
         mrg = bool(features & NF.MRG_RXBUF)
         self.hdr_size = header_size(features) if (version_1 or mrg) else 10
-        offload = TunOffload(0)
-        for feature, flag in _OFFLOADS:
-            if features & feature:
-                offload |= flag
+        offload = offload_for_features(features)
         self.tap.set_vnet_hdr_size(self.hdr_size)
         self.tap.set_offload(offload)
         log.info("net: header %d bytes, tap offloads %s", self.hdr_size, offload)

@@ -31,7 +31,7 @@ from vhostkit.kernel.ioctls import IFNAMSIZ, TunFlags, TunIoctl, TunOffload, ifr
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
 
-__all__ = ["VNET_HDR_SIZES", "Tap"]
+__all__ = ["VNET_HDR_SIZES", "Tap", "offload_for_features"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,29 @@ def _netlink_error(exc: Any, what: str) -> VhostError:
     if err == errno.EEXIST:
         return InvalidParam(f"{what}: already exists ({exc})", errno=err)
     return _tun_error(err, what)
+
+
+#: virtio-net guest offload feature bit -> the tap offload it lets the tap hand over.
+_GUEST_OFFLOADS = (
+    (1 << 1, TunOffload.CSUM),  # VIRTIO_NET_F_GUEST_CSUM
+    (1 << 7, TunOffload.TSO4),  # VIRTIO_NET_F_GUEST_TSO4
+    (1 << 8, TunOffload.TSO6),  # VIRTIO_NET_F_GUEST_TSO6
+    (1 << 9, TunOffload.TSO_ECN),  # VIRTIO_NET_F_GUEST_ECN
+    (1 << 10, TunOffload.UFO),  # VIRTIO_NET_F_GUEST_UFO
+)
+
+
+def offload_for_features(features: int) -> TunOffload:
+    """The ``TUNSETOFFLOAD`` flags matching the guest offloads acked in ``features``.
+
+    A tap must only hand the guest what the guest said it can take: without GUEST_CSUM no
+    partial checksums, without GUEST_TSO4 no TCPv4 super-frames, and so on.
+    """
+    flags = TunOffload(0)
+    for bit, flag in _GUEST_OFFLOADS:
+        if features & bit:
+            flags |= flag
+    return flags
 
 
 class Tap:
@@ -246,6 +269,18 @@ class Tap:
     def ifindex(self) -> int:
         with self._iproute("ifindex") as (_, index):
             return index
+
+    def disable_ipv6(self) -> None:
+        """Turn IPv6 off on the link, so the kernel sends no MLD reports or neighbour
+        solicitations out of it (quiet taps for tests). The tap must be in this namespace."""
+        path = f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6"
+        try:
+            with open(path, "w") as f:
+                f.write("1")
+        except FileNotFoundError:
+            pass  # no IPv6 in this kernel: nothing to silence
+        except OSError as exc:
+            raise _tun_error(exc.errno or errno.EIO, f"disable IPv6 on {self.name}") from None
 
     def up(self) -> None:
         with self._iproute("link up") as (ipr, index):

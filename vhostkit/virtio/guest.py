@@ -72,6 +72,8 @@ DRIVER_OK_STATUS = int(
     | DeviceStatus.DRIVER_OK
 )
 _RING_ALIGN = 4096
+#: virtio bit 30, vhost-user's "protocol features supported": acked or not per data plane.
+_PROTOCOL_FEATURES_BIT = 1 << 30
 
 DriverQueue = SplitDriverQueue | PackedDriverQueue
 
@@ -373,6 +375,57 @@ class VirtioGuest:
         finally:
             for r in rings:
                 r.queue.disable_interrupts()
+
+    # -- moving to another data plane ------------------------------------------------------
+
+    def switch_backend(self, new: VhostBackend) -> dict[int, int]:
+        """Move the running rings to another data plane; returns the positions handed over.
+
+        The old data plane must already have stopped touching the rings where its
+        ``get_vring_base`` does not stop them (kernel vhost-net: detach the tap first; see
+        :class:`vhostkit.vmm.VirtioNetDevice`, which does the whole move). The old data plane
+        is stopped (``get_vring_base`` per ring) and left open for the caller to close. The
+        new one gets the same memory table, ring sizes, addresses, positions, kick and call
+        eventfds, and must ack the same features: everything the guest already relies on.
+        Buffers added while the move happens are not lost: the new data plane starts at the
+        positions and every ring is kicked once it runs.
+        """
+        self._check_running()
+        offered = new.get_features()
+        missing = self.acked_features & ~offered & ~_PROTOCOL_FEATURES_BIT
+        if missing:
+            raise Unsupported(
+                f"the new data plane lacks features {missing:#x} the guest negotiated; "
+                "nothing was changed"
+            )
+        old = self.backend
+        positions = {index: old.get_vring_base(index) for index in self.ring_indices}
+        assert self.memory is not None
+        new.set_owner()
+        acked, protocol = new.negotiate(self.acked_features, self.wanted_protocol_features)
+        if int(acked) & ~_PROTOCOL_FEATURES_BIT != self.acked_features & ~_PROTOCOL_FEATURES_BIT:
+            raise Unsupported(
+                f"the new data plane acked {int(acked):#x}, the guest runs {self.acked_features:#x}"
+            )
+        new.set_mem_table(self.memory.regions)
+        for ring in self._rings:
+            new.set_vring_num(ring.index, self.queue_size)
+            new.set_vring_base(ring.index, positions[ring.index])
+            new.set_vring_addr(ring.queue.vring_addr())
+            new.set_vring_kick(ring.index, ring.kick)
+            new.set_vring_call(ring.index, ring.call)
+        for ring in self._rings:
+            new.set_vring_enable(ring.index, True)
+        self.acked_protocol_features = int(protocol)
+        if self.send_status and self.acked_protocol_features & PROTOCOL_STATUS:
+            set_status = getattr(new, "set_status", None)
+            if set_status is not None:
+                set_status(DRIVER_OK_STATUS)
+        self.backend = new
+        for ring in self._rings:
+            ring.notify()  # whatever was published during the move is picked up now
+        log.info("%s: moved to %s at positions %s", self.name, type(new).__name__, positions)
+        return positions
 
     # -- stop and close ---------------------------------------------------------------------
 
