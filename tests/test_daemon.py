@@ -318,3 +318,107 @@ def test_a_busy_ring_still_lets_requests_through(fd_check, sock_dir) -> None:
         mem.close()
         for fd in (kick, call, call2):
             os.close(fd)
+
+
+def test_memory_regions_added_and_removed_while_rings_run(fd_check, sock_dir) -> None:
+    """ADD_MEM_REG / REM_MEM_REG while a ring runs: buffers in the new region are served, and
+    removing a region the ring does not use leaves it running."""
+    protocol = ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    device = SinkDevice(features=VERSION_1, num_queues=1)
+    listener = BackendListener(str(sock_dir / "slots.sock"), lambda: device).start()
+    low = GuestMemory.allocate([(0, 0x100000)])
+    high = GuestMemory.allocate([(0x40000000, 0x100000)])
+    extra = GuestMemory.allocate([(0x80000000, 0x10000)])
+    q = SplitDriverQueue(low, NUM, 0, features=VERSION_1)
+    kick, call = eventfd(), eventfd()
+    try:
+        with Frontend.connect(sock_dir / "slots.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(VERSION_1, protocol)
+            fe.add_mem_region(low.regions[0])
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            # running; now hot-add two regions and put buffers in one of them
+            fe.add_mem_region(high.regions[0])
+            fe.add_mem_region(extra.regions[0])
+            for i in range(8):
+                high.write(0x40000000 + i * 0x1000, bytes([i]) * 100)
+                q.add([(0x40000000 + i * 0x1000, 100)], token=i)
+            q.publish()
+            os.eventfd_write(kick, 1)
+            got: list[object] = []
+            while len(got) < 8:
+                got += [t for t, _ in q.reap()]
+                if len(got) < 8:
+                    wait_readable(call)
+            assert device.bytes[0] == 800
+            # hot-remove the region no buffer points at; the ring keeps running
+            fe.remove_mem_region(extra.regions[0])
+            assert device.memory is not None and len(device.memory.regions) == 2
+            q.add([(0x40000000, 10)], token=8)
+            q.publish()
+            os.eventfd_write(kick, 1)
+            wait_readable(call)
+            assert [t for t, _ in q.reap()] == [8]
+    finally:
+        listener.stop()
+        device.close()
+        for m in (low, high, extra):
+            m.close()
+        os.close(kick)
+        os.close(call)
+
+
+def test_one_listener_serves_several_frontends_at_once(fd_check, sock_dir) -> None:
+    """Each front-end gets its own device from the factory; their rings run side by side."""
+    devices: list[SinkDevice] = []
+
+    def factory() -> SinkDevice:
+        devices.append(SinkDevice(features=VERSION_1, num_queues=1))
+        return devices[-1]
+
+    listener = BackendListener(str(sock_dir / "many.sock"), factory).start()
+    mems = [GuestMemory.allocate([(0, 0x200000)]) for _ in range(3)]
+    fds = [(eventfd(), eventfd()) for _ in range(3)]
+    fes: list[Frontend] = []
+    try:
+        queues = []
+        for mem, (kick, call) in zip(mems, fds, strict=True):
+            fe = Frontend.connect(sock_dir / "many.sock", timeout=5)
+            fes.append(fe)
+            fe.set_owner()
+            fe.negotiate(VERSION_1, ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            q = SplitDriverQueue(mem, NUM, 0, features=VERSION_1)
+            queues.append(q)
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+        for n, (q, (kick, _)) in enumerate(zip(queues, fds, strict=True)):
+            for i in range(5 + n):
+                q.add([(BUF + i * 0x1000, 64)], token=i)
+            q.publish()
+            os.eventfd_write(kick, 1)
+        for n, (q, (_, call)) in enumerate(zip(queues, fds, strict=True)):
+            got: list[object] = []
+            while len(got) < 5 + n:
+                got += [t for t, _ in q.reap()]
+                if len(got) < 5 + n:
+                    wait_readable(call)
+        assert [d.chains[0] for d in devices] == [5, 6, 7]  # each saw only its own front-end
+    finally:
+        for fe in fes:
+            fe.close()
+        listener.stop()
+        for d in devices:
+            d.close()
+        for m in mems:
+            m.close()
+        for kick, call in fds:
+            os.close(kick)
+            os.close(call)

@@ -87,7 +87,7 @@ def rig(request, fd_check, sock_dir) -> Iterator[Rig]:
         wanted = int(VirtioFeature.VERSION_1 | VirtioNetFeature.MAC)
         if mergeable:
             wanted |= int(VirtioNetFeature.MRG_RXBUF)
-        fe.negotiate(wanted, ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ)
+        fe.negotiate(wanted, ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP)
         assert tap.get_vnet_hdr_size() == 12
         fe.set_mem_table(mem.regions)
         for index in (RX, TX):
@@ -183,3 +183,17 @@ def test_rx_without_buffers_waits_for_the_kick(rig: Rig) -> None:
     rig.kick(RX)
     _, got = receive_ours(rig)
     assert got == data
+
+
+def test_send_rarp_announces_the_mac_on_the_tap(rig: Rig) -> None:
+    """SEND_RARP (after a migration) makes the back-end announce the guest's MAC."""
+    mac = bytes.fromhex("525400aabbcc")
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035)) as rarp:
+        rarp.bind((rig.tap.name, 0))
+        rarp.settimeout(10)
+        rig.fe.send_rarp(mac)  # acked (REPLY_ACK) once the frame was written
+        frame = rarp.recv(2048)
+    assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac
+    assert struct.unpack("!HHHBBH", frame[12:22]) == (0x8035, 1, 0x0800, 6, 4, 3)
+    assert frame[22:28] == mac and frame[32:38] == mac  # sender and target hardware address
+    assert rig.device.rarp_macs == [mac]
