@@ -18,6 +18,8 @@ def test_demo_negotiates_and_maps_memory(fd_check) -> None:
     assert "status     0xf (DRIVER_OK)" in text
     assert "gpa 0x00100000-0x00200000" in text  # the backend mapped the second region
     assert "ring 0     size 256 started=True enabled=True avail.idx=3" in text
+    # the data path: every frame came back intact and in order
+    assert "2000 echoed back, 2000 byte-identical and in order" in text
 
 
 def test_demo_runs_as_a_module() -> None:

@@ -12,19 +12,17 @@ of repeated :meth:`add` / :meth:`reap` on both ring formats.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vhostkit.devices.echo import EchoDevice
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.user import Frontend
-from vhostkit.user.daemon import ActiveRing, RingDevice
 from vhostkit.user.listener import BackendListener
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
@@ -33,82 +31,12 @@ from vhostkit.virtio.net import (
     GsoType,
     NetHdrFlag,
     VirtioNetHdr,
-    fill_mergeable,
-    header_size,
 )
 from vhostkit.virtio.netdriver import VirtioNetDriver
 from vhostkit.virtio.packed import PackedDeviceQueue, PackedDriverQueue
-from vhostkit.virtio.ring import Chain
 from vhostkit.virtio.split import SplitDeviceQueue, SplitDriverQueue
 
 RX, TX = 0, 1
-ECHO_FEATURES = int(VF.VERSION_1 | VF.RING_PACKED | VF.RING_EVENT_IDX | NF.MRG_RXBUF)
-
-
-class EchoDevice(RingDevice):
-    """Echo every TX frame back on RX (the same header fields, ``num_buffers`` set)."""
-
-    def __init__(self, features: int = ECHO_FEATURES) -> None:
-        super().__init__(features=features, num_queues=2)
-        self.pending: list[tuple[VirtioNetHdr, bytes]] = []
-        self.stash: list[Chain] = []  # receive chains popped and not used yet
-        self.echoed = 0
-        self.lock = threading.Lock()
-
-    @property
-    def hdr_size(self) -> int:
-        return header_size(self.acked_features)
-
-    def process(self, ring: ActiveRing) -> None:
-        if ring.index == TX:
-            hs = self.hdr_size
-            while len(batch := ring.queue.pop_batch()):
-                frames = []
-                for chain in batch:
-                    data = chain.read_all()
-                    frames.append((VirtioNetHdr.unpack(data, hs), data[hs:]))
-                with self.lock:
-                    self.pending += frames
-                ring.complete(batch.ids, np.zeros(len(batch), dtype=np.int64))
-                del batch
-            rx = self.active.get(RX)
-            if rx is not None:
-                with rx.lock:
-                    self._deliver(rx)
-        elif ring.index == RX:
-            self._deliver(ring)
-
-    def _deliver(self, rx: ActiveRing) -> None:
-        """Fill receive buffers with pending frames (caller holds ``rx.lock``)."""
-        hs = self.hdr_size
-        mrg = bool(self.acked_features & NF.MRG_RXBUF)
-        with self.lock:
-            # take every posted buffer, so that the ring has nothing pending for the worker
-            self.stash += list(rx.queue.pop_batch())
-            while self.pending:
-                if not self.stash:
-                    return
-                hdr, frame = self.pending[0]
-                room = 0
-                take = 0
-                for chain in self.stash:
-                    take += 1
-                    room += chain.writable_len
-                    if room >= hs + len(frame) or not mrg:
-                        break
-                if room < hs + len(frame):
-                    if len(self.stash) == take and mrg:
-                        return  # wait for more buffers
-                    raise AssertionError("frame does not fit a receive buffer")
-                chains = self.stash[:take]
-                lens = fill_mergeable(chains, frame, hdr, hs) if hs >= 12 else None
-                if lens is None:  # legacy header: no num_buffers field
-                    data = hdr.pack(hs) + frame
-                    lens = [chains[0].write(data)]
-                del self.stash[:take]
-                del self.pending[0]
-                rx.complete([c.id for c in chains], lens)
-                self.echoed += 1
 
 
 @pytest.fixture
