@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import pytest
 
 from vhostkit.kernel.tap import Tap
-from vhostkit.testing.swap import LocalNetPlane, packet_socket, rx_across_swaps, tx_across_swaps
+from vhostkit.testing.swap import packet_socket, rx_across_swaps, tx_across_swaps
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.vmm import VirtioNetDevice
+from vhostkit.vmm import LocalNetPlane, VirtioNetDevice
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="taps need root")
 

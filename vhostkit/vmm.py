@@ -21,14 +21,16 @@ data plane; buffers the guest published during the move are processed from the p
 Data planes (:class:`NetDataPlane`):
 
 * :class:`KernelNetPlane`: ``/dev/vhost-net`` with a tap (one tap queue per queue pair);
-* :class:`VhostUserNetPlane`: a vhost-user back-end through a :class:`~vhostkit.user.Frontend`
-  (for instance vhostkit's own :class:`~vhostkit.devices.net.NetDevice` on the same tap).
+* :class:`VhostUserNetPlane`: a vhost-user back-end through a :class:`~vhostkit.user.Frontend`;
+* :class:`LocalNetPlane`: vhostkit's own :class:`~vhostkit.devices.net.NetDevice` on the same
+  tap, served in this process (a vhost-user data plane with no second process).
 """
 
 from __future__ import annotations
 
 import abc
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, Self
 
 from vhostkit.backend import VhostBackend
@@ -39,7 +41,13 @@ if TYPE_CHECKING:
     from vhostkit.kernel import Tap, VhostNet
     from vhostkit.user import Frontend
 
-__all__ = ["KernelNetPlane", "NetDataPlane", "VhostUserNetPlane", "VirtioNetDevice"]
+__all__ = [
+    "KernelNetPlane",
+    "LocalNetPlane",
+    "NetDataPlane",
+    "VhostUserNetPlane",
+    "VirtioNetDevice",
+]
 
 log = logging.getLogger(__name__)
 
@@ -173,3 +181,29 @@ class VirtioNetDevice:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class LocalNetPlane(VhostUserNetPlane):
+    """vhostkit's own :class:`~vhostkit.devices.net.NetDevice` on ``tap``, served in this
+    process over a socket pair: the userspace twin of :class:`KernelNetPlane` on the same tap.
+    Closing the plane disconnects and closes the device (the tap stays the caller's)."""
+
+    name = "vhostkit NetDevice"
+
+    def __init__(self, tap: Tap, **device_args: object) -> None:
+        from vhostkit.devices.net import NetDevice
+        from vhostkit.user import BackendReqServer, Connection, Frontend
+
+        self.device = NetDevice(tap, **device_args)  # type: ignore[arg-type]
+        ours, theirs = Connection.pair()
+        self.server = BackendReqServer(theirs, self.device)
+        self.thread = threading.Thread(
+            target=self.server.serve, daemon=True, name="local-net-plane"
+        )
+        self.thread.start()
+        super().__init__(Frontend(ours))
+
+    def close(self) -> None:
+        self.frontend.close()
+        self.thread.join(10)
+        self.device.close()

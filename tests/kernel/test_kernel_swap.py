@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from vhostkit.kernel import Tap
-from vhostkit.testing.swap import LocalNetPlane, packet_socket, rx_across_swaps, tx_across_swaps
+from vhostkit.testing.swap import packet_socket, rx_across_swaps, tx_across_swaps
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.vmm import KernelNetPlane, VirtioNetDevice
+from vhostkit.vmm import KernelNetPlane, LocalNetPlane, VirtioNetDevice
 
 pytestmark = pytest.mark.kernel
 

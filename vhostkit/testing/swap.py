@@ -6,8 +6,8 @@ and reads them off the tap while the device moves from data plane to data plane;
 Both return the sequence numbers in the order they arrived, so a caller checks "every frame
 exactly once, in order" with one comparison.
 
-:class:`LocalNetPlane` is a vhost-user data plane served in this process: vhostkit's own
-:class:`~vhostkit.devices.net.NetDevice` on the tap, behind a socket pair.
+:class:`~vhostkit.vmm.LocalNetPlane` (re-exported here) is the vhost-user data plane the
+tests swap to: vhostkit's own NetDevice on the same tap, served in this process.
 """
 
 from __future__ import annotations
@@ -15,13 +15,10 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from vhostkit.kernel.tap import Tap
-from vhostkit.user import BackendReqServer, Connection, Frontend
-from vhostkit.vmm import NetDataPlane, VhostUserNetPlane, VirtioNetDevice
+from vhostkit.vmm import LocalNetPlane, NetDataPlane, VirtioNetDevice
 
 __all__ = [
     "ETHERTYPE",
@@ -66,29 +63,6 @@ def packet_socket(ifname: str) -> Iterator[socket.socket]:
         yield s
     finally:
         s.close()
-
-
-class LocalNetPlane(VhostUserNetPlane):
-    """vhostkit's NetDevice on ``tap``, served in this process over a socket pair."""
-
-    name = "vhostkit NetDevice"
-
-    def __init__(self, tap: Tap, **device_args: object) -> None:
-        from vhostkit.devices.net import NetDevice
-
-        self.device = NetDevice(tap, **device_args)  # type: ignore[arg-type]
-        ours, theirs = Connection.pair()
-        self.server = BackendReqServer(theirs, self.device)
-        self.thread = threading.Thread(
-            target=self.server.serve, daemon=True, name="local-net-plane"
-        )
-        self.thread.start()
-        super().__init__(Frontend(ours))
-
-    def close(self) -> None:
-        self.frontend.close()
-        self.thread.join(10)
-        self.device.close()
 
 
 def _swap_points(total: int, chunk: int, swaps: int) -> set[int]:
