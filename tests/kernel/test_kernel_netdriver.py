@@ -52,15 +52,6 @@ RX, TX = 0, 1
 HOST_SIDE_MAC = bytes.fromhex("020000cc0003")
 
 
-def _disable_ipv6(ifname: str) -> None:
-    """No MLD reports or router solicitations from the kernel on this tap."""
-    with (
-        contextlib.suppress(FileNotFoundError),
-        open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f,
-    ):
-        f.write("1")
-
-
 @contextlib.contextmanager
 def attached(net: VhostNet, tap: Tap, nic: VirtioNetDriver) -> Iterator[None]:
     """Attach the tap to both rings; detach again (before the rings are stopped)."""
@@ -88,7 +79,7 @@ def packet_socket(ifname: str) -> Iterator[socket.socket]:
 @pytest.fixture
 def tap() -> Iterator[Tap]:
     with Tap("vhkn%d") as t:
-        _disable_ipv6(t.name)
+        t.disable_ipv6()
         t.set_offload(0)
         t.up()
         yield t

@@ -166,12 +166,6 @@ def check_net_data_plane(
 # --- kernel vhost-net + a tap ------------------------------------------------------------------
 
 
-def _disable_ipv6(ifname: str) -> None:
-    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-    with contextlib.suppress(FileNotFoundError), open(path, "w") as f:
-        f.write("1")
-
-
 class TapPlane:
     """Kernel vhost-net with a tap; the far side is an AF_PACKET socket on the tap.
 
@@ -195,7 +189,7 @@ class TapPlane:
         with contextlib.ExitStack() as stack:
             self.net = stack.enter_context(VhostNet())
             self.tap = tap = stack.enter_context(Tap(self._tap_name))
-            _disable_ipv6(tap.name)
+            tap.disable_ipv6()
             tap.set_offload(0)
             tap.up()
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))

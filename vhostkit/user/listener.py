@@ -36,6 +36,28 @@ HandlerFactory = Callable[[], BackendHandler]
 CONNECT_RETRY_INTERVAL = 0.05
 
 
+def _start_logged(
+    target: Callable[[], None],
+    name: str,
+    stopping: threading.Event,
+    errors: list[BaseException],
+) -> threading.Thread:
+    """Run ``target`` in a daemon thread; a failure that is not part of stopping is logged and
+    kept in ``errors`` (tests assert it stays empty)."""
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:
+            if not stopping.is_set():
+                log.exception("%s failed", name)
+                errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    thread.start()
+    return thread
+
+
 class BackendListener:
     """Accept front-ends at ``path``; serve each with ``factory()`` in its own thread.
 
@@ -110,19 +132,10 @@ class BackendListener:
 
     def start(self) -> Self:
         """Serve in a background thread."""
-        self._accept_thread = threading.Thread(
-            target=self._accept_loop, daemon=True, name="vhost-user-listener"
+        self._accept_thread = _start_logged(
+            self.serve_forever, "vhost-user-listener", self._stopping, self.errors
         )
-        self._accept_thread.start()
         return self
-
-    def _accept_loop(self) -> None:
-        try:
-            self.serve_forever()
-        except BaseException as exc:
-            if not self._stopping.is_set():
-                log.exception("listener failed")
-                self.errors.append(exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, disconnect every front-end, wait for the threads."""
@@ -213,19 +226,8 @@ class BackendClient:
 
     def start(self) -> Self:
         """Serve in a background thread."""
-        self._thread = threading.Thread(
-            target=self._run_logged, daemon=True, name="vhost-user-client"
-        )
-        self._thread.start()
+        self._thread = _start_logged(self.run, "vhost-user-client", self._stop, self.errors)
         return self
-
-    def _run_logged(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:
-            if not self._stop.is_set():
-                log.exception("client-mode back-end failed")
-                self.errors.append(exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the live connection (if any) and stop reconnecting."""
