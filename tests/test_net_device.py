@@ -197,3 +197,53 @@ def test_send_rarp_announces_the_mac_on_the_tap(rig: Rig) -> None:
     assert struct.unpack("!HHHBBH", frame[12:22]) == (0x8035, 1, 0x0800, 6, 4, 3)
     assert frame[22:28] == mac and frame[32:38] == mac  # sender and target hardware address
     assert rig.device.rarp_macs == [mac]
+
+
+def test_tx_waits_for_a_full_tap_instead_of_dropping(monkeypatch) -> None:
+    """A full tap (EAGAIN) makes TX wait until it is writable, then send: no frame lost."""
+    import threading
+
+    from vhostkit.devices import net
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:  # fill the pipe: the next write gets a real EAGAIN
+            try:
+                os.write(w, b"\0" * 4096)
+            except BlockingIOError:
+                break
+        refused = threading.Event()
+        real_writev = os.writev
+
+        def writev(fd: int, views: list) -> int:  # type: ignore[type-arg]
+            try:
+                return real_writev(fd, views)
+            except BlockingIOError:
+                refused.set()
+                raise
+
+        monkeypatch.setattr(net.os, "writev", writev)
+
+        def drain() -> None:
+            refused.wait(10)
+            while os.read(r, 65536):
+                if not select.select([r], [], [], 0)[0]:
+                    break
+
+        t = threading.Thread(target=drain)
+        t.start()
+        assert net._write_frame(w, [memoryview(b"frame")])  # sent after the wait
+        t.join(10)
+        assert refused.is_set()
+        # a tap that stays full: the frame is dropped after the timeout, not waited on forever
+        monkeypatch.setattr(net, "TX_BACKPRESSURE_TIMEOUT", 0.05)
+        while True:
+            try:
+                os.write(w, b"\0" * 4096)
+            except BlockingIOError:
+                break
+        assert not net._write_frame(w, [memoryview(b"frame")])
+    finally:
+        os.close(r)
+        os.close(w)

@@ -25,10 +25,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import struct
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -80,6 +82,37 @@ NET_PROTOCOL_FEATURES = int(
 #: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
 MAX_RX_FRAME = 65536 + 256
 VIRTIO_NET_S_LINK_UP = 1
+
+
+#: How long TX waits for a full tap to take frames again before it drops one. The tap's send
+#: buffer fills when the kernel is slow to consume what was written (softirqs starved by busy
+#: CPUs); like vhost-net, the device then waits instead of dropping.
+TX_BACKPRESSURE_TIMEOUT = 5.0
+
+
+def _write_frame(fd: int, views: list[memoryview]) -> bool:
+    """Write one frame (virtio-net header included) to the tap; wait while the tap is full.
+
+    Returns False when the frame was dropped (the tap stayed full, or refused the frame).
+    """
+    deadline = None
+    while True:
+        try:
+            os.writev(fd, views)
+            return True
+        except BlockingIOError:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + TX_BACKPRESSURE_TIMEOUT
+            elif now >= deadline:
+                log.warning("tap stayed full for %.1f s: frame dropped", TX_BACKPRESSURE_TIMEOUT)
+                return False
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll(int((deadline - now) * 1000) + 1)  # writable again: retry
+        except OSError as exc:
+            log.warning("tap write failed: %s", exc)
+            return False
 
 
 def net_config(mac: bytes, queue_pairs: int, mtu: int) -> bytes:
@@ -184,13 +217,9 @@ class NetDevice(RingDevice):
             sent = dropped = 0
             if send:
                 for chain in batch:
-                    try:
-                        os.writev(fd, chain.readable)
+                    if _write_frame(fd, chain.readable):
                         sent += 1
-                    except BlockingIOError:
-                        dropped += 1  # the tap's queue is full: drop, as a NIC would
-                    except OSError as exc:
-                        log.warning("tap write failed: %s", exc)
+                    else:
                         dropped += 1
             else:
                 dropped = n
