@@ -14,9 +14,17 @@ from collections.abc import Iterator
 import pytest
 
 from vhostkit.kernel.tap import Tap
-from vhostkit.testing.swap import packet_socket, rx_across_swaps, tx_across_swaps
+from vhostkit.testing.swap import (
+    frame_number,
+    numbered,
+    packet_socket,
+    rx_across_swaps,
+    tx_across_swaps,
+)
+from vhostkit.user import BackendListener, Frontend
+from vhostkit.user.daemon import RingDevice
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.vmm import LocalNetPlane, VirtioNetDevice
+from vhostkit.vmm import LocalNetPlane, VhostUserNetPlane, VirtioNetDevice
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="taps need root")
 
@@ -72,3 +80,36 @@ def test_rx_stream_across_two_swaps(tap: Tap) -> None:
         device.stop()
         device.close()
         device.plane.close()
+
+
+class Idle(RingDevice):
+    """A data plane that takes nothing from its rings: frames stay queued in the guest's ring."""
+
+    def process(self, ring) -> bool:  # type: ignore[no-untyped-def]
+        return True
+
+
+def test_frames_queued_at_the_swap_are_sent_by_the_new_plane(tap: Tap, sock_dir) -> None:
+    """Everything the guest queued before the move is still in the TX ring; the new back-end
+    must send it, not start the ring disabled and discard it (the spec's rule for a disabled
+    net TX ring)."""
+    idle = Idle(features=FEATURES | int(VirtioFeature.RING_EVENT_IDX), num_queues=2)
+    listener = BackendListener(str(sock_dir / "idle.sock"), lambda: idle).start()
+    device = VirtioNetDevice(
+        VhostUserNetPlane(Frontend.connect(sock_dir / "idle.sock", timeout=5)), features=FEATURES
+    ).start()
+    try:
+        frames = [numbered(i) for i in range(50)]
+        assert device.nic.send(frames) == 50
+        with packet_socket(tap.name) as sniffer:
+            sniffer.settimeout(10)  # a discarded frame must fail the test, not hang it
+            device.swap(LocalNetPlane(tap)).close()
+            got = [frame_number(sniffer.recv(4096)) for _ in range(50)]
+        assert got == list(range(50))
+        assert device.swaps[0][1] == 0  # the idle plane had taken nothing
+    finally:
+        device.stop()
+        device.close()
+        device.plane.close()
+        listener.stop()
+        idle.close()

@@ -412,10 +412,12 @@ class VirtioGuest:
             new.set_vring_num(ring.index, self.queue_size)
             new.set_vring_base(ring.index, positions[ring.index])
             new.set_vring_addr(ring.queue.vring_addr())
-            new.set_vring_kick(ring.index, ring.kick)
             new.set_vring_call(ring.index, ring.call)
-        for ring in self._rings:
+            # Enabled before the kick fd starts it: a ring that starts disabled must consume
+            # and discard what is queued on it (the spec's rule for net TX), and this ring
+            # carries the guest's frames published before and during the move.
             new.set_vring_enable(ring.index, True)
+            new.set_vring_kick(ring.index, ring.kick)
         self.acked_protocol_features = int(protocol)
         if self.send_status and self.acked_protocol_features & PROTOCOL_STATUS:
             set_status = getattr(new, "set_status", None)
