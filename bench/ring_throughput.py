@@ -11,6 +11,10 @@ Three device-side workloads are timed:
 * ``views``: also builds every chain's memoryviews (``batch.chains()``);
 * ``struct``: a one-descriptor-at-a-time loop with ``struct.unpack_from`` (reference).
 
+And the driver role: ``send`` times :meth:`VirtioNetDriver.send` of 64-byte frames, one
+queue-full per call, over an in-process loopback data plane whose device role (not timed)
+consumes every frame between two calls; each call reaps the previous call's frames first.
+
 Run: ``python bench/ring_throughput.py [--seconds 2] [--num 256]``.
 """
 
@@ -19,11 +23,14 @@ from __future__ import annotations
 import argparse
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from vhostkit.backend import LogRegion, MemoryRegion, VhostBackend, VringAddr
+from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.memory import GuestMemory
+from vhostkit.virtio.netdriver import VirtioNetDriver
 from vhostkit.virtio.packed import PACKED_DESC_DTYPE, PackedDeviceQueue, PackedDriverQueue
 from vhostkit.virtio.ring import DescFlag
 from vhostkit.virtio.split import SplitDeviceQueue, SplitDriverQueue
@@ -140,6 +147,91 @@ def bench_packed(mem: GuestMemory, num: int, seconds: float) -> dict[str, float]
     return {"sink": measure(sink, seconds), "views": measure(views, seconds)}
 
 
+class Loopback(VhostBackend):
+    """A data plane in this process: maps the driver's memory, serves the TX ring on demand."""
+
+    def __init__(self) -> None:
+        self.mem: GuestMemory | None = None
+        self.addrs: dict[int, VringAddr] = {}
+        self.nums: dict[int, int] = {}
+        self.features = 0
+
+    def set_owner(self) -> None:
+        pass
+
+    def reset_owner(self) -> None:
+        pass
+
+    def get_features(self) -> int:
+        return int(VirtioFeature.VERSION_1 | VirtioNetFeature.MRG_RXBUF | VirtioFeature.RING_PACKED)
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+
+    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        self.mem = GuestMemory.map_regions(regions)
+
+    def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        pass
+
+    def set_log_fd(self, fd: int) -> None:
+        pass
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self.nums[index] = num
+
+    def set_vring_addr(self, addr: VringAddr) -> None:
+        self.addrs[addr.index] = addr
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        pass
+
+    def get_vring_base(self, index: int) -> int:
+        return 0
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        pass
+
+    def set_vring_call(self, index: int, fd: int | None) -> None:
+        pass
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        pass
+
+    def device_queue(self, index: int) -> SplitDeviceQueue | PackedDeviceQueue:
+        assert self.mem is not None
+        cls = PackedDeviceQueue if self.features & VirtioFeature.RING_PACKED else SplitDeviceQueue
+        return cls.from_vring_addr(
+            self.mem, self.nums[index], self.addrs[index], features=self.features
+        )
+
+    def close(self) -> None:
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+
+def bench_send(packed: bool, num: int, seconds: float) -> float:
+    """Frames per second of driver time in :meth:`VirtioNetDriver.send`."""
+    frame = bytes(64)
+    frames = [frame] * num
+    with Loopback() as be, VirtioNetDriver(be, packed=packed, queue_size=num).start() as nic:
+        dev = be.device_queue(1)
+        zeros = np.zeros(num, dtype=np.uint32)
+        clock = time.perf_counter
+        spent = 0.0
+        sent = 0
+        end = clock() + seconds
+        while clock() < end:
+            for _ in range(50):
+                t0 = clock()
+                sent += nic.send(frames)
+                spent += clock() - t0
+                batch = dev.pop_batch()
+                dev.complete(batch.ids, zeros[: len(batch)])
+        return sent / spent
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -150,6 +242,8 @@ def main() -> None:
             "split": bench_split(mem, args.num, args.seconds),
             "packed": bench_packed(mem, args.num, args.seconds),
         }
+    results["split"]["send"] = bench_send(False, args.num, args.seconds)
+    results["packed"]["send"] = bench_send(True, args.num, args.seconds)
     for ring, figures in results.items():
         for workload, rate in figures.items():
             print(

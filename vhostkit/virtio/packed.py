@@ -43,8 +43,9 @@ from vhostkit.virtio.ring import (
     check_align,
     check_order,
     check_queue_size,
-    lookup_buffers,
+    locate_buffers,
     need_event,
+    u16_words,
 )
 
 __all__ = [
@@ -74,8 +75,33 @@ _USED = int(DescFlag.USED)
 _WRAP_SHIFT = 15
 _DISABLE = int(PackedEventFlag.DISABLE)
 _DESC = int(PackedEventFlag.DESC)
+_BOTH = _AVAIL | _USED
+_CHAINED = _NEXT | _INDIRECT
+_or_reduce = np.bitwise_or.reduce
+_max = np.maximum.reduce
+_count = np.count_nonzero
+
+
+def _lap_pattern(num: int, first: int, second: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per wrap counter ``w``: ``2 * num`` u16 values, ``first``/``second`` (for ``w == 1``)
+    on the first lap and the other one on the second (positions past the ring's end)."""
+    lap = np.arange(2 * num) >= num
+    one = np.where(lap, second, first).astype(np.uint16)
+    zero = np.where(lap, first, second).astype(np.uint16)
+    for a in (one, zero):
+        a.flags.writeable = False
+    return zero, one
+
 
 MAX_INDIRECT = 1024
+
+
+def _int_array(values: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
+    """``values`` as a flat integer array, without a copy when it already is one."""
+    a = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.int64)
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    return a.ravel() if a.ndim != 1 else a
 
 
 def _align_up(value: int, align: int) -> int:
@@ -120,7 +146,7 @@ def _event_due(off_wrap: int, wrap: int, new: int, count: int, num: int) -> bool
 
 
 class _PackedViews:
-    __slots__ = ("desc", "dev_evt", "drv_evt", "table")
+    __slots__ = ("desc", "dev_evt", "drv_evt", "empty", "flags", "table", "words")
 
     def __init__(
         self,
@@ -134,8 +160,13 @@ class _PackedViews:
         sp = table.gpa if space == "gpa" else table.uva
         self.table = table
         self.desc = np.frombuffer(sp.view(desc, 16 * num), PACKED_DESC_DTYPE, num)
-        self.drv_evt = np.frombuffer(sp.view(driver_event, 4), "<u2", 2)
-        self.dev_evt = np.frombuffer(sp.view(device_event, 4), "<u2", 2)
+        self.drv_evt = u16_words(sp.view(driver_event, 4), 0, 2)
+        self.dev_evt = u16_words(sp.view(device_event, 4), 0, 2)
+        #: the flags of every descriptor (a strided view), and the ring as u16 words (the
+        #: flags of descriptor ``i`` are word ``8 * i + 7``)
+        self.flags = self.desc["flags"]
+        self.words = u16_words(sp.view(desc, 16 * num), 0, 8 * num)
+        self.empty = ChainBatch.empty(table)
 
 
 class _PackedBase(BrokenState):
@@ -229,14 +260,24 @@ class PackedDeviceQueue(_PackedBase):
         self._last_avail, self._avail_wrap = a_idx, a_wrap
         self._used_idx, self._used_wrap = u_idx, u_wrap
         self._inflight = np.zeros(0x10000, dtype=np.bool_)
-        self._ring_count = np.zeros(0x10000, dtype=np.int64)
+        #: ids below this bound were ever in flight (the in-flight count looks only there)
+        self._id_bound = 0
+        #: descriptors per chain in flight; 1 for every id not in flight as a longer chain
+        self._ring_count = np.ones(0x10000, dtype=np.int64)
+        #: chains of several descriptors in flight
+        self._n_multi = 0
         self._n_ids = 0
         self._n_descs = 0
         self._notify = True
+        self._dev_flags_written: int | None = None
         self._max_indirect = max(MAX_INDIRECT, num)
-        # _expect[wrap][last + i]: the wrap counter expected i positions after ``last``
-        crossed = np.arange(2 * num) >= num
-        self._expect = (crossed, ~crossed)
+        # _avail_bits[wrap][last + i]: AVAIL/USED bits of an available descriptor i positions
+        # after ``last``
+        self._avail_bits = _lap_pattern(num, _AVAIL, _USED)
+        self._arange = np.arange(num + 1, dtype=np.intp)
+        self._arange.flags.writeable = False
+        self._no_write = np.zeros(num, dtype=np.bool_)
+        self._no_write.flags.writeable = False
 
     @classmethod
     def from_gpa(
@@ -300,33 +341,131 @@ class PackedDeviceQueue(_PackedBase):
 
     # -- popping ----------------------------------------------------------------------------
 
-    def _window(self, v: _PackedViews) -> tuple[np.ndarray, int]:
-        """A copy of the ring from the next avail position and how many are available."""
+    def _count_available(self, v: _PackedViews) -> int:
+        """How many descriptors from the next avail position on are available.
+
+        Only the flags are read (the descriptors themselves are read after, as the spec's
+        memory ordering wants), and only as far as descriptors can be available: the ones
+        not in flight.
+        """
         num = self.num
         last = self._last_avail
-        rows = np.concatenate((v.desc[last:], v.desc[:last]))  # a copy: read once
-        f = rows["flags"]
-        expect = self._expect[self._avail_wrap][last : last + num]
-        ok = ((f & _AVAIL) != 0) == expect
-        ok &= ((f & _USED) != 0) != expect
-        count = num if ok.all() else int(np.argmin(ok))
-        if count > num - self._n_descs:
+        room = num - self._n_descs
+        look = room + 1 if room < num else num  # one more: a driver overrunning the ring
+        end = last + look
+        flags = v.flags
+        f = flags[last:end] if end <= num else np.concatenate((flags[last:], flags[: end - num]))
+        bad = (f & _BOTH) != self._avail_bits[self._avail_wrap][last:end]
+        first = int(bad.argmax())
+        count = first if bad[first] else look
+        if count > room:
             self._fail(f"{count} descriptors available with {self._n_descs} of {num} in flight")
-        return rows, count
+        return count
 
     def pending(self) -> int:
         """Descriptors (not chains) the driver has made available and the device not popped."""
         self._check_broken()
-        return self._window(self._refresh())[1]
+        return self._count_available(self._refresh())
 
     def pop_batch(self, max_chains: int | None = None) -> ChainBatch:
         """Pop every available chain (at most ``max_chains``) in one go."""
-        self._check_broken()
-        v = self._refresh()
-        rows, count = self._window(v)
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        count = self._count_available(v)
         if count == 0 or max_chains == 0:
-            return ChainBatch.empty(v.table)
-        flags = rows["flags"][:count]
+            return v.empty
+        num = self.num
+        last = self._last_avail
+        end = last + count
+        # one copy of the available descriptors, read after their flags
+        desc = v.desc
+        if end <= num:
+            rows = desc[last:end].copy()
+        else:
+            rows = np.concatenate((desc[last:], desc[: end - num]))
+        flags = rows["flags"]
+        seen = int(_or_reduce(flags))
+        ring_count = None
+        if seen & _CHAINED:
+            rec, ids, starts, ring_count = self._chains(v, rows, flags, count, max_chains)
+            used = int(ring_count.sum())
+            flags = rec["flags"]
+            seen = int(_or_reduce(flags))
+            single = starts.shape[0] == rec.shape[0] + 1
+        else:
+            n = count if max_chains is None else min(count, max_chains)
+            rec = rows if n == count else rows[:n]
+            flags = rec["flags"]
+            ids = rec["id"].astype(np.intp)
+            starts = self._arange[: n + 1]
+            used = n
+            single = True
+        n = ids.shape[0]
+        m = rec.shape[0]
+        if not seen & _WRITE:
+            writable, wflags = (self._no_write[:m] if m <= num else np.zeros(m, np.bool_)), 0
+        else:
+            writable = (flags & _WRITE) != 0
+            wflags = 2
+            if not single:
+                check_order(self, writable, starts)
+        addr = rec["addr"]
+        length = rec["len"]
+        region, offset, base = locate_buffers(self, v.table, addr, length)
+
+        # in flight: none of the ids may be, and none may appear twice
+        inflight = self._inflight
+        top = int(_max(ids)) + 1
+        if top > self._id_bound:
+            self._id_bound = top
+        prev = inflight[ids]
+        inflight[ids] = True
+        n_ids = _count(inflight[: self._id_bound])
+        if n_ids != self._n_ids + n:
+            if _count(prev):
+                inflight[ids[~prev]] = False
+                self._fail(f"buffer id {int(ids[prev][0])} is already in flight")
+            inflight[ids] = False
+            self._fail("the same buffer id is used twice")
+        self._n_ids = n_ids
+        if ring_count is not None and used != n:  # some chain has several descriptors
+            self._ring_count[ids] = ring_count
+            self._n_multi += _count(ring_count > 1)
+        self._n_descs += used
+        nxt = last + used
+        if nxt >= num:
+            nxt -= num
+            self._avail_wrap ^= 1
+        self._last_avail = nxt
+        if self.event_idx and self._notify:
+            v.dev_evt[0] = nxt | self._avail_wrap << _WRAP_SHIFT
+            if self._dev_flags_written != _DESC:
+                v.dev_evt[1] = _DESC
+                self._dev_flags_written = _DESC
+        return ChainBatch(
+            v.table,
+            ids,
+            starts,
+            addr,
+            length,
+            writable,
+            region,
+            offset,
+            base=base,
+            single=single,
+            wflags=wflags,
+        )
+
+    def _chains(
+        self,
+        v: _PackedViews,
+        rows: np.ndarray,
+        flags: np.ndarray,
+        count: int,
+        max_chains: int | None,
+    ) -> tuple[np.ndarray, npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+        """Chains with NEXT or INDIRECT: ``(descriptors, ids, starts, ring slots per chain)``."""
         last_mask = (flags & _NEXT) == 0
         ends = np.flatnonzero(last_mask)
         if not last_mask[count - 1]:
@@ -339,39 +478,12 @@ class PackedDeviceQueue(_PackedBase):
         used = int(ends[-1]) + 1
         starts = np.zeros(n + 1, dtype=np.intp)
         starts[1:] = ends + 1
-        ids = rows["id"][ends].astype(np.intp)
         ring_count = np.diff(starts)
+        ids = rows["id"][ends].astype(np.intp)
         rec = rows[:used]
-        rflags = flags[:used]
-        if (rflags & _INDIRECT).any():
+        if (rec["flags"] & _INDIRECT).any():
             rec, starts = self._expand_indirect(v.table, rec, starts)
-            rflags = rec["flags"]
-        writable = (rflags & _WRITE) != 0
-        check_order(self, writable, starts)
-        addr = rec["addr"]
-        length = rec["len"].astype(np.uint64)
-        region, offset = lookup_buffers(self, v.table, addr, length)
-
-        inflight = self._inflight
-        if inflight[ids].any():
-            self._fail(f"buffer id {int(ids[inflight[ids]][0])} is already in flight")
-        inflight[ids] = True
-        n_ids = int(np.count_nonzero(inflight))
-        if n_ids != self._n_ids + n:
-            inflight[ids] = False
-            self._fail("the same buffer id is used twice")
-        self._n_ids = n_ids
-        self._ring_count[ids] = ring_count
-        self._n_descs += used
-        nxt = self._last_avail + used
-        if nxt >= self.num:
-            nxt -= self.num
-            self._avail_wrap ^= 1
-        self._last_avail = nxt
-        if self.event_idx and self._notify:
-            v.dev_evt[0] = self._last_avail | self._avail_wrap << _WRAP_SHIFT
-            v.dev_evt[1] = _DESC
-        return ChainBatch(v.table, ids, starts, addr, length, writable, region, offset)
+        return rec, ids, starts, ring_count
 
     def _expand_indirect(
         self,
@@ -420,46 +532,72 @@ class PackedDeviceQueue(_PackedBase):
         lengths: Sequence[int] | npt.NDArray[np.integer],
     ) -> bool:
         """Write a batch of used descriptors (first one's flags last). Returns whether to signal."""
-        self._check_broken()
-        v = self._refresh()
-        ids_a = np.asarray(ids, dtype=np.int64).ravel()
-        lens_a = np.asarray(lengths, dtype=np.int64).ravel()
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        ids_a = _int_array(ids)
+        lens_a = _int_array(lengths)
         k = ids_a.shape[0]
         if lens_a.shape[0] != k:
             raise InvalidParam("ids and lengths differ in length")
         if k == 0:
             return False
-        if int(ids_a.min()) < 0 or int(ids_a.max()) > 0xFFFF:
+        # one reduction per check: OR-ing the values keeps a sign bit and any high bit
+        if int(_or_reduce(ids_a)) >> 16:
             raise InvalidParam("completed id out of range")
-        if int(lens_a.min()) < 0 or int(lens_a.max()) > 0xFFFFFFFF:
+        wide = lens_a.dtype.itemsize > 4 or lens_a.dtype.kind != "u"
+        if wide and int(_or_reduce(lens_a)) >> 32:
             raise InvalidParam("used length out of range")
         inflight = self._inflight
-        if not inflight[ids_a].all():
+        if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a buffer id that is not in flight")
         inflight[ids_a] = False
-        n_ids = int(np.count_nonzero(inflight))
+        n_ids = _count(inflight[: self._id_bound])
         if n_ids != self._n_ids - k:
             inflight[ids_a] = True
             raise InvalidParam("the same id completed twice in one batch")
         self._n_ids = n_ids
         num = self.num
-        counts = self._ring_count[ids_a]
-        offs = np.zeros(k, dtype=np.int64)
-        np.cumsum(counts[:-1], out=offs[1:])
-        total = int(offs[-1] + counts[-1])
-        pos = self._used_idx + offs
-        crossed = pos >= num
-        pos[crossed] -= num
-        wrap = crossed ^ bool(self._used_wrap)
-        flags = np.where(wrap, _AVAIL | _USED, 0).astype(np.uint16)
+        u = self._used_idx
+        w = self._used_wrap
         desc = v.desc
-        desc["id"][pos] = ids_a
-        desc["len"][pos] = lens_a
-        if k > 1:
-            desc["flags"][pos[1:]] = flags[1:]
-        desc["flags"][pos[0]] = flags[0]  # publishes the whole batch
+        if self._n_multi == 0 or _count(self._ring_count[ids_a] > 1) == 0:
+            # one descriptor per chain: the used descriptors are the next k slots
+            total = k
+            first = _BOTH if w else 0
+            end = u + k
+            if end <= num:
+                desc["id"][u:end] = ids_a
+                desc["len"][u:end] = lens_a
+                v.flags[u + 1 : end] = first
+            else:
+                cut = num - u
+                desc["id"][u:] = ids_a[:cut]
+                desc["len"][u:] = lens_a[:cut]
+                desc["id"][: end - num] = ids_a[cut:]
+                desc["len"][: end - num] = lens_a[cut:]
+                v.flags[u + 1 :] = first
+                v.flags[: end - num] = first ^ _BOTH
+            v.words[8 * u + 7] = first  # publishes the whole batch
+        else:
+            counts = self._ring_count[ids_a]
+            self._n_multi -= _count(counts > 1)
+            self._ring_count[ids_a] = 1
+            offs = np.zeros(k, dtype=np.int64)
+            np.cumsum(counts[:-1], out=offs[1:])
+            total = int(offs[-1] + counts[-1])
+            pos = u + offs
+            crossed = pos >= num
+            pos[crossed] -= num
+            wrap = crossed ^ bool(w)
+            flags = np.where(wrap, _BOTH, 0).astype(np.uint16)
+            desc["id"][pos] = ids_a
+            desc["len"][pos] = lens_a
+            if k > 1:
+                v.flags[pos[1:]] = flags[1:]
+            v.flags[pos[0]] = flags[0]  # publishes the whole batch
         self._n_descs -= total
-        nxt = self._used_idx + total
+        nxt = u + total
         if nxt >= num:
             nxt -= num
             self._used_wrap ^= 1
@@ -467,12 +605,12 @@ class PackedDeviceQueue(_PackedBase):
         return self._need_signal(v, total)
 
     def _need_signal(self, v: _PackedViews, count: int) -> bool:
-        flags = int(v.drv_evt[1])
+        flags = v.drv_evt[1]
         if flags == _DISABLE:
             return False
         if flags != _DESC or not self.event_idx:
             return True
-        return _event_due(int(v.drv_evt[0]), self._used_wrap, self._used_idx, count, self.num)
+        return _event_due(v.drv_evt[0], self._used_wrap, self._used_idx, count, self.num)
 
     # -- notification suppression -----------------------------------------------------------
 
@@ -483,17 +621,27 @@ class PackedDeviceQueue(_PackedBase):
         self._notify = True
         if self.event_idx:
             v.dev_evt[0] = self._last_avail | self._avail_wrap << _WRAP_SHIFT
-            v.dev_evt[1] = _DESC
+            flags = _DESC
         else:
-            v.dev_evt[1] = int(PackedEventFlag.ENABLE)
+            flags = int(PackedEventFlag.ENABLE)
+        if self._dev_flags_written != flags:
+            v.dev_evt[1] = flags
+            self._dev_flags_written = flags
         return self.pending() > 0
 
+    def has_pending(self) -> bool:
+        """Cheap poll: is the next descriptor available? (No checks; see :meth:`pending`.)"""
+        f = self._v.words[8 * self._last_avail + 7] & _BOTH
+        return f == (_AVAIL if self._avail_wrap else _USED)
+
     def disable_notifications(self) -> None:
-        """Tell the driver kicks are not needed."""
+        """Tell the driver kicks are not needed (the flags are stored only when they change)."""
         self._check_broken()
         v = self._refresh()
         self._notify = False
-        v.dev_evt[1] = _DISABLE
+        if self._dev_flags_written != _DISABLE:
+            v.dev_evt[1] = _DISABLE
+            self._dev_flags_written = _DISABLE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +674,12 @@ class PackedDriverQueue(_PackedBase):
         super().__init__(mem, num, gpa, gpa + 16 * num, gpa + 16 * num + 4, "gpa", features, index)
         self.max_indirect = max_indirect if self.indirect else 0
         self._indirect_gpa = gpa + _align_up(packed_ring_size(num), PACKED_RING_ALIGN)
-        self._free_ids: list[int] = list(range(num - 1, -1, -1))
+        # the free buffer ids, first in first out: _n_free_ids of them in the ring _free_ids
+        # from _free_pos on (ids, and buffers indexed by id, go out in the order they came
+        # back)
+        self._free_ids = np.arange(num, dtype=np.intp)
+        self._free_pos = 0
+        self._n_free_ids = num
         self._free_descs = num
         self._count = [0] * num
         self._tokens: list[Any] = [None] * num
@@ -534,8 +687,16 @@ class PackedDriverQueue(_PackedBase):
         # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
         self._single = np.zeros(num, dtype=np.bool_)
         self._n_single = 0
+        #: how many of those have a device-writable buffer
+        self._n_single_w = 0
         self._tok_arr = np.zeros(num, dtype=np.int64)
+        #: whether the token of that chain is its buffer id (no token given)
+        self._tok_is_id = np.zeros(num, dtype=np.bool_)
         self._cap_arr = np.zeros(num, dtype=np.int64)
+        self._lens0 = np.zeros(num, dtype=np.int64)
+        self._lens0.flags.writeable = False
+        # _used_bits[wrap][next + i]: AVAIL/USED bits of a used descriptor i slots on
+        self._used_bits = _lap_pattern(num, _BOTH, 0)
         self._next_avail, self._avail_wrap = 0, 1
         self._next_used, self._used_wrap = 0, 1
         self._deferred: tuple[int, int] | None = None
@@ -554,7 +715,42 @@ class PackedDriverQueue(_PackedBase):
     @property
     def num_free(self) -> int:
         """Free descriptor slots."""
-        return self._free_descs if self._free_ids else 0
+        return self._free_descs if self._n_free_ids else 0
+
+    def next_heads(self, n: int) -> npt.NDArray[np.intp]:
+        """The buffer ids the next :meth:`add_batch` of ``n`` chains will use (nothing is
+        taken); lets a driver whose buffer pool is indexed by id fill the buffers first."""
+        if not 0 <= n <= min(self._free_descs, self._n_free_ids):
+            raise InvalidOperation(f"queue full: {n} descriptors needed, {self.num_free} free")
+        return self._peek_ids(n)
+
+    def _peek_ids(self, n: int) -> npt.NDArray[np.intp]:
+        pos = self._free_pos
+        end = pos + n
+        if end <= self.num:
+            return self._free_ids[pos:end].copy()
+        return np.concatenate((self._free_ids[pos:], self._free_ids[: end - self.num]))
+
+    def _take_ids(self, n: int) -> npt.NDArray[np.intp]:
+        ids = self._peek_ids(n)
+        pos = self._free_pos + n
+        self._free_pos = pos - self.num if pos >= self.num else pos
+        self._n_free_ids -= n
+        return ids
+
+    def _give_ids(self, ids: list[int] | npt.NDArray[np.intp]) -> None:
+        k = len(ids)
+        at = self._free_pos + self._n_free_ids
+        if at >= self.num:
+            at -= self.num
+        end = at + k
+        if end <= self.num:
+            self._free_ids[at:end] = ids
+        else:
+            cut = self.num - at
+            self._free_ids[at:] = ids[:cut]
+            self._free_ids[: end - self.num] = ids[cut:]
+        self._n_free_ids += k
 
     def add(
         self,
@@ -582,11 +778,11 @@ class PackedDriverQueue(_PackedBase):
                 f"{total} buffers do not fit an indirect table of {self.max_indirect}"
             )
         needed = 1 if indirect else total
-        if needed > self._free_descs or not self._free_ids:
+        if needed > self._free_descs or not self._n_free_ids:
             raise InvalidOperation(
                 f"queue full: {needed} descriptors needed, {self._free_descs} free"
             )
-        bid = self._free_ids.pop()
+        bid = int(self._take_ids(1)[0])
         bufs = outs + ins
         wflags = [0] * len(outs) + [_WRITE] * len(ins)
         if indirect:
@@ -643,47 +839,61 @@ class PackedDriverQueue(_PackedBase):
         :meth:`add` per chain, in order; integer ``tokens`` (default: the buffer id). Returns
         the buffer ids.
         """
-        self._check_broken()
-        v = self._refresh()
-        addr_a = np.asarray(addrs, dtype=np.uint64).ravel()
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        addr_a = np.asarray(addrs, dtype=np.uint64)
+        if addr_a.ndim != 1:
+            addr_a = addr_a.ravel()
         n = addr_a.shape[0]
-        len_a = np.asarray(lens).ravel()
+        len_a = _int_array(lens)
         if len_a.shape[0] != n:
             raise InvalidParam("addrs and lens differ in length")
         if n == 0:
             return np.zeros(0, dtype=np.intp)
-        if int(len_a.min()) < 0 or int(len_a.max()) > 0xFFFFFFFF:
+        wide = len_a.dtype.itemsize > 4 or len_a.dtype.kind != "u"
+        if wide and int(_or_reduce(len_a)) >> 32:
             raise InvalidParam("buffer length out of range")
         if tokens is not None:
-            tok_a = np.asarray(tokens, dtype=np.int64).ravel()
+            tok_a = _int_array(tokens)
             if tok_a.shape[0] != n:
                 raise InvalidParam("addrs and tokens differ in length")
-        free = self._free_ids
-        if n > self._free_descs or n > len(free):
+        top = self._n_free_ids
+        if n > self._free_descs or n > top:
             raise InvalidOperation(
-                f"queue full: {n} descriptors needed, {min(self._free_descs, len(free))} free"
+                f"queue full: {n} descriptors needed, {min(self._free_descs, top)} free"
             )
-        bids = np.array(free[: -n - 1 : -1] if n < len(free) else free[::-1], dtype=np.intp)
-        del free[-n:]
+        bids = self._take_ids(n)
         num = self.num
-        pos = self._next_avail + np.arange(n)
-        wraps = pos // num  # 0 or 1 laps ahead (n <= num)
-        pos -= wraps * num
-        wrap = (wraps & 1).astype(np.bool_) ^ bool(self._avail_wrap)
         base = _WRITE if writable else 0
-        flags = np.where(wrap, base | _AVAIL, base | _USED).astype(np.uint16)
+        first = base | (_AVAIL if self._avail_wrap else _USED)
         desc = v.desc
-        desc["addr"][pos] = addr_a
-        desc["len"][pos] = len_a
-        desc["id"][pos] = bids
+        pos = self._next_avail
+        end = pos + n
         # never write the flags with the body; the batch's first head goes last (publish)
-        if self._deferred is None:
-            if n > 1:
-                desc["flags"][pos[1:]] = flags[1:]
-            self._deferred = (int(pos[0]), int(flags[0]))
+        if end <= num:
+            desc["addr"][pos:end] = addr_a
+            desc["len"][pos:end] = len_a
+            desc["id"][pos:end] = bids
+            if self._deferred is None:
+                v.flags[pos + 1 : end] = first
+                self._deferred = (pos, first)
+            else:
+                v.flags[pos:end] = first
         else:
-            desc["flags"][pos] = flags
-        end = self._next_avail + n
+            cut = num - pos
+            desc["addr"][pos:] = addr_a[:cut]
+            desc["len"][pos:] = len_a[:cut]
+            desc["id"][pos:] = bids[:cut]
+            desc["addr"][: end - num] = addr_a[cut:]
+            desc["len"][: end - num] = len_a[cut:]
+            desc["id"][: end - num] = bids[cut:]
+            v.flags[: end - num] = first ^ _BOTH  # the next lap: the other wrap counter
+            if self._deferred is None:
+                v.flags[pos + 1 :] = first
+                self._deferred = (pos, first)
+            else:
+                v.flags[pos:] = first
         if end >= num:
             end -= num
             self._avail_wrap ^= 1
@@ -692,8 +902,16 @@ class PackedDriverQueue(_PackedBase):
         self._free_descs -= n
         self._single[bids] = True
         self._n_single += n
-        self._tok_arr[bids] = bids if tokens is None else tok_a
-        self._cap_arr[bids] = len_a if writable else 0
+        if tokens is None:
+            self._tok_is_id[bids] = True
+        else:
+            self._tok_is_id[bids] = False
+            self._tok_arr[bids] = tok_a
+        if writable:
+            self._cap_arr[bids] = len_a
+            self._n_single_w += _count(len_a)
+        else:
+            self._cap_arr[bids] = 0
         return bids
 
     def publish(self) -> bool:
@@ -715,9 +933,8 @@ class PackedDriverQueue(_PackedBase):
         return _event_due(int(v.dev_evt[0]), self._avail_wrap, self._next_avail, count, self.num)
 
     def _used_at_head(self, v: _PackedViews) -> bool:
-        f = int(v.desc["flags"][self._next_used])
-        w = self._used_wrap
-        return bool(f & _AVAIL) == bool(w) and bool(f & _USED) == bool(w)
+        f = v.words[8 * self._next_used + 7] & _BOTH
+        return f == (_BOTH if self._used_wrap else 0)
 
     def pending_used(self) -> bool:
         """True when the device has used the next buffer in ring order."""
@@ -745,10 +962,13 @@ class PackedDriverQueue(_PackedBase):
                     self._fail(
                         f"device wrote {length} bytes into a {int(self._cap_arr[bid])}-byte buffer"
                     )
-                out.append((int(self._tok_arr[bid]), length))
+                else:
+                    self._n_single_w -= 1
+                token = bid if self._tok_is_id[bid] else int(self._tok_arr[bid])
+                out.append((token, length))
                 self._single[bid] = False
                 self._n_single -= 1
-                self._free_ids.append(bid)
+                self._give_ids([bid])
                 self._free_descs += 1
                 nxt = self._next_used + 1
                 if nxt >= num:
@@ -766,7 +986,7 @@ class PackedDriverQueue(_PackedBase):
             cnt = self._count[bid]
             self._count[bid] = 0
             self._tokens[bid] = None
-            self._free_ids.append(bid)
+            self._give_ids([bid])
             self._free_descs += cnt
             nxt = self._next_used + cnt
             if nxt >= num:
@@ -786,60 +1006,84 @@ class PackedDriverQueue(_PackedBase):
         :meth:`add_batch` (one descriptor each, so their used descriptors are adjacent) is
         handled with a few NumPy operations; anything else falls back to :meth:`reap`.
         """
-        self._check_broken()
-        v = self._refresh()
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
         num = self.num
         k = num - self._free_descs
         if max_items is not None:
             k = min(k, max_items)
         n = 0
+        cut = False  # the run stopped at a chain that add() made
+        u = self._next_used
         if k > 0:
-            pos = self._next_used + np.arange(k)
-            wraps = pos // num
-            pos -= wraps * num
-            wrap = (wraps & 1).astype(np.bool_) ^ bool(self._used_wrap)
-            flags = v.desc["flags"][pos]
-            avail = (flags & _AVAIL) != 0
-            used = (avail == wrap) & (((flags & _USED) != 0) == wrap)
-            n = k if used.all() else int(np.argmin(used))
+            end = u + k
+            flags = v.flags
+            f = flags[u:end] if end <= num else np.concatenate((flags[u:], flags[: end - num]))
+            bad = (f & _BOTH) != self._used_bits[self._used_wrap][u:end]
+            first = int(bad.argmax())
+            n = first if bad[first] else k
             if n:
-                ids = v.desc["id"][pos[:n]].astype(np.intp)  # read after the flags
-                ok = (ids < num) & self._single[np.minimum(ids, num - 1)]
-                if not ok.all():
+                end = u + n
+                ids_v = v.desc["id"]
+                if end <= num:  # read after the flags
+                    ids = ids_v[u:end].astype(np.intp)
+                else:
+                    ids = np.concatenate((ids_v[u:], ids_v[: end - num])).astype(np.intp)
+                if int(_max(ids)) >= num or _count(self._single[ids]) != n:
+                    ok = (ids < num) & self._single[np.minimum(ids, num - 1)]
                     n = int(np.argmin(ok))
                     ids = ids[:n]
+                    cut = True
         if n == 0:
             items = self.reap(max_items)
             return (
                 np.array([t for t, _ in items], dtype=np.int64),
                 np.array([ln for _, ln in items], dtype=np.int64),
             )
-        lens = v.desc["len"][pos[:n]].astype(np.int64)
-        caps = self._cap_arr[ids]
-        lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
-        over = lens > caps
-        if over.any():
-            j = int(np.argmax(over))
-            self._fail(
-                f"device wrote {int(lens[j])} bytes into a {int(self._cap_arr[ids[j]])}-byte buffer"
-            )
-        self._single[ids] = False
-        count = int(np.count_nonzero(self._single))
+        single = self._single
+        single[ids] = False
+        count = _count(single)
         if count != self._n_single - n:
+            single[ids] = True
             self._fail("device used the same buffer id twice")
+        if self._n_single_w:
+            end = u + n
+            lens_v = v.desc["len"]
+            if end <= num:
+                lens = lens_v[u:end].astype(np.int64)
+            else:
+                lens = np.concatenate((lens_v[u:], lens_v[: end - num])).astype(np.int64)
+            caps = self._cap_arr[ids]
+            lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
+            over = lens > caps
+            if _count(over):
+                single[ids] = True
+                j = int(np.argmax(over))
+                self._fail(
+                    f"device wrote {int(lens[j])} bytes into a "
+                    f"{int(self._cap_arr[ids[j]])}-byte buffer"
+                )
+            self._n_single_w -= _count(caps)
+        else:  # no chain with a device-writable buffer: the used lengths mean nothing
+            lens = self._lens0[:n]
         self._n_single = count
-        tokens = self._tok_arr[ids]
-        self._free_ids.extend(ids.tolist())
+        is_id = self._tok_is_id[ids]
+        tokens = ids.astype(np.int64)
+        if _count(is_id) != n:
+            tokens = np.where(is_id, tokens, self._tok_arr[ids])
+        self._give_ids(ids)
         self._free_descs += n
-        nxt = self._next_used + n
+        nxt = u + n
         if nxt >= num:
             nxt -= num
             self._used_wrap ^= 1
         self._next_used = nxt
         if self.event_idx and self._irq:
-            v.drv_evt[0] = self._next_used | self._used_wrap << _WRAP_SHIFT
-        if (max_items is None or n < max_items) and self._used_at_head(v):
+            v.drv_evt[0] = nxt | self._used_wrap << _WRAP_SHIFT
+        if cut and (max_items is None or n < max_items) and self._used_at_head(v):
             # the run stopped at a chain that add() made: the checked slow path for the rest
+            # (buffers the device used meanwhile are left for the next call, as with split)
             items = self.reap(None if max_items is None else max_items - n)
             tokens = np.concatenate((tokens, np.array([t for t, _ in items], dtype=np.int64)))
             lens = np.concatenate((lens, np.array([ln for _, ln in items], dtype=np.int64)))

@@ -16,10 +16,12 @@ Error policy for both ring formats (device role and driver role alike):
 
 from __future__ import annotations
 
+import sys
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +67,21 @@ class PackedEventFlag(IntEnum):
     ENABLE = 0
     DISABLE = 1
     DESC = 2
+
+
+_LITTLE = sys.byteorder == "little"
+
+
+def u16_words(buf: memoryview, offset: int, count: int) -> Any:
+    """``count`` little-endian u16 at ``offset`` of ``buf``, indexable like a list.
+
+    On a little-endian host this is a ``memoryview`` cast (an item read or store costs a third
+    of a NumPy scalar access); elsewhere a NumPy ``<u2`` view. Either way ``x[i]`` reads one
+    word and ``x[i] = v`` stores one.
+    """
+    if _LITTLE:
+        return buf[offset : offset + 2 * count].cast("H")
+    return np.frombuffer(buf, "<u2", count, offset)
 
 
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -117,19 +134,31 @@ class Chain:
 class ChainBatch:
     """All chains popped in one go, kept as NumPy arrays until a chain is looked at.
 
-    A sink that only completes can use :attr:`ids` and :attr:`writable_len` without building a
-    single memoryview. ``batch[i]`` / iteration build :class:`Chain` objects on demand.
+    A sink that only completes can use :attr:`ids` and :attr:`writable_len` (or
+    :meth:`readable_total`) without building a single memoryview. ``batch[i]`` / iteration
+    build :class:`Chain` objects on demand.
+
+    ``region`` is either an array (the region index of every descriptor, ``-1`` for one that
+    crosses into the next region, ``-2`` for an empty one, with ``offset`` the offsets) or a
+    plain int: every descriptor lies inside that region, which starts at guest address
+    ``base`` (empty ones included); the offsets are then computed only when a chain is looked
+    at.
+    ``single`` says that every chain is one descriptor; ``wflags`` is 0 when no descriptor is
+    device-writable, 1 when all are, 2 when mixed (or unknown).
     """
 
     __slots__ = (
         "_addr",
+        "_base",
         "_cache",
         "_length",
         "_lens",
         "_offset",
         "_region",
+        "_single",
         "_starts",
         "_table",
+        "_wflags",
         "_writable",
         "ids",
     )
@@ -140,10 +169,14 @@ class ChainBatch:
         ids: npt.NDArray[np.integer],
         starts: npt.NDArray[np.intp],
         addr: npt.NDArray[np.uint64],
-        length: npt.NDArray[np.uint64],
+        length: npt.NDArray[np.integer],
         writable: npt.NDArray[np.bool_],
-        region: npt.NDArray[np.intp],
-        offset: npt.NDArray[np.uint64],
+        region: npt.NDArray[np.intp] | int,
+        offset: npt.NDArray[np.uint64] | None,
+        *,
+        base: int = 0,
+        single: bool | None = None,
+        wflags: int = 2,
     ) -> None:
         self._table = table
         #: chain ids (head index or buffer id), in ring order
@@ -154,18 +187,37 @@ class ChainBatch:
         self._writable = writable
         self._region = region
         self._offset = offset
+        self._base = base
+        self._single = length.shape[0] == ids.shape[0] if single is None else single
+        self._wflags = wflags
         self._cache: tuple[list[int], ...] | None = None
         self._lens: tuple[np.ndarray, np.ndarray] | None = None
 
+    def _regions(self) -> npt.NDArray[np.intp]:
+        r = self._region
+        if isinstance(r, int):
+            return np.where(self._length == 0, -2, r).astype(np.intp)
+        return r
+
+    def _offsets(self) -> npt.NDArray[np.uint64]:
+        if self._offset is None:
+            self._offset = self._addr - np.uint64(self._base)
+        return self._offset
+
     def _chain_lens(self) -> tuple[np.ndarray, np.ndarray]:
         if self._lens is None:
-            lens = self._length.astype(np.int64)
-            w = np.where(self._writable, lens, 0)
-            r = lens - w
             n = self.ids.shape[0]
+            lens = self._length.astype(np.int64)
             if n == 0:
                 w = r = np.zeros(0, dtype=np.int64)
-            elif self._length.shape[0] != n:  # some chain has several descriptors
+            elif self._wflags == 0:
+                w, r = np.zeros(lens.shape[0], dtype=np.int64), lens
+            elif self._wflags == 1:
+                w, r = lens, np.zeros(lens.shape[0], dtype=np.int64)
+            else:
+                w = np.where(self._writable, lens, 0)
+                r = lens - w
+            if n and not self._single:  # some chain has several descriptors
                 seg = self._starts[:-1]
                 w = np.add.reduceat(w, seg)
                 r = np.add.reduceat(r, seg)
@@ -182,29 +234,41 @@ class ChainBatch:
         """Total device-readable bytes per chain (int64)."""
         return self._chain_lens()[1]
 
+    def readable_total(self) -> int:
+        """Device-readable bytes of the whole batch (one reduction when nothing is writable)."""
+        if self._wflags == 0:
+            return int(np.add.reduce(self._length, dtype=np.uint64))
+        if self._wflags == 1:
+            return 0
+        return int(np.add.reduce(self._length[~self._writable], dtype=np.uint64))
+
     @classmethod
     def empty(cls, table: MemoryTable) -> ChainBatch:
         z64 = np.zeros(0, dtype=np.uint64)
         zi = np.zeros(0, dtype=np.intp)
         return cls(
             table,
-            np.zeros(0, np.uint16),
+            zi,
             np.zeros(1, np.intp),
             z64,
             z64,
             np.zeros(0, np.bool_),
             zi,
             z64,
+            single=True,
+            wflags=0,
         )
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return self.ids.shape[0]
 
     def split(self, k: int) -> tuple[ChainBatch, ChainBatch]:
         """The first ``k`` chains and the rest, as two batches (no memory is touched)."""
         n = len(self)
         k = max(0, min(k, n))
         cut = int(self._starts[k])
+        region = self._region
+        offset = self._offset
         head = ChainBatch(
             self._table,
             self.ids[:k],
@@ -212,8 +276,11 @@ class ChainBatch:
             self._addr[:cut],
             self._length[:cut],
             self._writable[:cut],
-            self._region[:cut],
-            self._offset[:cut],
+            region if isinstance(region, int) else region[:cut],
+            None if offset is None else offset[:cut],
+            base=self._base,
+            single=self._single,
+            wflags=self._wflags,
         )
         tail = ChainBatch(
             self._table,
@@ -222,8 +289,11 @@ class ChainBatch:
             self._addr[cut:],
             self._length[cut:],
             self._writable[cut:],
-            self._region[cut:],
-            self._offset[cut:],
+            region if isinstance(region, int) else region[cut:],
+            None if offset is None else offset[cut:],
+            base=self._base,
+            single=self._single,
+            wflags=self._wflags,
         )
         return head, tail
 
@@ -239,8 +309,8 @@ class ChainBatch:
                 self._addr.tolist(),
                 self._length.tolist(),
                 self._writable.tolist(),
-                self._region.tolist(),
-                self._offset.tolist(),
+                self._regions().tolist(),
+                self._offsets().tolist(),
             )
         starts, addr, length, writable, region, offset = self._cache
         readable_views: list[memoryview] = []
@@ -265,19 +335,38 @@ class ChainBatch:
     def chains(self) -> list[Chain]:
         """Every chain of the batch as a :class:`Chain`."""
         n = len(self)
-        if n != self._length.shape[0] or (self._region < 0).any():
+        if not n:
+            return []
+        region = self._region
+        if not self._single or (not isinstance(region, int) and (region < 0).any()):
             return list(self)
         # one descriptor per chain, each inside one region: the common case, one tight loop
         views = [m.view for m in self._table.gpa.maps]
+        ids = self.ids.tolist()
+        offs = self._offsets().tolist()
+        lens = self._length.tolist()
+        if isinstance(region, int):
+            view = views[region]
+            if self._wflags != 2:
+                if self._wflags:
+                    return [
+                        Chain(cid, [], [view[o : o + ln]] if ln else [])
+                        for cid, o, ln in zip(ids, offs, lens, strict=True)
+                    ]
+                return [
+                    Chain(cid, [view[o : o + ln]] if ln else [], [])
+                    for cid, o, ln in zip(ids, offs, lens, strict=True)
+                ]
+            regions = [region] * n
+        else:
+            regions = region.tolist()
         out: list[Chain] = []
         for cid, r, off, ln, w in zip(
-            self.ids.tolist(),
-            self._region.tolist(),
-            self._offset.tolist(),
-            self._length.tolist(),
-            self._writable.tolist(),
-            strict=True,
+            ids, regions, offs, lens, self._writable.tolist(), strict=True
         ):
+            if not ln:
+                out.append(Chain(cid, [], []))
+                continue
             view = views[r][off : off + ln]
             out.append(Chain(cid, [], [view]) if w else Chain(cid, [view], []))
         return out
@@ -330,6 +419,33 @@ def lookup_buffers(
         return table.lookup_gpa_batch(addr, length)
     except GuestMemoryError as exc:
         queue._fail(f"descriptor buffer outside guest memory: {exc}", exc)
+
+
+_umin = np.minimum.reduce
+_umax = np.maximum.reduce
+
+
+def locate_buffers(
+    queue: BrokenState, table: MemoryTable, addr: np.ndarray, length: np.ndarray
+) -> tuple[npt.NDArray[np.intp] | int, npt.NDArray[np.uint64] | None, int]:
+    """Bounds-check descriptor buffers: ``(region, offset, base)`` for :class:`ChainBatch`.
+
+    The common case costs three reductions: when the smallest address and the largest
+    address plus the longest length put every buffer inside one region (so each one, empty
+    or not, is inside it), the result is that region's index, ``None`` and its start (offsets
+    are computed when a chain is looked at). Anything else goes through the exact per-buffer
+    translation (:meth:`MemoryTable.lookup_gpa_batch`); a bad address breaks the queue either
+    way.
+    """
+    space = table.gpa
+    starts = space.starts
+    if addr.shape[0] and starts:
+        low = int(_umin(addr))
+        i = bisect_right(starts, low) - 1
+        if i >= 0 and int(_umax(addr)) + int(_umax(length)) <= space.ends[i]:
+            return i, None, starts[i]
+    region, offset = lookup_buffers(queue, table, addr, length.astype(np.uint64))
+    return region, offset, 0
 
 
 def check_order(

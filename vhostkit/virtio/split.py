@@ -37,8 +37,9 @@ from vhostkit.virtio.ring import (
     check_align,
     check_order,
     check_queue_size,
-    lookup_buffers,
+    locate_buffers,
     need_event,
+    u16_words,
 )
 
 __all__ = [
@@ -68,10 +69,32 @@ USED_F_NO_NOTIFY = 1
 _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
+_CHAINED = _NEXT | _INDIRECT
+_or_reduce = np.bitwise_or.reduce
+_count = np.count_nonzero
 
 #: Longest indirect table the device role accepts (the kernel's UIO_MAXIOV), unless the queue
 #: itself is larger.
 MAX_INDIRECT = 1024
+
+
+def _int_array(values: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
+    """``values`` as a flat integer array, without a copy when it already is one."""
+    a = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.int64)
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    return a.ravel() if a.ndim != 1 else a
+
+
+def _run(idx: npt.NDArray[np.intp], arange: npt.NDArray[np.intp]) -> slice | np.ndarray:
+    """``idx`` as a slice when it is a run of consecutive values (``arange``: 0, 1, 2, ...
+    at least as long as the largest value), else ``idx`` itself. Writes through a slice cost
+    a fraction of a scatter."""
+    lo = int(idx[0])
+    hi = lo + idx.shape[0]
+    if hi <= arange.shape[0] and not _count(idx != arange[lo:hi]):
+        return slice(lo, hi)
+    return idx
 
 
 def _align_up(value: int, align: int) -> int:
@@ -120,17 +143,26 @@ class SplitLayout:
 
 
 class _RingViews:
-    """NumPy views of the three parts of a split ring in one table snapshot."""
+    """NumPy views of the three parts of a split ring in one table snapshot.
+
+    ``avail_idx`` / ``used_idx`` & co. are single-word views (:func:`_u16`) for the index and
+    flag words that the hot path reads or writes one at a time.
+    """
 
     __slots__ = (
         "avail_event",
+        "avail_event_w",
         "avail_hdr",
         "avail_ring",
+        "avail_w",
         "desc",
+        "empty",
         "table",
         "used_event",
+        "used_event_w",
         "used_hdr",
         "used_ring",
+        "used_w",
         "used_words",
     )
 
@@ -155,6 +187,12 @@ class _RingViews:
         self.used_ring = np.frombuffer(us, USED_ELEM_DTYPE, num, 4)
         self.used_words = np.frombuffer(us, "<u4", 2 * num, 4).reshape(num, 2)
         self.avail_event = np.frombuffer(us, "<u2", 1, 4 + 8 * num)
+        #: ``[flags, idx]`` of the avail ring, ``[flags, idx]`` of the used ring
+        self.avail_w = u16_words(av, 0, 2)
+        self.used_w = u16_words(us, 0, 2)
+        self.used_event_w = u16_words(av, 4 + 2 * num, 1)
+        self.avail_event_w = u16_words(us, 4 + 8 * num, 1)
+        self.empty = ChainBatch.empty(table)
 
 
 class _SplitBase(BrokenState):
@@ -253,8 +291,15 @@ class SplitDeviceQueue(_SplitBase):
         self._inflight = np.zeros(num, dtype=np.bool_)
         self._n_inflight = 0
         self._notify = True
+        #: the notification state last written to the ring (None: not written yet)
+        self._notify_written: bool | None = None
         self._max_indirect = max(MAX_INDIRECT, num)
         self._arange = np.arange(num + 1, dtype=np.intp)
+        self._arange.flags.writeable = False
+        self._no_write = np.zeros(num, dtype=np.bool_)
+        self._no_write.flags.writeable = False
+        self._all_write = np.ones(num, dtype=np.bool_)
+        self._all_write.flags.writeable = False
 
     @classmethod
     def from_gpa(
@@ -320,9 +365,10 @@ class SplitDeviceQueue(_SplitBase):
 
     def pending(self) -> int:
         """How many chains the driver has made available and the device has not popped."""
-        self._check_broken()
-        v = self._refresh()
-        n = (int(v.avail_hdr[1]) - self._last_avail) & 0xFFFF
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        n = (v.avail_w[1] - self._last_avail) & 0xFFFF
         if n > self.num:
             self._fail(f"avail idx moved {n} entries ahead (queue size {self.num})")
         return n
@@ -334,18 +380,20 @@ class SplitDeviceQueue(_SplitBase):
         if max_chains is not None:
             n = min(n, max_chains)
         if n <= 0:
-            return ChainBatch.empty(v.table)
+            return v.empty
         num = self.num
-        start = self._last_avail & self._mask
+        last = self._last_avail
+        start = last & self._mask
         if start + n <= num:
             heads = v.avail_ring[start : start + n].astype(np.intp)  # a copy: read once
         else:
             heads = np.concatenate((v.avail_ring[start:], v.avail_ring[: start + n - num]))
             heads = heads.astype(np.intp)
-        batch = self._chains_for(v, heads)
-        self._last_avail = (self._last_avail + n) & 0xFFFF
+        batch = self._chains_for(v, heads, checked=False)
+        last = (last + n) & 0xFFFF
+        self._last_avail = last
         if self.event_idx and self._notify:
-            v.avail_event[0] = self._last_avail
+            v.avail_event_w[0] = last
         return batch
 
     def resubmit(self, heads: Sequence[int], last_avail: int) -> ChainBatch:
@@ -360,51 +408,84 @@ class SplitDeviceQueue(_SplitBase):
         if not 0 <= last_avail <= 0xFFFF:
             raise InvalidParam(f"avail index {last_avail} out of range")
         h = np.asarray(heads, dtype=np.intp)
-        batch = self._chains_for(v, h) if h.shape[0] else ChainBatch.empty(v.table)
+        batch = self._chains_for(v, h, checked=True) if h.shape[0] else v.empty
         self._last_avail = last_avail
         if self.event_idx and self._notify:
-            v.avail_event[0] = self._last_avail
+            v.avail_event_w[0] = self._last_avail
         return batch
 
-    def _chains_for(self, v: _RingViews, heads: npt.NDArray[np.intp]) -> ChainBatch:
-        """Walk the chains starting at ``heads`` and mark them in flight."""
+    def _chains_for(
+        self, v: _RingViews, heads: npt.NDArray[np.intp], *, checked: bool
+    ) -> ChainBatch:
+        """Walk the chains starting at ``heads`` and mark them in flight.
+
+        ``heads`` must be non-negative unless ``checked`` (then their range is tested first);
+        an index beyond the table breaks the queue either way (``take`` raises).
+        """
         n = heads.shape[0]
         num = self.num
-        top = int(heads.max())
-        if top >= num or int(heads.min()) < 0:
-            self._fail(f"avail ring head {top} out of range (size {num})")
+        if checked and (int(heads.max()) >= num or int(heads.min()) < 0):
+            self._fail(f"avail ring head {int(heads.max())} out of range (size {num})")
+        try:
+            rec = v.desc.take(heads)  # one copy of every head descriptor: read once
+        except IndexError:
+            self._fail(f"avail ring head {int(heads.max())} out of range (size {num})")
 
         # walk all chains one step at a time, in parallel
-        rec = v.desc[heads]
         flags = rec["flags"]
-        seen = int(np.bitwise_or.reduce(flags))
-        if seen & _NEXT:
-            rec, starts = self._walk(v, rec, (flags & _NEXT) != 0, n)
-            flags = rec["flags"]
-            seen = int(np.bitwise_or.reduce(flags))
+        seen = int(_or_reduce(flags))
+        if seen & _CHAINED:
+            if seen & _NEXT:
+                rec, starts = self._walk(v, rec, (flags & _NEXT) != 0, n)
+                flags = rec["flags"]
+                seen = int(_or_reduce(flags))
+            else:
+                starts = self._arange[: n + 1]
+            if seen & _INDIRECT:
+                rec, starts = self._expand_indirect(v.table, rec, starts)
+                flags = rec["flags"]
+                seen = int(_or_reduce(flags))
+            single = starts.shape[0] == rec.shape[0] + 1
         else:
             starts = self._arange[: n + 1]
-        if seen & _INDIRECT:
-            rec, starts = self._expand_indirect(v.table, rec, starts)
-            flags = rec["flags"]
-
-        writable = (flags & _WRITE) != 0
-        if starts.shape[0] != writable.shape[0] + 1:  # some chain has several descriptors
-            check_order(self, writable, starts)
+            single = True
+        m = rec.shape[0]
+        if not seen & _WRITE:
+            writable, wflags = (self._no_write[:m] if m <= num else np.zeros(m, np.bool_)), 0
+        else:
+            writable = (flags & _WRITE) != 0
+            wflags = 2
+            if not single:  # some chain has several descriptors
+                check_order(self, writable, starts)
         addr = rec["addr"]
-        length = rec["len"].astype(np.uint64)
-        region, offset = lookup_buffers(self, v.table, addr, length)
+        length = rec["len"]
+        region, offset, base = locate_buffers(self, v.table, addr, length)
 
+        # in flight: none of the heads may be, and none may appear twice
         inflight = self._inflight
-        if inflight[heads].any():
-            self._fail(f"head {int(heads[inflight[heads]][0])} is already in flight")
+        prev = inflight[heads]
         inflight[heads] = True
-        count = int(np.count_nonzero(inflight))
+        count = _count(inflight)
         if count != self._n_inflight + n:
+            if _count(prev):
+                inflight[heads[~prev]] = False
+                self._fail(f"head {int(heads[prev][0])} is already in flight")
             inflight[heads] = False
             self._fail("the same head appears twice in the avail ring")
         self._n_inflight = count
-        return ChainBatch(v.table, heads, starts, addr, length, writable, region, offset)
+        return ChainBatch(
+            v.table,
+            heads,
+            starts,
+            addr,
+            length,
+            writable,
+            region,
+            offset,
+            base=base,
+            single=single,
+            wflags=wflags,
+        )
 
     def _walk(
         self,
@@ -503,24 +584,27 @@ class SplitDeviceQueue(_SplitBase):
         ``lengths`` are the bytes written to each chain's writable buffers. Returns whether
         the driver wants an interrupt (``VRING_AVAIL_F_NO_INTERRUPT`` or ``used_event``).
         """
-        self._check_broken()
-        v = self._refresh()
-        ids_a = np.asarray(ids, dtype=np.int64).ravel()
-        lens_a = np.asarray(lengths, dtype=np.int64).ravel()
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        ids_a = _int_array(ids)
+        lens_a = _int_array(lengths)
         k = ids_a.shape[0]
         if lens_a.shape[0] != k:
             raise InvalidParam("ids and lengths differ in length")
         if k == 0:
             return False
-        if int(ids_a.min()) < 0 or int(ids_a.max()) >= self.num:
+        # one reduction per check: OR-ing the values keeps a sign bit and any high bit
+        if int(_or_reduce(ids_a)) & ~self._mask:
             raise InvalidParam("completed id out of range")
-        if int(lens_a.min()) < 0 or int(lens_a.max()) > 0xFFFFFFFF:
+        wide = lens_a.dtype.itemsize > 4 or lens_a.dtype.kind != "u"
+        if wide and int(_or_reduce(lens_a)) >> 32:
             raise InvalidParam("used length out of range")
         inflight = self._inflight
-        if not inflight[ids_a].all():
+        if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a chain that is not in flight")
         inflight[ids_a] = False
-        count = int(np.count_nonzero(inflight))
+        count = _count(inflight)
         if count != self._n_inflight - k:
             inflight[ids_a] = True
             raise InvalidParam("the same id completed twice in one batch")
@@ -536,14 +620,16 @@ class SplitDeviceQueue(_SplitBase):
             used[pos, 0] = ids_a
             used[pos, 1] = lens_a
         new = (old + k) & 0xFFFF
-        v.used_hdr[1] = new  # publish after the entries
+        v.used_w[1] = new  # publish after the entries
         self._used_idx = new
-        return self._need_signal(v, old, new)
+        if self.event_idx:
+            return need_event(v.used_event_w[0], new, old)
+        return not v.avail_w[0] & AVAIL_F_NO_INTERRUPT
 
     def _need_signal(self, v: _RingViews, old: int, new: int) -> bool:
         if self.event_idx:
-            return need_event(int(v.used_event[0]), new, old)
-        return not int(v.avail_hdr[0]) & AVAIL_F_NO_INTERRUPT
+            return need_event(v.used_event_w[0], new, old)
+        return not v.avail_w[0] & AVAIL_F_NO_INTERRUPT
 
     # -- notification suppression -----------------------------------------------------------
 
@@ -553,18 +639,28 @@ class SplitDeviceQueue(_SplitBase):
         v = self._refresh()
         self._notify = True
         if self.event_idx:
-            v.avail_event[0] = self._last_avail
-        else:
-            v.used_hdr[0] = int(v.used_hdr[0]) & ~USED_F_NO_NOTIFY
+            v.avail_event_w[0] = self._last_avail
+        elif self._notify_written is not True:
+            v.used_w[0] = v.used_w[0] & ~USED_F_NO_NOTIFY
+            self._notify_written = True
         return self.pending() > 0
 
     def disable_notifications(self) -> None:
-        """Tell the driver kicks are not needed (a hint; without EVENT_IDX only)."""
+        """Tell the driver kicks are not needed (a hint; without EVENT_IDX only).
+
+        The flag word is written only when its state changes (a device loop that disables
+        before every round does not store to the ring each time).
+        """
         self._check_broken()
         v = self._refresh()
         self._notify = False
-        if not self.event_idx:
-            v.used_hdr[0] = int(v.used_hdr[0]) | USED_F_NO_NOTIFY
+        if not self.event_idx and self._notify_written is not False:
+            v.used_w[0] = v.used_w[0] | USED_F_NO_NOTIFY
+            self._notify_written = False
+
+    def has_pending(self) -> bool:
+        """Cheap poll: has the driver made chains available? (No checks; see :meth:`pending`.)"""
+        return self._v.avail_w[1] != self._last_avail
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,15 +706,29 @@ class SplitDriverQueue(_SplitBase):
         self.layout = layout
         self.max_indirect = max_indirect if self.indirect else 0
         self._indirect_gpa = gpa + _align_up(layout.size, DESC_ALIGN)
-        self._free: list[int] = list(range(num - 1, -1, -1))
+        # the free descriptors, first in first out: _n_free of them in the ring _free from
+        # _free_pos on. Heads come back in used order and go out again in that order, so a
+        # device that uses buffers in order sees heads (and buffers indexed by head) in
+        # ascending runs, not scattered.
+        self._free = np.arange(num, dtype=np.intp)
+        self._free_pos = 0
+        self._arange = np.arange(num, dtype=np.intp)
+        self._arange.flags.writeable = False
+        self._n_free = num
         self._tokens: list[Any] = [None] * num
         self._chain: list[list[int] | None] = [None] * num
         self._capacity = [0] * num
         # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
         self._single = np.zeros(num, dtype=np.bool_)
         self._n_single = 0
+        #: how many of those have a device-writable buffer
+        self._n_single_w = 0
         self._tok_arr = np.zeros(num, dtype=np.int64)
+        #: whether the token of that chain is its head (no token given)
+        self._tok_is_head = np.zeros(num, dtype=np.bool_)
         self._cap_arr = np.zeros(num, dtype=np.int64)
+        self._lens0 = np.zeros(num, dtype=np.int64)
+        self._lens0.flags.writeable = False
         self._shadow = 0
         self._published = 0
         self._last_used = 0
@@ -635,7 +745,41 @@ class SplitDriverQueue(_SplitBase):
     @property
     def num_free(self) -> int:
         """Free descriptors."""
-        return len(self._free)
+        return self._n_free
+
+    def next_heads(self, n: int) -> npt.NDArray[np.intp]:
+        """The heads the next :meth:`add_batch` of ``n`` chains will use (nothing is taken).
+
+        Lets a driver whose buffer pool is indexed by head fill the buffers first.
+        """
+        if not 0 <= n <= self._n_free:
+            raise InvalidOperation(f"queue full: {n} descriptors needed, {self._n_free} free")
+        pos = self._free_pos
+        end = pos + n
+        if end <= self.num:
+            return self._free[pos:end].copy()
+        return np.concatenate((self._free[pos:], self._free[: end - self.num]))
+
+    def _take_heads(self, n: int) -> npt.NDArray[np.intp]:
+        heads = self.next_heads(n)
+        self._free_pos = (self._free_pos + n) & self._mask
+        self._n_free -= n
+        return heads
+
+    def _take(self, n: int) -> list[int]:
+        return self._take_heads(n).tolist()
+
+    def _give(self, heads: list[int] | npt.NDArray[np.intp]) -> None:
+        k = len(heads)
+        at = (self._free_pos + self._n_free) & self._mask
+        end = at + k
+        if end <= self.num:
+            self._free[at:end] = heads
+        else:
+            cut = self.num - at
+            self._free[at:] = heads[:cut]
+            self._free[: end - self.num] = heads[cut:]
+        self._n_free += k
 
     @property
     def avail_idx(self) -> int:
@@ -675,10 +819,8 @@ class SplitDriverQueue(_SplitBase):
                 f"{total} buffers do not fit an indirect table of {self.max_indirect}"
             )
         needed = 1 if indirect else total
-        if needed > len(self._free):
-            raise InvalidOperation(
-                f"queue full: {needed} descriptors needed, {len(self._free)} free"
-            )
+        if needed > self._n_free:
+            raise InvalidOperation(f"queue full: {needed} descriptors needed, {self._n_free} free")
         recs = np.zeros(total, SPLIT_DESC_DTYPE)
         bufs = outs + ins
         recs["addr"] = [a for a, _ in bufs]
@@ -687,7 +829,7 @@ class SplitDriverQueue(_SplitBase):
         flags[:-1] |= _NEXT
         recs["flags"] = flags
         if indirect:
-            head = self._free.pop()
+            (head,) = self._take(1)
             recs["next"] = np.arange(1, total + 1) % 0x10000
             recs["next"][-1] = 0
             table = self._indirect_gpa + head * self.max_indirect * 16
@@ -695,7 +837,7 @@ class SplitDriverQueue(_SplitBase):
             v.desc[head] = (table, total * 16, _INDIRECT, 0)
             chain = [head]
         else:
-            chain = [self._free.pop() for _ in range(total)]
+            chain = self._take(total)
             nxt = [*chain[1:], 0]
             recs["next"] = nxt
             v.desc[chain] = recs
@@ -725,41 +867,56 @@ class SplitDriverQueue(_SplitBase):
         Returns the heads; raises :class:`InvalidOperation` (nothing added) when fewer than
         ``len(addrs)`` descriptors are free.
         """
-        self._check_broken()
-        v = self._refresh()
-        addr_a = np.asarray(addrs, dtype=np.uint64).ravel()
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        addr_a = np.asarray(addrs, dtype=np.uint64)
+        if addr_a.ndim != 1:
+            addr_a = addr_a.ravel()
         n = addr_a.shape[0]
-        len_a = np.asarray(lens).ravel()
+        len_a = _int_array(lens)
         if len_a.shape[0] != n:
             raise InvalidParam("addrs and lens differ in length")
         if n == 0:
             return np.zeros(0, dtype=np.intp)
-        if int(len_a.min()) < 0 or int(len_a.max()) > 0xFFFFFFFF:
+        wide = len_a.dtype.itemsize > 4 or len_a.dtype.kind != "u"
+        if wide and int(_or_reduce(len_a)) >> 32:
             raise InvalidParam("buffer length out of range")
         if tokens is not None:
-            tok_a = np.asarray(tokens, dtype=np.int64).ravel()
+            tok_a = _int_array(tokens)
             if tok_a.shape[0] != n:
                 raise InvalidParam("addrs and tokens differ in length")
-        free = self._free
-        if n > len(free):
-            raise InvalidOperation(f"queue full: {n} descriptors needed, {len(free)} free")
-        heads = np.array(free[: -n - 1 : -1] if n < len(free) else free[::-1], dtype=np.intp)
-        del free[-n:]
+        top = self._n_free
+        if n > top:
+            raise InvalidOperation(f"queue full: {n} descriptors needed, {top} free")
+        heads = self._take_heads(n)
+        at = _run(heads, self._arange)  # a slice when the heads are consecutive
         recs = np.empty(n, SPLIT_DESC_DTYPE)
         recs["addr"] = addr_a
         recs["len"] = len_a
         recs["flags"] = _WRITE if writable else 0
         recs["next"] = 0
-        v.desc[heads] = recs
-        self._single[heads] = True
+        v.desc[at] = recs
+        self._single[at] = True
         self._n_single += n
-        self._tok_arr[heads] = heads if tokens is None else tok_a
-        self._cap_arr[heads] = len_a if writable else 0
-        start = self._shadow & self._mask
-        if start + n <= self.num:
-            v.avail_ring[start : start + n] = heads
+        if tokens is None:
+            self._tok_is_head[at] = True
         else:
-            v.avail_ring[(start + np.arange(n)) & self._mask] = heads
+            self._tok_is_head[at] = False
+            self._tok_arr[at] = tok_a
+        if writable:
+            self._cap_arr[at] = len_a
+            self._n_single_w += _count(len_a)
+        else:
+            self._cap_arr[at] = 0
+        start = self._shadow & self._mask
+        end = start + n
+        if end <= self.num:
+            v.avail_ring[start:end] = heads
+        else:
+            cut = self.num - start
+            v.avail_ring[start:] = heads[:cut]
+            v.avail_ring[: end - self.num] = heads[cut:]
         self._shadow = (self._shadow + n) & 0xFFFF
         return heads
 
@@ -770,18 +927,19 @@ class SplitDriverQueue(_SplitBase):
         old, new = self._published, self._shadow
         if old == new:
             return False
-        v.avail_hdr[1] = new  # after the descriptors and ring entries
+        v.avail_w[1] = new  # after the descriptors and ring entries
         self._published = new
         if self.event_idx:
-            return need_event(int(v.avail_event[0]), new, old)
-        return not int(v.used_hdr[0]) & USED_F_NO_NOTIFY
+            return need_event(v.avail_event_w[0], new, old)
+        return not v.used_w[0] & USED_F_NO_NOTIFY
 
     def pending_used(self) -> int:
         """Used entries the device has published and the driver has not reaped."""
-        self._check_broken()
-        v = self._refresh()
-        n = (int(v.used_hdr[1]) - self._last_used) & 0xFFFF
-        in_flight = self.num - len(self._free)
+        if self._broken is not None:
+            raise self._broken
+        v = self._v if self._mem.generation == self._gen else self._refresh()
+        n = (v.used_w[1] - self._last_used) & 0xFFFF
+        in_flight = self.num - self._n_free
         if n > in_flight:
             self._fail(f"used idx moved {n} entries ahead with {in_flight} descriptors out")
         return n
@@ -812,10 +970,13 @@ class SplitDriverQueue(_SplitBase):
                             f"device wrote {length} bytes into a "
                             f"{int(self._cap_arr[head])}-byte buffer"
                         )
-                    out.append((int(self._tok_arr[head]), length))
+                    else:
+                        self._n_single_w -= 1
+                    token = head if self._tok_is_head[head] else int(self._tok_arr[head])
+                    out.append((token, length))
                     self._single[head] = False
                     self._n_single -= 1
-                    self._free.append(head)
+                    self._give([head])
                     continue
                 if chain is None:
                     self._fail(f"device used id {head}, which is not in flight")
@@ -828,10 +989,10 @@ class SplitDriverQueue(_SplitBase):
                 out.append((self._tokens[head], length))
                 self._tokens[head] = None
                 self._chain[head] = None
-                self._free.extend(reversed(chain))
+                self._give(chain[::-1])
             self._last_used = (self._last_used + n) & 0xFFFF
         if self.event_idx and self._irq:
-            v.used_event[0] = self._last_used
+            v.used_event_w[0] = self._last_used
         return out
 
     def reap_batch(
@@ -849,39 +1010,59 @@ class SplitDriverQueue(_SplitBase):
             n = min(n, max_items)
         if n == 0:
             if self.event_idx and self._irq:
-                v.used_event[0] = self._last_used
+                v.used_event_w[0] = self._last_used
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         start = self._last_used & self._mask
-        if start + n <= self.num:
-            entries = v.used_ring[start : start + n].copy()
+        end = start + n
+        used = v.used_words
+        if end <= self.num:
+            entries = used[start:end].astype(np.intp)  # a copy: read once
         else:
-            entries = v.used_ring[(start + np.arange(n)) & self._mask]
-        ids = entries["id"].astype(np.intp)
-        if int(ids.max()) >= self.num or not self._single[ids].all():
+            entries = np.concatenate((used[start:], used[: end - self.num])).astype(np.intp)
+        ids = entries[:, 0]
+        single = self._single
+        # ids from the ring are unsigned: OR-ing them shows any beyond the (power of 2) size
+        if int(_or_reduce(ids)) & ~self._mask:
+            ids = None
+        else:
+            at = _run(ids, self._arange)  # a slice when the ids are consecutive
+            if _count(single[at]) != n:
+                ids = None
+        if ids is None:
             items = self.reap(n)  # multi-descriptor chains or a bad id: the checked slow path
             return (
                 np.array([t for t, _ in items], dtype=np.int64),
                 np.array([ln for _, ln in items], dtype=np.int64),
             )
-        lens = entries["len"].astype(np.int64)
-        caps = self._cap_arr[ids]
-        lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
-        over = lens > caps
-        if over.any():
-            j = int(np.argmax(over))
-            self._fail(
-                f"device wrote {int(lens[j])} bytes into a {int(self._cap_arr[ids[j]])}-byte buffer"
-            )
-        self._single[ids] = False
-        count = int(np.count_nonzero(self._single))
+        single[at] = False
+        count = _count(single)
         if count != self._n_single - n:
+            single[ids] = True
             self._fail("device used the same id twice")
+        if self._n_single_w:
+            lens = entries[:, 1].astype(np.int64)
+            caps = self._cap_arr[at]
+            lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
+            over = lens > caps
+            if _count(over):
+                single[ids] = True
+                j = int(np.argmax(over))
+                self._fail(
+                    f"device wrote {int(lens[j])} bytes into a "
+                    f"{int(self._cap_arr[ids[j]])}-byte buffer"
+                )
+            self._n_single_w -= _count(caps)
+        else:  # no chain with a device-writable buffer: the used lengths mean nothing
+            lens = self._lens0[:n]
         self._n_single = count
-        tokens = self._tok_arr[ids]
-        self._free.extend(ids.tolist())
+        is_head = self._tok_is_head[at]
+        tokens = ids.astype(np.int64)
+        if _count(is_head) != n:
+            tokens = np.where(is_head, tokens, self._tok_arr[at])
+        self._give(ids)
         self._last_used = (self._last_used + n) & 0xFFFF
         if self.event_idx and self._irq:
-            v.used_event[0] = self._last_used
+            v.used_event_w[0] = self._last_used
         return tokens, lens
 
     def enable_interrupts(self) -> bool:

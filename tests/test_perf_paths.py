@@ -1,0 +1,329 @@
+"""The batch fast paths of the rings and the ring workers: same results as the checked paths.
+
+Covers what the per-batch optimisations added or changed: the bounding-box buffer check with
+lazily computed offsets (and its fall-back), cheap polls (``has_pending``), notification
+flags written only when they change, the free lists handed out first in first out with
+``next_heads``, packed completions of single and multi-descriptor chains mixed, the driver's
+transmit path (buffer per head, header placement, default header kept), and the ring
+worker's busy poll.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vhostkit.errors import InvalidParam, VirtqueueError
+from vhostkit.user.daemon import SinkDevice
+from vhostkit.virtio.features import VirtioFeature as F
+from vhostkit.virtio.memory import GuestMemory
+from vhostkit.virtio.packed import PackedDeviceQueue, PackedDriverQueue
+from vhostkit.virtio.ring import SPLIT_DESC_DTYPE, DescFlag
+from vhostkit.virtio.split import SplitDeviceQueue, SplitDriverQueue
+
+BUFS = 0x10000
+
+
+def _pair(mem: GuestMemory, packed: bool, num: int, features: int = 0):
+    if packed:
+        drv = PackedDriverQueue(mem, num, 0, features=features | int(F.RING_PACKED))
+        dev = PackedDeviceQueue.from_gpa(mem, num, *drv.ring_gpas, features=features)
+    else:
+        drv = SplitDriverQueue(mem, num, 0, features=features)
+        dev = SplitDeviceQueue.from_gpa(mem, num, *drv.ring_gpas, features=features)
+    return drv, dev
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_single_region_batch_views_and_lengths(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 8)
+        for i in range(3):
+            mem.write(BUFS + i * 0x100, bytes([i + 1]) * (i + 1))
+        drv.add_batch([BUFS + i * 0x100 for i in range(3)], [1, 2, 3], writable=False)
+        drv.add([], [(BUFS + 0x800, 16)], token="w")
+        drv.add([(BUFS + 0x900, 0)], token="empty")  # a zero-length buffer: no view
+        drv.publish()
+        batch = dev.pop_batch()
+        assert len(batch) == 5
+        assert batch.readable_len.tolist() == [1, 2, 3, 0, 0]
+        assert batch.writable_len.tolist() == [0, 0, 0, 16, 0]
+        assert batch.readable_total() == 6
+        chains = batch.chains()
+        assert [c.read_all() for c in chains[:3]] == [b"\x01", b"\x02\x02", b"\x03\x03\x03"]
+        assert chains[3].writable_len == 16 and chains[3].readable == []
+        assert chains[4].readable == [] and chains[4].writable == []
+        assert [batch[i].read_all() for i in range(3)] == [c.read_all() for c in chains[:3]]
+        head, tail = batch.split(2)
+        assert [c.read_all() for c in head.chains()] == [b"\x01", b"\x02\x02"]
+        assert tail.writable_len.tolist() == [0, 16, 0]
+        dev.complete(batch.ids, [0, 0, 0, chains[3].write(b"x" * 16), 0])
+        assert sorted(t for t, _ in drv.reap() if isinstance(t, int)) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_buffers_across_regions_and_outside_memory(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 0x20000), (0x20000, 0x10000)]) as mem:
+        drv, dev = _pair(mem, packed, 4)
+        mem.write(0x1FFF0, b"a" * 16 + b"b" * 16)
+        # one buffer in the high region, one spanning both: the exact per-buffer lookup
+        drv.add_batch([0x20100, 0x1FFF0], [4, 32], writable=False)
+        drv.publish()
+        batch = dev.pop_batch()
+        assert batch[1].read_all() == b"a" * 16 + b"b" * 16
+        assert len(batch[1].readable) == 2
+        dev.complete(batch.ids, [0, 0])
+        drv.reap_batch()
+        drv.add_batch([0x30000 - 2], [4], writable=False)  # runs past the end of memory
+        drv.publish()
+        with pytest.raises(VirtqueueError, match="outside guest memory"):
+            dev.pop_batch()
+
+
+def test_split_head_out_of_range_breaks_the_queue() -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, False, 4)
+        avail = mem.gpa_array(drv.ring_gpas[1], "<u2", 6)
+        avail[2], avail[3] = 1, 9
+        avail[1] = 2
+        with pytest.raises(VirtqueueError, match="out of range"):
+            dev.pop_batch()
+        with pytest.raises(VirtqueueError):
+            dev.pending()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_duplicate_and_in_flight_heads_are_caught(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 4)
+        drv.add_batch([BUFS, BUFS + 64], [8, 8], writable=False)
+        drv.publish()
+        batch = dev.pop_batch()
+        with pytest.raises(InvalidParam, match="twice"):
+            dev.complete([int(batch.ids[0])] * 2, [0, 0])
+        with pytest.raises(InvalidParam, match="not in flight"):
+            dev.complete([3], [0])
+        with pytest.raises(InvalidParam, match="out of range"):
+            dev.complete([-1], [0])
+        with pytest.raises(InvalidParam, match="length out of range"):
+            dev.complete(batch.ids[:1], [-1])
+        with pytest.raises(InvalidParam, match="length out of range"):
+            dev.complete(batch.ids[:1], np.array([1 << 32], dtype=np.uint64))
+        assert dev.broken is None
+        dev.complete(batch.ids, np.zeros(2, dtype=np.uint32))
+        assert drv.reap_batch()[0].tolist() == [0, 1]
+
+
+def test_split_same_head_twice_in_one_pop() -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, False, 4)
+        d, a, _ = drv.ring_gpas
+        mem.gpa_array(d, SPLIT_DESC_DTYPE, 4)[2] = (BUFS, 8, 0, 0)
+        avail = mem.gpa_array(a, "<u2", 6)
+        avail[2] = avail[3] = 2
+        avail[1] = 2
+        with pytest.raises(VirtqueueError, match="twice"):
+            dev.pop_batch()
+
+
+def test_split_head_already_in_flight() -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, False, 4)
+        d, a, _ = drv.ring_gpas
+        mem.gpa_array(d, SPLIT_DESC_DTYPE, 4)[1] = (BUFS, 8, 0, 0)
+        avail = mem.gpa_array(a, "<u2", 6)
+        avail[2] = 1
+        avail[1] = 1
+        assert dev.pop_batch().ids.tolist() == [1]
+        avail[3] = 1
+        avail[1] = 2
+        with pytest.raises(VirtqueueError, match="already in flight"):
+            dev.pop_batch()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_has_pending_follows_the_ring(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 4)
+        for _ in range(6):  # more than a lap: wrap counters and index wrap
+            assert not dev.has_pending()
+            drv.add_batch([BUFS, BUFS + 64, BUFS + 128], [8, 8, 8], writable=False)
+            drv.publish()
+            assert dev.has_pending()
+            batch = dev.pop_batch()
+            assert len(batch) == 3 and not dev.has_pending()
+            dev.complete(batch.ids, np.zeros(3, dtype=np.uint32))
+            assert len(drv.reap_batch()[0]) == 3
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_notification_flags_written_only_on_change(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 4)
+        if packed:
+            words = mem.gpa_array(drv.ring_gpas[2], "<u2", 2)  # device event area
+            index, disabled = 1, 1
+        else:
+            words = mem.gpa_array(drv.ring_gpas[2], "<u2", 2)  # used ring flags
+            index, disabled = 0, 1
+        dev.disable_notifications()
+        assert words[index] == disabled
+        words[index] = 0x55  # nobody else writes there: a second disable does not store
+        dev.disable_notifications()
+        assert words[index] == 0x55
+        words[index] = disabled
+        assert not dev.enable_notifications()
+        assert words[index] == 0
+        dev.disable_notifications()
+        assert words[index] == disabled
+        drv.add_batch([BUFS], [8], writable=False)
+        drv.publish()
+        assert dev.enable_notifications()  # pending: pop them
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_free_lists_are_first_in_first_out(packed: bool) -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 8)
+        assert drv.next_heads(3).tolist() == [0, 1, 2]
+        assert drv.add_batch([BUFS] * 3, [8] * 3, writable=False).tolist() == [0, 1, 2]
+        assert drv.next_heads(2).tolist() == [3, 4]
+        drv.publish()
+        batch = dev.pop_batch()
+        dev.complete(batch.ids[::-1], np.zeros(3, dtype=np.uint32))  # 2, 1, 0
+        tokens, _ = drv.reap_batch()
+        assert tokens.tolist() == [2, 1, 0]
+        # the ones never used go first, then the returned ones in the order they came back
+        assert drv.next_heads(8).tolist() == [3, 4, 5, 6, 7, 2, 1, 0]
+        with pytest.raises(Exception, match="queue full"):
+            drv.next_heads(9)
+        assert drv.add([(BUFS, 8)], token="t") == 3  # add() takes from the same list
+        assert drv.next_heads(1).tolist() == [4]
+
+
+def test_packed_single_and_multi_chains_complete_in_any_order() -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, True, 8)
+        for lap in range(5):  # several laps: used slots wrap with chains of different length
+            a = drv.add([(BUFS, 4), (BUFS + 64, 4)], [(BUFS + 128, 8)], token=f"m{lap}")
+            drv.add_batch([BUFS + 256, BUFS + 320], [8, 8], writable=True, tokens=[7, 9])
+            drv.publish()
+            batch = dev.pop_batch()
+            assert len(batch) == 3 and int(batch.ids[0]) == a
+            assert batch.writable_len.tolist() == [8, 8, 8]
+            order = [2, 0, 1] if lap % 2 else [1, 2, 0]
+            dev.complete(batch.ids[order], batch.writable_len[order])
+            got = drv.reap()
+            assert sorted(map(str, got)) == sorted(map(str, [(f"m{lap}", 8), (7, 8), (9, 8)]))
+            assert drv.num_free == 8
+
+
+def test_split_reap_batch_keeps_checking_lengths_and_ids() -> None:
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, False, 4)
+        drv.add_batch([BUFS, BUFS + 64], [8, 8], writable=True, tokens=[10, 11])
+        drv.publish()
+        batch = dev.pop_batch()
+        dev.complete(batch.ids, [8, 9])  # one byte more than the buffer
+        with pytest.raises(VirtqueueError, match="bytes into"):
+            drv.reap_batch()
+
+
+def _bench_module():
+    """bench/ring_throughput.py (its in-process loopback data plane), loaded by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "ring_throughput.py"
+    spec = importlib.util.spec_from_file_location("_vhk_ring_throughput", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_netdriver_tx_layout_and_headers() -> None:
+    """Frames land 64-byte aligned behind their header; a custom header is not kept."""
+    from vhostkit.virtio.net import VirtioNetHdr
+    from vhostkit.virtio.netdriver import VirtioNetDriver
+
+    loop = _bench_module()
+    with loop.Loopback() as be, VirtioNetDriver(be, queue_size=8).start() as nic:
+        dev = be.device_queue(1)
+        frames = [bytes([i]) * 60 for i in range(5)] + [b"\x09" * 100]
+        assert nic.send(frames) == 6
+        batch = dev.pop_batch()
+        chains = batch.chains()
+        hs = nic.header_size
+        for frame, chain in zip(frames, chains, strict=True):
+            data = chain.read_all()
+            assert data[hs:] == frame and data[:hs] == bytes(hs)
+        assert batch._addr.tolist()[0] % 64 == 64 - hs
+        dev.complete(batch.ids, np.zeros(6, dtype=np.uint32))
+        hdr = VirtioNetHdr(num_buffers=1)
+        assert nic.send(frames[:3], hdr=hdr) == 3
+        batch = dev.pop_batch()
+        for chain in batch.chains():
+            assert chain.read_all()[:hs] == hdr.pack(hs)
+        dev.complete(batch.ids, np.zeros(3, dtype=np.uint32))
+        assert nic.send(frames) == 6  # reaps first; slots that held the header get zeros
+        batch = dev.pop_batch()
+        assert all(c.read_all()[:hs] == bytes(hs) for c in batch.chains())
+        dev.complete(batch.ids, np.zeros(6, dtype=np.uint32))
+        assert nic.wait_tx_done(1.0)
+        assert nic.tx_in_flight == 0
+
+
+def test_sink_busy_poll_consumes_without_kicks(fd_check, sock_dir) -> None:
+    """A worker that polls keeps serving a ring whose driver never kicks after the first."""
+    import os
+    import time
+
+    from vhostkit.user import BackendListener, Frontend, ProtocolFeature
+
+    features = (1 << 32) | (1 << 29)
+    device = SinkDevice(features=features, num_queues=1, busy_poll=2.0)
+    listener = BackendListener(str(sock_dir / "bp.sock"), lambda: device).start()
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        with (
+            Frontend.connect(sock_dir / "bp.sock", timeout=5) as fe,
+            GuestMemory.allocate([(0, 0x100000)]) as mem,
+        ):
+            fe.set_owner()
+            fe.negotiate(features, ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            q = SplitDriverQueue(mem, 16, 0, features=features)
+            fe.set_vring_num(0, 16)
+            fe.set_vring_base(0, 0)
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            q.add_batch([BUFS], [64], writable=False)
+            q.publish()
+            os.eventfd_write(kick, 1)
+            deadline = time.monotonic() + 5
+            while device.chains[0] < 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            # the worker now polls for up to 2 s: no kick needed for the next ones
+            for _ in range(3):
+                q.reap_batch()
+                q.add_batch([BUFS + 64, BUFS + 128], [64, 64], writable=False)
+                kicked = q.publish()
+                assert not kicked  # the worker keeps notifications off while it polls
+                while q.num_free < 16 and time.monotonic() < deadline:
+                    q.reap_batch()
+                    time.sleep(0.001)
+            assert device.chains[0] == 7
+            fe.get_vring_base(0)  # stops the worker, even while it polls
+    finally:
+        listener.stop()
+        device.close()
+        os.close(kick)
+        os.close(call)
+        assert not listener.errors
+
+
+def test_flags_constants_unchanged() -> None:
+    assert int(DescFlag.AVAIL | DescFlag.USED) == 0x8080
