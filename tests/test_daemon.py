@@ -21,6 +21,7 @@ from vhostkit.virtio.split import SplitDriverQueue
 VERSION_1 = 1 << 32
 EVENT_IDX = 1 << 29
 PACKED = 1 << 34
+INDIRECT = 1 << 28
 NUM = 64
 BUF = 0x100000  # data buffers live from here
 
@@ -264,6 +265,90 @@ def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir) -> None
         second.close()
         assert sorted(done) == list(range(10))  # every chain exactly once
         assert second.chains[0] == 3 + 4  # the three resubmitted, then the four new ones
+    finally:
+        mem.close()
+        os.close(kick)
+        os.close(call)
+        if region is not None:
+            os.close(region.fd)
+
+
+def test_restarted_backend_resubmits_inflight_packed_chains(fd_check, sock_dir) -> None:
+    """The packed version: chains of several descriptors and an indirect one are held by the
+    first back-end; the second one rebuilds them from the inflight area (the ring slots hold
+    used descriptors by then) and finds the ring position there, not in the stale base."""
+    features = VERSION_1 | PACKED | INDIRECT
+    protocol = ProtocolFeature.REPLY_ACK | ProtocolFeature.INFLIGHT_SHMFD
+    mem = GuestMemory.allocate([(0, 0x200000)])
+    q = PackedDriverQueue(mem, NUM, 0, features=features, index=0, max_indirect=4)
+    kick, call = eventfd(), eventfd()
+    region = None
+
+    def add(i: int) -> None:
+        out = [(BUF + i * 0x1000, 64)]
+        if i % 3 == 0:  # two descriptors
+            q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=False)
+        elif i % 3 == 2:  # one indirect descriptor with a table of two
+            q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=True)
+        else:
+            q.add(out, token=i)
+
+    try:
+        # --- the first back-end
+        first = OutOfOrder(features=features, num_queues=1)
+        listener = BackendListener(str(sock_dir / "a.sock"), lambda: first).start()
+        with Frontend.connect(sock_dir / "a.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(features, protocol)
+            region = fe.get_inflight_fd(1, NUM)
+            fe.set_mem_table(mem.regions)
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_base(0, encode_base(0, 1))
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            for i in range(6):
+                add(i)
+            q.publish()
+            os.eventfd_write(kick, 1)
+            first.wait_for(lambda: len(first.held) == 3)
+            done = [t for t, _ in q.reap()]
+            assert sorted(done) == [1, 3, 5]
+        listener.stop()
+        first.close()
+        # --- the second back-end, a plain sink, takes over from the inflight area
+        second = SinkDevice(features=features, num_queues=1)
+        listener = BackendListener(str(sock_dir / "b.sock"), lambda: second).start()
+        with Frontend.connect(sock_dir / "b.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(features, protocol)
+            fe.set_inflight_fd(region)
+            fe.set_mem_table(mem.regions)
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_base(0, encode_base(0, 1))  # stale: the front-end cannot know
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            kick2 = eventfd()
+            fe.set_vring_kick(0, kick2)
+            fe.set_vring_enable(0, True)
+            for i in range(6, 10):
+                add(i)
+            q.publish()
+            os.eventfd_write(kick2, 1)
+            while len(done) < 10:
+                done += [t for t, _ in q.reap()]
+                if len(done) < 10:
+                    wait_readable(call)
+            # used (1, 3, 5: 4 descriptors) + held (0, 2, 4: 4) + new (6..9: 6)
+            _, _, used_idx, used_wrap = decode_base(fe.get_vring_base(0))
+            assert (used_idx, used_wrap) == (14, 1)
+            os.close(kick2)
+        listener.stop()
+        second.close()
+        assert sorted(done) == list(range(10))  # every chain exactly once
+        assert second.chains[0] == 3 + 4  # the three resubmitted, then the four new ones
+        assert q.num_free == NUM
     finally:
         mem.close()
         os.close(kick)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostkit.errors import InvalidParam
-from vhostkit.user.inflight import SplitInflight, split_queue_region_size
+from vhostkit.user.inflight import (
+    PACKED_HEADER_DTYPE,
+    PACKED_STATE_DTYPE,
+    RING_DESC_DTYPE,
+    PackedInflight,
+    SplitInflight,
+    packed_queue_region_size,
+    split_queue_region_size,
+)
+from vhostkit.virtio.features import VirtioFeature as F
+from vhostkit.virtio.memory import GuestMemory
+from vhostkit.virtio.packed import PackedDeviceQueue, PackedDriverQueue, encode_base
 
 N = 16
 
@@ -103,3 +115,271 @@ def test_recovery_matches_a_model_whatever_the_crash_point(data: st.DataObject) 
             ring_used = (used_idx + len(batch)) & 0xFFFF
             expected = [h for h in inflight if h not in batch]
     assert SplitInflight(buf, N).recover(ring_used) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# packed rings
+# ----------------------------------------------------------------------------------------------
+
+NEXT, WRITE, AVAIL, USED = 1, 2, 1 << 7, 1 << 15
+
+
+def packed_region(n: int = N) -> bytearray:
+    return bytearray(packed_queue_region_size(n))
+
+
+def ring_descs(rows: list[tuple[int, int, int, int]]) -> np.ndarray:
+    out = np.zeros(len(rows), RING_DESC_DTYPE)
+    for i, (a, ln, bid, fl) in enumerate(rows):
+        out[i] = (a, ln, bid, fl)
+    return out
+
+
+def test_packed_layout_and_initialisation() -> None:
+    assert PACKED_HEADER_DTYPE.itemsize == 32 and PACKED_STATE_DTYPE.itemsize == 32
+    assert PACKED_STATE_DTYPE.fields is not None
+    offs = {k: v[1] for k, v in PACKED_STATE_DTYPE.fields.items()}
+    assert offs == {
+        "inflight": 0, "padding": 1, "next": 2, "last": 4, "num": 6,
+        "counter": 8, "id": 16, "flags": 18, "len": 20, "addr": 24,
+    }  # fmt: skip
+    assert packed_queue_region_size(256) == 8256  # 32 + 32 * 256, 64-aligned
+    assert packed_queue_region_size(1) == 64
+    buf = packed_region()
+    t = PackedInflight(buf, N)
+    assert buf[8:10] == (1).to_bytes(2, "little")  # version
+    assert buf[10:12] == N.to_bytes(2, "little")  # desc_num
+    assert bytes(buf[12:20]) == bytes(8)  # free_head, old_free_head, used_idx, old_used_idx
+    assert bytes(buf[20:22]) == b"\1\1"  # the wrap counters
+    assert t.desc["next"].tolist() == list(range(1, N + 1))
+    # entry 3 begins at 32 + 3 * 32: its next field (little-endian u16) is 4
+    assert buf[32 + 96 + 2 : 32 + 96 + 4] == (4).to_bytes(2, "little")
+
+
+def test_packed_pop_records_copies_off_the_free_list() -> None:
+    buf = packed_region()
+    t = PackedInflight(buf, N)
+    t.popped(
+        ring_descs([(0x1000, 10, 7, NEXT | AVAIL), (0x2000, 20, 7, WRITE | AVAIL)]),
+        [2],
+    )
+    t.popped(ring_descs([(0x3000, 30, 4, AVAIL)]))
+    d = t.desc
+    assert d["inflight"][[0, 2]].tolist() == [1, 1]
+    assert d["num"][[0, 2]].tolist() == [2, 1]
+    assert d["last"][[0, 2]].tolist() == [1, 2]
+    assert d["addr"][:3].tolist() == [0x1000, 0x2000, 0x3000]
+    assert buf[12:14] == (3).to_bytes(2, "little")  # free_head
+    assert buf[14:16] == (3).to_bytes(2, "little")  # old_free_head
+    # complete id 7 (two ring descriptors): its entries go back on the free list
+    t.completing([7])
+    t.completed([7])
+    assert (t.free_head, t.used_idx, t.used_wrap) == (0, 2, 1)
+    assert d["next"][1] == 3  # the chain's last entry links to the old free head
+    rec = PackedInflight(buf, N).recover(np.full(N, USED | AVAIL, np.uint16))
+    assert rec.heads == [2]
+    assert rec.descs.tolist() == [(0x3000, 30, 4, AVAIL)]
+    assert rec.counts.tolist() == [1]
+    assert (rec.used_idx, rec.used_wrap) == (2, 1)
+
+
+def test_packed_bad_regions_are_refused() -> None:
+    with pytest.raises(InvalidParam):
+        PackedInflight(bytearray(32), N)
+    buf = packed_region(32)
+    PackedInflight(buf, 32)
+    with pytest.raises(InvalidParam):
+        PackedInflight(buf, 16)
+
+
+class PackedModel:
+    """A packed ring's flags plus what a device has popped and completed, per the spec."""
+
+    def __init__(self, data: st.DataObject, n: int) -> None:
+        self.data = data
+        self.n = n
+        self.flags = np.zeros(n, np.uint16)
+        self.avail = (0, 1)
+        self.used = (0, 1)
+        self.inflight: list[tuple[int, np.ndarray]] = []  # (id, ring descriptors), pop order
+        self.free_ids = list(range(n))
+        self.addr = 0x1000
+
+    def step(self, pos: tuple[int, int], k: int) -> tuple[int, int]:
+        i, w = pos[0] + k, pos[1]
+        if i >= self.n:
+            i, w = i - self.n, w ^ 1
+        return i, w
+
+    def outstanding(self) -> int:
+        return sum(d.shape[0] for _, d in self.inflight)
+
+    def make_chains(self) -> tuple[list[tuple[int, np.ndarray]], np.ndarray, list[int]]:
+        draw = self.data.draw
+        chains: list[tuple[int, np.ndarray]] = []
+        room = self.n - self.outstanding()
+        pos = self.avail
+        for _ in range(draw(st.integers(1, 4))):
+            if room == 0 or not self.free_ids:
+                break
+            c = draw(st.integers(1, min(3, room)))
+            bid = self.free_ids.pop(draw(st.integers(0, len(self.free_ids) - 1)))
+            rows = []
+            for j in range(c):
+                bits = AVAIL if pos[1] else USED
+                fl = (NEXT if j < c - 1 else 0) | bits | (WRITE if draw(st.booleans()) else 0)
+                rows.append((self.addr, draw(st.integers(0, 4096)), bid, fl))
+                self.flags[pos[0]] = fl  # the driver makes it available
+                self.addr += 0x1000
+                pos = self.step(pos, 1)
+            room -= c
+            chains.append((bid, ring_descs(rows)))
+        descs = np.concatenate([d for _, d in chains]) if chains else ring_descs([])
+        return chains, descs, [d.shape[0] for _, d in chains]
+
+    def write_used(self, batch: list[tuple[int, np.ndarray]], skip_first: bool = False) -> None:
+        """The device writes the batch's used descriptors; the first one's flags last."""
+        pos = self.used
+        slots = []
+        for _, d in batch:
+            slots.append(pos)
+            pos = self.step(pos, d.shape[0])
+        for i, w in slots[1:]:
+            self.flags[i] = AVAIL | USED if w else 0
+        if not skip_first:
+            i, w = slots[0]
+            self.flags[i] = AVAIL | USED if w else 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_packed_recovery_matches_a_model_whatever_the_crash_point(data: st.DataObject) -> None:
+    n = data.draw(st.sampled_from([1, 2, 5, 8]))
+    buf = packed_region(n)
+    m = PackedModel(data, n)
+    t = PackedInflight(buf, n)
+    for _life in range(data.draw(st.integers(1, 4))):
+        for _ in range(data.draw(st.integers(0, 25))):
+            if data.draw(st.booleans()) or not m.inflight:
+                chains, descs, counts = m.make_chains()
+                if chains:
+                    t.popped(descs, counts)
+                    m.inflight += chains
+                    m.avail = m.step(m.avail, descs.shape[0])
+            else:
+                batch = data.draw(st.lists(st.sampled_from(m.inflight), min_size=1, unique_by=id))
+                ids = [b for b, _ in batch]
+                t.completing(ids)
+                m.write_used(batch)
+                t.completed(ids)
+                m.used = m.step(m.used, sum(d.shape[0] for _, d in batch))
+                m.inflight = [c for c in m.inflight if c[0] not in ids]
+                m.free_ids += ids
+            assert t._free[::-1] == t.free_entries()  # the mirror follows the region
+        # the crash, maybe in the middle of one more operation
+        h = t._h.copy()
+        crash = data.draw(st.sampled_from(["none", "pop", "pop-late", "complete"]))
+        if crash.startswith("pop"):
+            chains, descs, counts = m.make_chains()
+            if chains:
+                t.popped(descs, counts)
+                # undo the header writes the crash prevented (the copies were written)
+                t._h["old_free_head"] = h["old_free_head"]
+                if crash == "pop":
+                    t._h["free_head"] = h["free_head"]
+                m.free_ids += [b for b, _ in chains]  # never recorded: popped again later
+        elif crash == "complete" and m.inflight:
+            batch = data.draw(st.lists(st.sampled_from(m.inflight), min_size=1, unique_by=id))
+            ids = [b for b, _ in batch]
+            point = data.draw(st.integers(0, 4))
+            t.completing(ids)
+            if point == 0:  # died before used_idx was written
+                t._h["used_idx"] = h["used_idx"]
+                t._h["used_wrap_counter"] = h["used_wrap_counter"]
+            if point >= 2:
+                m.write_used(batch, skip_first=point == 2)
+            if point == 4:  # some inflight marks cleared, nothing committed
+                heads = t._head_of_id[ids]
+                t.desc["inflight"][heads[: data.draw(st.integers(0, len(ids)))]] = 0
+            if point >= 3:  # the driver saw the batch
+                m.used = m.step(m.used, sum(d.shape[0] for _, d in batch))
+                m.inflight = [c for c in m.inflight if c[0] not in ids]
+                m.free_ids += ids
+        # the restarted back-end
+        t = PackedInflight(buf, n)
+        rec = t.recover(m.flags)
+        assert [int(rec.descs["id"][e]) for e in np.cumsum(rec.counts) - 1] == [
+            b for b, _ in m.inflight
+        ]
+        expected = np.concatenate([d for _, d in m.inflight]) if m.inflight else ring_descs([])
+        assert rec.descs.tolist() == expected.tolist()
+        assert (rec.used_idx, rec.used_wrap) == m.used
+        m.avail = m.step(m.used, m.outstanding())
+        # every entry is either free or in exactly one chain in flight
+        free, e = [], t.free_head
+        while e < n:
+            free.append(e)
+            e = int(t.desc["next"][e])
+        in_chains = [e for hd in rec.heads for e in t.chain_entries(hd)]
+        assert sorted(free + in_chains) == list(range(n))
+        assert not t.desc["inflight"][free].any()
+
+
+def test_packed_queue_resubmits_direct_and_indirect_chains_after_a_crash() -> None:
+    """Device queue + tracker, a crash, a new queue: the chains come back from the region
+    (the ring slots now hold used descriptors), then the ring goes on."""
+    features = int(F.RING_PACKED | F.RING_INDIRECT_DESC)
+    num = 8
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv = PackedDriverQueue(mem, num, 0, features=features, max_indirect=4)
+        mem.gpa_view(0x80000, 0x1000)[:] = bytes(range(256)) * 16
+        chains = {
+            "a": ([(0x80000, 4), (0x80004, 4)], [(0x90000, 8)], False),  # 3 ring descriptors
+            "b": ([(0x80010, 2)], [], False),
+            "c": ([(0x80020, 3), (0x80030, 5)], [(0x90100, 16)], True),  # indirect
+            "d": ([(0x80040, 1)], [(0x90200, 2)], False),
+        }
+        for tok, (out, in_, ind) in chains.items():
+            drv.add(out, in_, token=tok, indirect=ind)
+        drv.publish()
+        buf = packed_region(num)
+        dev = PackedDeviceQueue.from_gpa(mem, num, *drv.ring_gpas, features=features)
+        t = PackedInflight(buf, num)
+        batch = dev.pop_batch()
+        t.popped(*dev.last_popped)
+        before = {int(c.id): (c.read_all(), [w.nbytes for w in c.writable]) for c in batch}
+        ids = batch.ids.tolist()
+        done = [ids[1], ids[3]]  # b and d: their used descriptors overwrite a's slots
+        t.completing(done)
+        dev.complete(done, [0, 2])
+        t.completed(done)
+        assert sorted(tok for tok, _ in drv.reap()) == ["b", "d"]
+        # the crash; a new back-end, told only a stale base
+        dev2 = PackedDeviceQueue.from_gpa(
+            mem, num, *drv.ring_gpas, features=features, base=encode_base(0, 1)
+        )
+        t2 = PackedInflight(buf, num)
+        rec = t2.recover(dev2.ring_flags)
+        assert rec.counts.tolist() == [3, 1]  # a (three descriptors), c (one, indirect)
+        again = dev2.resubmit(rec.descs, rec.counts, rec.used_idx, rec.used_wrap)
+        assert again.ids.tolist() == [ids[0], ids[2]]
+        for c in again:
+            assert (c.read_all(), [w.nbytes for w in c.writable]) == before[int(c.id)]
+        assert dev2.used_position == (3, 1)  # b (1) and d (2) were used
+        assert dev2.avail_position == (7, 1)  # plus a (3) and c (1)
+        assert sorted(dev2.inflight) == sorted([ids[0], ids[2]])
+        # the ring goes on: new chains after the old ones, every chain used once
+        drv.add([(0x80050, 1)], [], token="e")
+        drv.add([(0x80060, 1)], [(0x90300, 4)], token="f")  # wraps around
+        drv.publish()
+        new = dev2.pop_batch()
+        t2.popped(*dev2.last_popped)
+        assert len(new) == 2
+        rest = again.ids.tolist() + new.ids.tolist()
+        t2.completing(rest)
+        dev2.complete(rest, [0] * len(rest))
+        t2.completed(rest)
+        assert sorted(tok for tok, _ in drv.reap()) == ["a", "c", "e", "f"]
+        assert drv.num_free == num
+        assert PackedInflight(buf, num).recover(dev2.ring_flags).heads == []
+        del batch, again, new

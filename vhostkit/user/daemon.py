@@ -40,7 +40,12 @@ from vhostkit.backend import MemoryRegion, VringAddr
 from vhostkit.errors import InvalidOperation, VhostError, VirtqueueError
 from vhostkit.user.backend_req_handler import InflightArea
 from vhostkit.user.device import BackendDevice, VringInfo
-from vhostkit.user.inflight import SplitInflight, split_queue_region_size
+from vhostkit.user.inflight import (
+    PackedInflight,
+    SplitInflight,
+    packed_queue_region_size,
+    split_queue_region_size,
+)
 from vhostkit.user.message import InflightDesc, ProtocolFeature
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDeviceQueue
@@ -80,7 +85,7 @@ class ActiveRing:
     #: while it cannot take more input, e.g. no receive buffers, and waits for a kick instead)
     extra_wanted: bool = True
     #: inflight tracking of this ring (INFLIGHT_SHMFD negotiated and an area given)
-    inflight: SplitInflight | None = None
+    inflight: SplitInflight | PackedInflight | None = None
     #: chains a previous back-end took and never completed, handed out first
     resubmitted: ChainBatch | None = None
 
@@ -124,9 +129,14 @@ class ActiveRing:
             else:
                 self.resubmitted = None
             return batch
-        batch = self.queue.pop_batch(max_chains)
-        if self.inflight is not None and len(batch):
-            self.inflight.popped(batch.ids)
+        queue = self.queue
+        batch = queue.pop_batch(max_chains)
+        tracker = self.inflight
+        if tracker is not None and len(batch):
+            if isinstance(tracker, PackedInflight):
+                tracker.popped(*queue.last_popped)  # type: ignore[union-attr]
+            else:
+                tracker.popped(batch.ids)
         return batch
 
     def complete(
@@ -140,7 +150,10 @@ class ActiveRing:
             tracker.completing(ids)
         want = self.queue.complete(ids, lengths)
         if tracker is not None:
-            tracker.completed(ids, self.queue.used_idx)
+            if isinstance(tracker, PackedInflight):
+                tracker.completed(ids)
+            else:
+                tracker.completed(ids, self.queue.used_idx)  # type: ignore[union-attr]
         if want:
             self.signal()
 
@@ -210,8 +223,7 @@ class RingDevice(BackendDevice):
             ring.started = False
             raise
         active = ActiveRing(ring, queue, self)
-        if isinstance(queue, SplitDeviceQueue):
-            self._track_inflight(active, queue)
+        self._track_inflight(active, queue)
         active.ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.active[ring.index] = active
         self._start_worker(active)
@@ -236,9 +248,12 @@ class RingDevice(BackendDevice):
             self._inflight_map.close()
             self._inflight_map = None
 
-    def _track_inflight(self, active: ActiveRing, queue: SplitDeviceQueue) -> None:
+    def _track_inflight(self, active: ActiveRing, queue: DeviceQueue) -> None:
         area = self._inflight_area()
         if area is None:
+            return
+        if isinstance(queue, PackedDeviceQueue):
+            self._track_packed(active, queue, area)
             return
         size = split_queue_region_size(queue.num)
         view = area.gpa_view(active.index * size, size)
@@ -262,6 +277,32 @@ class RingDevice(BackendDevice):
         elif queue.last_avail_idx != queue.used_idx:
             # nothing was in flight: everything taken was completed
             queue.resubmit([], queue.used_idx)
+
+    def _track_packed(
+        self, active: ActiveRing, queue: PackedDeviceQueue, area: GuestMemory
+    ) -> None:
+        size = packed_queue_region_size(queue.num)
+        view = area.gpa_view(active.index * size, size)
+        fresh = view[8:10] == b"\0\0"  # version 0: nobody used this region yet
+        tracker = PackedInflight(view, queue.num)
+        active.inflight = tracker
+        if fresh:
+            tracker.set_used_position(*queue.used_position)
+            return
+        # the region, not SET_VRING_BASE, knows the used position: a front-end whose back-end
+        # crashed cannot know it for a packed ring (no used index in guest memory)
+        rec = tracker.recover(queue.ring_flags)
+        batch = queue.resubmit(rec.descs, rec.counts, rec.used_idx, rec.used_wrap)
+        if rec.heads:
+            active.resubmitted = batch
+            log.info(
+                "ring %d: resubmitting %d inflight chains (ids %s), used %s, resuming at avail %s",
+                active.index,
+                len(rec.heads),
+                batch.ids.tolist(),
+                queue.used_position,
+                queue.avail_position,
+            )
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightArea:
         self._drop_inflight_map()

@@ -1,4 +1,4 @@
-"""Inflight I/O tracking for split virtqueues (vhost-user ``INFLIGHT_SHMFD``).
+"""Inflight I/O tracking for split and packed virtqueues (vhost-user ``INFLIGHT_SHMFD``).
 
 A back-end that may crash keeps, in a memory area it shares with the front-end
 (``GET_INFLIGHT_FD`` / ``SET_INFLIGHT_FD``), which descriptor chains it has taken from the
@@ -18,9 +18,14 @@ device makes, in order:
   ``used_idx``);
 * on (re)start: :meth:`SplitInflight.recover` with the used index found in the ring, which
   repairs an interrupted last batch and returns the heads to resubmit, oldest first.
+
+:class:`PackedInflight` does the same for packed rings, whose region keeps a copy of every
+descriptor in flight (the ring's slots are reused by used descriptors): see its docstring.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -28,8 +33,13 @@ import numpy.typing as npt
 from vhostkit.errors import InvalidParam
 
 __all__ = [
+    "PACKED_HEADER_DTYPE",
+    "PACKED_STATE_DTYPE",
+    "RING_DESC_DTYPE",
     "SPLIT_DESC_DTYPE",
     "SPLIT_HEADER_DTYPE",
+    "PackedInflight",
+    "PackedRecovery",
     "SplitInflight",
     "packed_queue_region_size",
     "split_queue_region_size",
@@ -155,3 +165,310 @@ class SplitInflight:
                 head = int(self.desc["next"][head])
             self._header["used_idx"] = ring_used_idx & 0xFFFF
         return self.inflight_heads()
+
+
+# ----------------------------------------------------------------------------------------------
+# packed rings
+# ----------------------------------------------------------------------------------------------
+
+PACKED_HEADER_DTYPE = np.dtype(
+    [
+        ("features", "<u8"),
+        ("version", "<u2"),
+        ("desc_num", "<u2"),
+        ("free_head", "<u2"),
+        ("old_free_head", "<u2"),
+        ("used_idx", "<u2"),
+        ("old_used_idx", "<u2"),
+        ("used_wrap_counter", "u1"),
+        ("old_used_wrap_counter", "u1"),
+        ("padding", "u1", (10,)),  # 7 in the spec, then 3 up to the 8-aligned descriptors
+    ]
+)
+#: ``DescStatePacked``
+PACKED_STATE_DTYPE = np.dtype(
+    [
+        ("inflight", "u1"),
+        ("padding", "u1"),
+        ("next", "<u2"),
+        ("last", "<u2"),
+        ("num", "<u2"),
+        ("counter", "<u8"),
+        ("id", "<u2"),
+        ("flags", "<u2"),
+        ("len", "<u4"),
+        ("addr", "<u8"),
+    ]
+)
+#: a ring descriptor (``struct vring_packed_desc``), as the resubmitted chains are returned
+RING_DESC_DTYPE = np.dtype([("addr", "<u8"), ("len", "<u4"), ("id", "<u2"), ("flags", "<u2")])
+assert PACKED_HEADER_DTYPE.itemsize == 32 and PACKED_STATE_DTYPE.itemsize == 32
+
+_F_AVAIL = 1 << 7
+_F_USED = 1 << 15
+
+
+@dataclass(frozen=True)
+class PackedRecovery:
+    """What a restarted back-end resubmits: the chains in flight, oldest first.
+
+    ``descs`` are the copies of their ring descriptors (``addr, len, id, flags``, chain after
+    chain), ``counts`` the ring descriptors of each chain, ``heads`` the region entries of the
+    chains; ``used_idx`` / ``used_wrap`` the used position the device resumes at (the avail
+    position follows the resubmitted descriptors).
+    """
+
+    heads: list[int]
+    descs: np.ndarray
+    counts: npt.NDArray[np.intp]
+    used_idx: int
+    used_wrap: int
+
+
+class PackedInflight:
+    """One packed queue's inflight region (the spec's ``QueueRegionPacked``), over ``buf``.
+
+    The device's calls, in order:
+
+    * after taking chains from the ring: :meth:`popped` with the ring descriptors taken (each
+      one is copied into the region, chain by chain, off the free list);
+    * before writing used descriptors: :meth:`completing` with the chains' buffer ids (links
+      them back to the free list, advances ``used_idx``);
+    * after the used descriptors are written: :meth:`completed` (inflight = 0, commit);
+    * on (re)start: :meth:`recover` with the ring's descriptor flags: commits or rolls back an
+      interrupted update and returns the chains to resubmit, rebuilt from the region.
+
+    The header fields are mirrored in attributes (this object is the region's only writer) and
+    every change is written through, in the spec's order, so a crash at any point leaves a
+    region :meth:`recover` can repair.
+    """
+
+    def __init__(self, buf: memoryview | bytearray, queue_size: int) -> None:
+        need = packed_queue_region_size(queue_size)
+        view = memoryview(buf).cast("B")
+        if view.nbytes < need:
+            raise InvalidParam(f"inflight region of {view.nbytes} bytes, {need} needed")
+        if not 0 < queue_size < 0x8000:
+            raise InvalidParam(f"packed queue size {queue_size} out of range")
+        self._h = np.frombuffer(view, PACKED_HEADER_DTYPE, 1, 0)
+        self.desc = np.frombuffer(
+            view, PACKED_STATE_DTYPE, queue_size, PACKED_HEADER_DTYPE.itemsize
+        )
+        self.queue_size = queue_size
+        h = self._h
+        if int(h["version"][0]) == 0:
+            d = np.zeros(queue_size, PACKED_STATE_DTYPE)
+            d["next"] = np.arange(1, queue_size + 1)
+            self.desc[:] = d
+            for name in ("features", "free_head", "old_free_head", "used_idx", "old_used_idx"):
+                h[name] = 0
+            h["used_wrap_counter"] = 1
+            h["old_used_wrap_counter"] = 1
+            h["desc_num"] = queue_size
+            h["version"] = INFLIGHT_VERSION  # last: marks the region valid
+        elif int(h["desc_num"][0]) != queue_size:
+            raise InvalidParam(
+                f"inflight region tracks {int(h['desc_num'][0])} descriptors, "
+                f"queue has {queue_size}"
+            )
+        self._load()
+        self._counter = int(self.desc["counter"].max()) + 1
+        #: buffer id -> head entry of the chain in flight with that id
+        self._head_of_id = np.zeros(0x10000, dtype=np.intp)
+        self._map_ids(self.inflight_heads())
+        #: the free list, mirrored with its head last (so taking and giving back are list
+        #: slices, not walks through the region)
+        self._free = self.free_entries()[::-1]
+
+    def _load(self) -> None:
+        h = self._h[0]
+        self.free_head = int(h["free_head"])
+        self.old_free_head = int(h["old_free_head"])
+        self.used_idx = int(h["used_idx"])
+        self.old_used_idx = int(h["old_used_idx"])
+        self.used_wrap = int(h["used_wrap_counter"])
+        self.old_used_wrap = int(h["old_used_wrap_counter"])
+
+    def _map_ids(self, heads: list[int]) -> None:
+        if heads:
+            h = np.asarray(heads, dtype=np.intp)
+            last = self.desc["last"][h].astype(np.intp)
+            self._head_of_id[self.desc["id"][last]] = h
+
+    def inflight_heads(self) -> list[int]:
+        """Entries marked inflight, oldest first (by counter)."""
+        heads = np.flatnonzero(self.desc["inflight"])
+        order = np.argsort(self.desc["counter"][heads], kind="stable")
+        return heads[order].tolist()
+
+    def free_entries(self) -> list[int]:
+        """The free list from ``free_head`` on (read from the region)."""
+        nxt = self.desc["next"]
+        size = self.queue_size
+        out: list[int] = []
+        e = self.free_head
+        while e < size and len(out) < size:
+            out.append(e)
+            e = int(nxt[e])
+        return out
+
+    def chain_entries(self, head: int) -> list[int]:
+        """The region entries of the chain whose head entry is ``head`` (``num`` of them)."""
+        out = [head]
+        nxt = self.desc["next"]
+        e = head
+        for _ in range(int(self.desc["num"][head]) - 1):
+            e = int(nxt[e])
+            if e >= self.queue_size:
+                raise InvalidParam(f"inflight chain at entry {head} runs off the region")
+            out.append(e)
+        return out
+
+    def set_used_position(self, used_idx: int, used_wrap: int) -> None:
+        """Start tracking at this used position (a new region, nothing in flight)."""
+        if not 0 <= used_idx < self.queue_size:
+            raise InvalidParam(f"used index {used_idx} beyond queue size {self.queue_size}")
+        h = self._h
+        self.used_idx = self.old_used_idx = used_idx
+        self.used_wrap = self.old_used_wrap = used_wrap & 1
+        h["used_idx"] = used_idx
+        h["used_wrap_counter"] = used_wrap & 1
+        h["old_used_idx"] = used_idx
+        h["old_used_wrap_counter"] = used_wrap & 1
+
+    # -- the device's calls --
+
+    def popped(self, descs: np.ndarray, counts: npt.ArrayLike | None = None) -> None:
+        """These ring descriptors (``addr, len, id, flags`` fields) were taken, in ring order;
+        ``counts`` are the descriptors of each chain (``None``: one each)."""
+        m = descs.shape[0]
+        if not m:
+            return
+        c = np.ones(m, dtype=np.intp) if counts is None else np.asarray(counts, dtype=np.intp)
+        n = c.shape[0]
+        if int(c.sum()) != m or (n and int(c.min()) < 1):
+            raise InvalidParam("chain lengths do not add up to the descriptors taken")
+        desc = self.desc
+        free = self._free
+        if m > len(free):
+            raise InvalidParam(f"{m} descriptors taken, {len(free)} free inflight entries")
+        # the free list's first m entries: where the copies go
+        entries = np.array(free[: -m - 1 : -1], dtype=np.intp)
+        del free[-m:]
+        f = free[-1] if free else self.queue_size
+        starts = np.zeros(n, dtype=np.intp)
+        np.cumsum(c[:-1], out=starts[1:])
+        heads = entries[starts]
+        lasts = entries[starts + c - 1]
+        # the copies, then each chain's head entry, inflight last
+        desc["addr"][entries] = descs["addr"]
+        desc["len"][entries] = descs["len"]
+        desc["id"][entries] = descs["id"]
+        desc["flags"][entries] = descs["flags"]
+        desc["num"][heads] = c
+        desc["last"][heads] = lasts
+        desc["counter"][heads] = np.arange(self._counter, self._counter + n, dtype=np.uint64)
+        self._counter += n
+        desc["inflight"][heads] = 1
+        # free_head, then old_free_head: the batch is recorded
+        self.free_head = f
+        self._h["free_head"] = f
+        self.old_free_head = f
+        self._h["old_free_head"] = f
+        self._head_of_id[descs["id"][starts + c - 1].astype(np.intp)] = heads
+
+    def completing(self, ids: npt.ArrayLike) -> None:
+        """About to write these chains (buffer ids) as used: back on the free list, and
+        ``used_idx`` advanced by their descriptors."""
+        i = np.asarray(ids, dtype=np.intp)
+        k = i.shape[0]
+        if not k:
+            return
+        desc = self.desc
+        heads = self._head_of_id[i]
+        lasts = desc["last"][heads].astype(np.intp)
+        if int(desc["inflight"][heads].min()) == 0 or (desc["id"][lasts] != i).any():
+            raise InvalidParam("completing a buffer id the inflight region has not in flight")
+        nums = desc["num"][heads]
+        total = int(nums.sum())
+        free = self._free
+        if total == k:  # one entry per chain
+            free.extend(heads.tolist())
+        else:
+            for hd in heads.tolist():
+                free.extend(reversed(self.chain_entries(hd)))
+        # desc[h0.last].next = free_head, free_head = h0; desc[h1.last].next = h0; ...
+        prev = np.empty(k, dtype=np.intp)
+        prev[0] = self.free_head
+        prev[1:] = heads[:-1]
+        desc["next"][lasts] = prev
+        self.free_head = int(heads[-1])
+        self._h["free_head"] = self.free_head
+        u = self.used_idx + total
+        if u >= self.queue_size:
+            u -= self.queue_size
+            self.used_wrap ^= 1
+            self._h["used_wrap_counter"] = self.used_wrap
+        self.used_idx = u
+        self._h["used_idx"] = u
+
+    def completed(self, ids: npt.ArrayLike) -> None:
+        """The used descriptors of these chains are written: inflight = 0, then commit."""
+        i = np.asarray(ids, dtype=np.intp)
+        if i.shape[0]:
+            self.desc["inflight"][self._head_of_id[i]] = 0
+        self._commit()
+
+    def _commit(self) -> None:
+        h = self._h
+        self.old_free_head = self.free_head
+        h["old_free_head"] = self.free_head
+        self.old_used_idx = self.used_idx
+        h["old_used_idx"] = self.used_idx
+        self.old_used_wrap = self.used_wrap
+        h["old_used_wrap_counter"] = self.used_wrap
+
+    def recover(self, ring_flags: npt.ArrayLike) -> PackedRecovery:
+        """After a restart: finish or undo an interrupted update, return what to resubmit.
+
+        ``ring_flags`` are the flags of the ring's descriptors (at least the one at
+        ``old_used_idx`` is read): if it no longer reads as available with the old used wrap
+        counter, the interrupted completion had reached the driver and is committed; anything
+        else in progress is rolled back.
+        """
+        size = self.queue_size
+        h = self._h
+        if (self.used_idx, self.used_wrap) != (self.old_used_idx, self.old_used_wrap):
+            if self.old_used_idx >= size:
+                raise InvalidParam(f"inflight old_used_idx {self.old_used_idx} out of range")
+            f = int(np.asarray(ring_flags)[self.old_used_idx]) & (_F_AVAIL | _F_USED)
+            avail = _F_AVAIL if self.old_used_wrap else _F_USED
+            if f != avail:  # the used descriptors were written before the crash
+                self._commit()
+        # roll back whatever is still in progress
+        self.free_head = self.old_free_head
+        h["free_head"] = self.free_head
+        self.used_idx = self.old_used_idx
+        h["used_idx"] = self.used_idx
+        self.used_wrap = self.old_used_wrap
+        h["used_wrap_counter"] = self.used_wrap
+        if self.used_idx >= size:
+            raise InvalidParam(f"inflight used_idx {self.used_idx} out of range")
+        # the free entries are not in flight
+        desc = self.desc
+        free = self.free_entries()
+        self._free = free[::-1]
+        if free:
+            desc["inflight"][free] = 0
+        heads = self.inflight_heads()
+        chains = [self.chain_entries(hd) for hd in heads]
+        entries = np.asarray([e for c in chains for e in c], dtype=np.intp)
+        counts = np.asarray([len(c) for c in chains], dtype=np.intp)
+        if entries.shape[0] + len(free) > size:
+            raise InvalidParam("inflight region: chains and free list overlap")
+        out = np.zeros(entries.shape[0], RING_DESC_DTYPE)
+        for name in ("addr", "len", "id", "flags"):
+            out[name] = desc[name][entries]
+        self._head_of_id[:] = 0
+        self._map_ids(heads)
+        return PackedRecovery(heads, out, counts, self.used_idx, self.used_wrap)

@@ -278,6 +278,12 @@ class PackedDeviceQueue(_PackedBase):
         self._arange.flags.writeable = False
         self._no_write = np.zeros(num, dtype=np.bool_)
         self._no_write.flags.writeable = False
+        #: the ring descriptors the last non-empty :meth:`pop_batch` took (copies, in ring
+        #: order) and the descriptors of each chain (``None``: one each); for inflight tracking
+        self.last_popped: tuple[np.ndarray, npt.NDArray[np.intp] | None] = (
+            np.zeros(0, PACKED_DESC_DTYPE),
+            None,
+        )
 
     @classmethod
     def from_gpa(
@@ -335,9 +341,118 @@ class PackedDeviceQueue(_PackedBase):
         return encode_base(self._last_avail, self._avail_wrap, self._used_idx, self._used_wrap)
 
     @property
+    def used_position(self) -> tuple[int, int]:
+        """``(used index, used wrap counter)``: where the next used descriptor goes."""
+        return self._used_idx, self._used_wrap
+
+    @property
+    def avail_position(self) -> tuple[int, int]:
+        """``(avail index, avail wrap counter)``: the next descriptor to take."""
+        return self._last_avail, self._avail_wrap
+
+    @property
+    def ring_flags(self) -> npt.NDArray[np.uint16]:
+        """The flags of every ring descriptor (a live view of the ring)."""
+        return self._refresh().flags
+
+    @property
     def inflight(self) -> list[int]:
         """Buffer ids popped and not yet completed."""
         return np.flatnonzero(self._inflight).tolist()
+
+    def resubmit(
+        self,
+        descs: np.ndarray,
+        counts: Sequence[int] | npt.NDArray[np.integer],
+        used_idx: int,
+        used_wrap: int,
+    ) -> ChainBatch:
+        """Take chains back after a back-end restart (inflight tracking), then go on from there.
+
+        ``descs`` are copies of the ring descriptors the previous back-end had taken and not
+        completed (``addr, len, id, flags`` fields, chain after chain, oldest chain first),
+        ``counts`` the ring descriptors of each chain. The chains are built from the copies, not
+        from the ring (whose slots may hold used descriptors by now; indirect tables are read
+        from guest memory, the driver keeps them until the chain is used) and their ids marked
+        in flight. The used position becomes ``(used_idx, used_wrap)``, the avail position that
+        plus every resubmitted descriptor. Only on a queue with nothing in flight.
+        """
+        self._check_broken()
+        v = self._refresh()
+        num = self.num
+        if self._n_ids or self._n_descs:
+            raise InvalidOperation("resubmitting on a queue with chains in flight")
+        if not 0 <= used_idx < num:
+            raise InvalidParam(f"used index {used_idx} beyond queue size {num}")
+        c = _int_array(counts).astype(np.intp)
+        n = c.shape[0]
+        total = int(c.sum()) if n else 0
+        if descs.shape[0] != total or (n and int(c.min()) < 1):
+            raise InvalidParam("chain lengths do not add up to the descriptors given")
+        if total > num:
+            raise InvalidParam(f"{total} descriptors resubmitted to a ring of {num}")
+        batch = v.empty
+        if n:
+            rec = np.empty(total, PACKED_DESC_DTYPE)
+            for name in ("addr", "len", "id", "flags"):
+                rec[name] = descs[name]
+            starts = np.zeros(n + 1, dtype=np.intp)
+            np.cumsum(c, out=starts[1:])
+            ends = starts[1:] - 1
+            flags = rec["flags"]
+            not_last = np.ones(total, dtype=np.bool_)
+            not_last[ends] = False
+            if ((flags & _NEXT) != 0).tolist() != not_last.tolist():
+                self._fail("resubmitted chain with NEXT flags that do not match its length")
+            ids = rec["id"][ends].astype(np.intp)
+            if int(flags_or := _or_reduce(flags)) & _INDIRECT:
+                rec, starts = self._expand_indirect(v.table, rec, starts)
+                flags = rec["flags"]
+                flags_or = _or_reduce(flags)
+            single = starts.shape[0] == rec.shape[0] + 1
+            m = rec.shape[0]
+            if not int(flags_or) & _WRITE:
+                writable, wflags = np.zeros(m, np.bool_), 0
+            else:
+                writable = (flags & _WRITE) != 0
+                wflags = 2
+                if not single:
+                    check_order(self, writable, starts)
+            addr = rec["addr"]
+            length = rec["len"]
+            region, offset, base = locate_buffers(self, v.table, addr, length)
+            if np.unique(ids).shape[0] != n:
+                self._fail("the same buffer id resubmitted twice")
+            self._inflight[ids] = True
+            self._id_bound = max(self._id_bound, int(_max(ids)) + 1)
+            self._n_ids = n
+            multi = c > 1
+            if _count(multi):
+                self._ring_count[ids] = c
+                self._n_multi = _count(multi)
+            self._n_descs = total
+            batch = ChainBatch(
+                v.table,
+                ids,
+                starts,
+                addr,
+                length,
+                writable,
+                region,
+                offset,
+                base=base,
+                single=single,
+                wflags=wflags,
+            )
+        self._used_idx, self._used_wrap = used_idx, used_wrap & 1
+        nxt, wrap = used_idx + total, used_wrap & 1
+        if nxt >= num:
+            nxt -= num
+            wrap ^= 1
+        self._last_avail, self._avail_wrap = nxt, wrap
+        if self.event_idx and self._notify:
+            v.dev_evt[0] = nxt | wrap << _WRAP_SHIFT
+        return batch
 
     # -- popping ----------------------------------------------------------------------------
 
@@ -390,6 +505,7 @@ class PackedDeviceQueue(_PackedBase):
         if seen & _CHAINED:
             rec, ids, starts, ring_count = self._chains(v, rows, flags, count, max_chains)
             used = int(ring_count.sum())
+            self.last_popped = (rows[:used], ring_count)
             flags = rec["flags"]
             seen = int(_or_reduce(flags))
             single = starts.shape[0] == rec.shape[0] + 1
@@ -401,6 +517,7 @@ class PackedDeviceQueue(_PackedBase):
             starts = self._arange[: n + 1]
             used = n
             single = True
+            self.last_popped = (rec, None)
         n = ids.shape[0]
         m = rec.shape[0]
         if not seen & _WRITE:
