@@ -30,15 +30,14 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostkit.backend import VringAddr
-from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam
-from vhostkit.virtio.features import VirtioFeature
+from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import (
-    BrokenState,
     Buffer,
     ChainBatch,
     DescFlag,
     PackedEventFlag,
+    RingBase,
     as_sequence_pairs,
     check_align,
     check_order,
@@ -169,7 +168,11 @@ class _PackedViews:
         self.empty = ChainBatch.empty(table)
 
 
-class _PackedBase(BrokenState):
+class _PackedBase(RingBase):
+    _views_type = _PackedViews
+    _desc_dtype = PACKED_DESC_DTYPE
+    _v: _PackedViews
+
     def __init__(
         self,
         mem: GuestMemory,
@@ -185,47 +188,7 @@ class _PackedBase(BrokenState):
         check_align("descriptor ring", desc, PACKED_RING_ALIGN)
         check_align("driver event area", driver_event, EVENT_ALIGN)
         check_align("device event area", device_event, EVENT_ALIGN)
-        self._mem = mem
-        self.num = num
-        self.index = index
-        self.features = features
-        self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
-        self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
-        self._space: Literal["gpa", "uva"] = space
-        self._addrs = (desc, driver_event, device_event)
-        self._gen = -1
-        self._v: _PackedViews = self._refresh()
-
-    def _refresh(self) -> _PackedViews:
-        gen = self._mem.generation
-        if gen != self._gen:
-            self._v = _PackedViews(self._mem.table, self._space, self.num, *self._addrs)
-            self._gen = gen
-        return self._v
-
-    def _describe(self) -> str:
-        return f"{type(self).__name__}[{self.index}]"
-
-    @property
-    def ring_gpas(self) -> tuple[int, int, int]:
-        """Guest-physical addresses of (descriptor ring, driver area, device area)."""
-        if self._space == "gpa":
-            return self._addrs
-        d, a, u = self._addrs
-        return self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(a), self._mem.uva_to_gpa(u)
-
-    @property
-    def ring_uvas(self) -> tuple[int, int, int]:
-        """User addresses of (descriptor ring, driver area, device area)."""
-        if self._space == "uva":
-            return self._addrs
-        d, a, u = self._addrs
-        return self._mem.gpa_to_uva(d), self._mem.gpa_to_uva(a), self._mem.gpa_to_uva(u)
-
-    def vring_addr(self, log: int = 0, flags: int = 0) -> VringAddr:
-        """A :class:`VringAddr` with user addresses (avail = driver area, used = device area)."""
-        d, a, u = self.ring_uvas
-        return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
+        super().__init__(mem, num, (desc, driver_event, device_event), space, features, index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -602,41 +565,9 @@ class PackedDeviceQueue(_PackedBase):
             rec, starts = self._expand_indirect(v.table, rec, starts)
         return rec, ids, starts, ring_count
 
-    def _expand_indirect(
-        self,
-        table: MemoryTable,
-        rec: np.ndarray,
-        starts: npt.NDArray[np.intp],
-    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
-        if not self.indirect:
-            self._fail("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
-        is_ind = (rec["flags"] & _INDIRECT) != 0
-        bounds = starts.tolist()
-        segments: list[np.ndarray] = []
-        for c in range(len(bounds) - 1):
-            lo, hi = bounds[c], bounds[c + 1]
-            if not is_ind[lo:hi].any():
-                segments.append(rec[lo:hi])
-                continue
-            if hi - lo != 1:
-                self._fail("indirect descriptor combined with NEXT in a chain")
-            segments.append(self._read_indirect(table, int(rec["addr"][lo]), int(rec["len"][lo])))
-        new_starts = np.zeros(len(segments) + 1, dtype=np.intp)
-        np.cumsum([s.shape[0] for s in segments], out=new_starts[1:])
-        return np.concatenate(segments), new_starts
-
     def _read_indirect(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
         """An indirect table: every entry in order (NEXT and ids are ignored, per the spec)."""
-        if length == 0 or length % 16:
-            self._fail(f"indirect table length {length} is not a positive multiple of 16")
-        count = length // 16
-        if count > self._max_indirect:
-            self._fail(f"indirect table of {count} descriptors is too long")
-        try:
-            raw = b"".join(table.gpa.views(addr, length))
-        except GuestMemoryError as exc:
-            self._fail(f"indirect table outside guest memory: {exc}", exc)
-        tab = np.frombuffer(raw, PACKED_DESC_DTYPE, count)
+        tab = self._indirect_table(table, addr, length)
         if (tab["flags"] & _INDIRECT).any():
             self._fail("indirect descriptor inside an indirect table")
         return tab

@@ -21,13 +21,18 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import numpy as np
 import numpy.typing as npt
 
+from vhostkit.backend import VringAddr
 from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam, VirtqueueError
+from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.memory import MemoryTable
+
+if TYPE_CHECKING:
+    from vhostkit.virtio.memory import GuestMemory
 
 __all__ = [
     "MAX_QUEUE_SIZE",
@@ -395,6 +400,120 @@ class BrokenState:
 
     def _describe(self) -> str:
         return type(self).__name__
+
+
+class RingBase(BrokenState):
+    """What split and packed queues share: where the ring's three parts live, and views of
+    them that follow memory-table changes.
+
+    ``addrs`` are the three parts (descriptors, then the driver area / available ring, then
+    the device area / used ring) in ``space``: guest-physical (``"gpa"``) or the front-end's
+    user addresses (``"uva"``, as vhost-user's SET_VRING_ADDR gives them). Subclasses check
+    size and alignment first and name their views class in :attr:`_views_type`.
+    """
+
+    #: builds the ring views: ``(table, space, num, *addrs)``
+    _views_type: Any
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        num: int,
+        addrs: tuple[int, int, int],
+        space: Literal["gpa", "uva"],
+        features: int,
+        index: int,
+    ) -> None:
+        self._mem = mem
+        self.num = num
+        self.index = index
+        self.features = features
+        self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
+        self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
+        self._space: Literal["gpa", "uva"] = space
+        self._addrs = addrs
+        self._gen = -1
+        self._v = self._refresh()
+
+    def _refresh(self) -> Any:
+        """Re-resolve the ring views when the memory table changed."""
+        gen = self._mem.generation
+        if gen != self._gen:
+            self._v = self._views_type(self._mem.table, self._space, self.num, *self._addrs)
+            self._gen = gen
+        return self._v
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}[{self.index}]"
+
+    # -- indirect tables (device role; ``_max_indirect`` is set by the device queues) ---------
+
+    #: the 16-byte descriptor layout of the ring format
+    _desc_dtype: Any
+    _max_indirect: int
+
+    def _read_indirect(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
+        """The descriptors an indirect descriptor stands for, in chain order."""
+        raise NotImplementedError
+
+    def _indirect_table(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
+        """Read an indirect table (size and bounds checked) as descriptors of this format."""
+        if length == 0 or length % 16:
+            self._fail(f"indirect table length {length} is not a positive multiple of 16")
+        count = length // 16
+        if count > self._max_indirect:
+            self._fail(f"indirect table of {count} descriptors is too long")
+        try:
+            raw = b"".join(table.gpa.views(addr, length))
+        except GuestMemoryError as exc:
+            self._fail(f"indirect table outside guest memory: {exc}", exc)
+        return np.frombuffer(raw, self._desc_dtype, count)
+
+    def _expand_indirect(
+        self,
+        table: MemoryTable,
+        rec: np.ndarray,
+        starts: npt.NDArray[np.intp],
+    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
+        """Replace each indirect descriptor by the chain in its table."""
+        if not self.indirect:
+            self._fail("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
+        is_ind = (rec["flags"] & DescFlag.INDIRECT) != 0
+        segments: list[np.ndarray] = []
+        bounds = starts.tolist()
+        for c in range(len(bounds) - 1):
+            lo, hi = bounds[c], bounds[c + 1]
+            if not is_ind[lo:hi].any():
+                segments.append(rec[lo:hi])
+                continue
+            if hi - lo != 1:
+                self._fail("indirect descriptor combined with NEXT in a chain")
+            segments.append(self._read_indirect(table, int(rec["addr"][lo]), int(rec["len"][lo])))
+        new_starts = np.zeros(len(segments) + 1, dtype=np.intp)
+        np.cumsum([s.shape[0] for s in segments], out=new_starts[1:])
+        return np.concatenate(segments), new_starts
+
+    @property
+    def ring_gpas(self) -> tuple[int, int, int]:
+        """Guest-physical addresses of (descriptors, driver area, device area)."""
+        if self._space == "gpa":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(a), self._mem.uva_to_gpa(u)
+
+    @property
+    def ring_uvas(self) -> tuple[int, int, int]:
+        """User addresses of (descriptors, driver area, device area)."""
+        if self._space == "uva":
+            return self._addrs
+        d, a, u = self._addrs
+        return self._mem.gpa_to_uva(d), self._mem.gpa_to_uva(a), self._mem.gpa_to_uva(u)
+
+    def vring_addr(self, log: int = 0, flags: int = 0) -> VringAddr:
+        """A :class:`VringAddr` with user addresses, for ``set_vring_addr`` (avail = driver
+        area, used = device area)."""
+        d, a, u = self.ring_uvas
+        return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
 
 
 def check_queue_size(num: int, *, power_of_two: bool) -> None:

@@ -24,15 +24,14 @@ import numpy as np
 import numpy.typing as npt
 
 from vhostkit.backend import VringAddr
-from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam
-from vhostkit.virtio.features import VirtioFeature
+from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import (
     SPLIT_DESC_DTYPE,
-    BrokenState,
     Buffer,
     ChainBatch,
     DescFlag,
+    RingBase,
     as_sequence_pairs,
     check_align,
     check_order,
@@ -195,7 +194,11 @@ class _RingViews:
         self.empty = ChainBatch.empty(table)
 
 
-class _SplitBase(BrokenState):
+class _SplitBase(RingBase):
+    _views_type = _RingViews
+    _desc_dtype = SPLIT_DESC_DTYPE
+    _v: _RingViews
+
     def __init__(
         self,
         mem: GuestMemory,
@@ -211,50 +214,8 @@ class _SplitBase(BrokenState):
         check_align("descriptor table", desc, DESC_ALIGN)
         check_align("available ring", avail, AVAIL_ALIGN)
         check_align("used ring", used, USED_ALIGN)
-        self._mem = mem
-        self.num = num
-        self.index = index
-        self.features = features
-        self.event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
-        self.indirect = bool(features & VirtioFeature.RING_INDIRECT_DESC)
-        self._space: Literal["gpa", "uva"] = space
-        self._addrs = (desc, avail, used)
         self._mask = num - 1
-        self._gen = -1
-        self._v: _RingViews = self._refresh()
-
-    def _refresh(self) -> _RingViews:
-        """Re-resolve the ring views when the memory table changed."""
-        gen = self._mem.generation
-        if gen != self._gen:
-            desc, avail, used = self._addrs
-            self._v = _RingViews(self._mem.table, self._space, self.num, desc, avail, used)
-            self._gen = gen
-        return self._v
-
-    def _describe(self) -> str:
-        return f"{type(self).__name__}[{self.index}]"
-
-    @property
-    def ring_gpas(self) -> tuple[int, int, int]:
-        """Guest-physical addresses of (desc, avail, used)."""
-        if self._space == "gpa":
-            return self._addrs
-        d, a, u = self._addrs
-        return self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(a), self._mem.uva_to_gpa(u)
-
-    @property
-    def ring_uvas(self) -> tuple[int, int, int]:
-        """User addresses of (desc, avail, used)."""
-        if self._space == "uva":
-            return self._addrs
-        d, a, u = self._addrs
-        return self._mem.gpa_to_uva(d), self._mem.gpa_to_uva(a), self._mem.gpa_to_uva(u)
-
-    def vring_addr(self, log: int = 0, flags: int = 0) -> VringAddr:
-        """A :class:`VringAddr` with user addresses, for ``set_vring_addr``."""
-        d, a, u = self.ring_uvas
-        return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
+        super().__init__(mem, num, (desc, avail, used), space, features, index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,41 +481,10 @@ class SplitDeviceQueue(_SplitBase):
         np.cumsum(counts, out=starts[1:])
         return np.concatenate(recs)[order], starts
 
-    def _expand_indirect(
-        self,
-        table: MemoryTable,
-        rec: np.ndarray,
-        starts: npt.NDArray[np.intp],
-    ) -> tuple[np.ndarray, npt.NDArray[np.intp]]:
-        """Replace each indirect descriptor by the chain in its table."""
-        if not self.indirect:
-            self._fail("indirect descriptor without VIRTIO_F_RING_INDIRECT_DESC")
-        is_ind = (rec["flags"] & _INDIRECT) != 0
-        segments: list[np.ndarray] = []
-        bounds = starts.tolist()
-        for c in range(len(bounds) - 1):
-            lo, hi = bounds[c], bounds[c + 1]
-            if not is_ind[lo:hi].any():
-                segments.append(rec[lo:hi])
-                continue
-            if hi - lo != 1:
-                self._fail("indirect descriptor combined with NEXT in a chain")
-            segments.append(self._read_indirect(table, int(rec["addr"][lo]), int(rec["len"][lo])))
-        new_starts = np.zeros(len(segments) + 1, dtype=np.intp)
-        np.cumsum([s.shape[0] for s in segments], out=new_starts[1:])
-        return np.concatenate(segments), new_starts
-
     def _read_indirect(self, table: MemoryTable, addr: int, length: int) -> np.ndarray:
-        if length == 0 or length % 16:
-            self._fail(f"indirect table length {length} is not a positive multiple of 16")
-        count = length // 16
-        if count > self._max_indirect:
-            self._fail(f"indirect table of {count} descriptors is too long")
-        try:
-            raw = b"".join(table.gpa.views(addr, length))
-        except GuestMemoryError as exc:
-            self._fail(f"indirect table outside guest memory: {exc}", exc)
-        tab = np.frombuffer(raw, SPLIT_DESC_DTYPE, count)
+        """An indirect table's chain: its entries in NEXT order from entry 0."""
+        tab = self._indirect_table(table, addr, length)
+        count = tab.shape[0]
         flags = tab["flags"].tolist()
         nxt = tab["next"].tolist()
         order: list[int] = []
