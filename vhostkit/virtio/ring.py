@@ -516,6 +516,44 @@ class RingBase(BrokenState):
         return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
 
 
+def int_array(values: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
+    """``values`` as a flat integer array, without a copy when it already is one."""
+    a = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.int64)
+    if a.dtype.kind not in "iu":
+        a = a.astype(np.int64)
+    return a.ravel() if a.ndim != 1 else a
+
+
+def batch_buffers(
+    addrs: Sequence[int] | npt.NDArray[np.integer],
+    lens: Sequence[int] | npt.NDArray[np.integer],
+    tokens: Sequence[int] | npt.NDArray[np.integer] | None,
+) -> tuple[npt.NDArray[np.uint64], np.ndarray, np.ndarray | None]:
+    """The checked arrays of a driver's ``add_batch``: addresses, lengths, tokens.
+
+    Addresses and lengths must pair up, every length fit in 32 bits and the tokens (when
+    given) match the buffers one for one; an empty batch is returned before those last checks.
+    """
+    addr_a = np.asarray(addrs, dtype=np.uint64)
+    if addr_a.ndim != 1:
+        addr_a = addr_a.ravel()
+    n = addr_a.shape[0]
+    len_a = int_array(lens)
+    if len_a.shape[0] != n:
+        raise InvalidParam("addrs and lens differ in length")
+    if n == 0:
+        return addr_a, len_a, None
+    wide = len_a.dtype.itemsize > 4 or len_a.dtype.kind != "u"
+    if wide and int(np.bitwise_or.reduce(len_a)) >> 32:
+        raise InvalidParam("buffer length out of range")
+    tok_a = None
+    if tokens is not None:
+        tok_a = int_array(tokens)
+        if tok_a.shape[0] != n:
+            raise InvalidParam("addrs and tokens differ in length")
+    return addr_a, len_a, tok_a
+
+
 def check_queue_size(num: int, *, power_of_two: bool) -> None:
     """Validate a queue size (split rings need a power of two)."""
     if not 1 <= num <= MAX_QUEUE_SIZE:

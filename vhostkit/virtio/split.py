@@ -33,12 +33,16 @@ from vhostkit.virtio.ring import (
     DescFlag,
     RingBase,
     as_sequence_pairs,
+    batch_buffers,
     check_align,
     check_order,
     check_queue_size,
     locate_buffers,
     need_event,
     u16_words,
+)
+from vhostkit.virtio.ring import (
+    int_array as _int_array,
 )
 
 __all__ = [
@@ -75,14 +79,6 @@ _count = np.count_nonzero
 #: Longest indirect table the device role accepts (the kernel's UIO_MAXIOV), unless the queue
 #: itself is larger.
 MAX_INDIRECT = 1024
-
-
-def _int_array(values: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:
-    """``values`` as a flat integer array, without a copy when it already is one."""
-    a = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.int64)
-    if a.dtype.kind not in "iu":
-        a = a.astype(np.int64)
-    return a.ravel() if a.ndim != 1 else a
 
 
 def _run(idx: npt.NDArray[np.intp], arange: npt.NDArray[np.intp]) -> slice | np.ndarray:
@@ -800,22 +796,10 @@ class SplitDriverQueue(_SplitBase):
         if self._broken is not None:
             raise self._broken
         v = self._v if self._mem.generation == self._gen else self._refresh()
-        addr_a = np.asarray(addrs, dtype=np.uint64)
-        if addr_a.ndim != 1:
-            addr_a = addr_a.ravel()
+        addr_a, len_a, tok_a = batch_buffers(addrs, lens, tokens)
         n = addr_a.shape[0]
-        len_a = _int_array(lens)
-        if len_a.shape[0] != n:
-            raise InvalidParam("addrs and lens differ in length")
         if n == 0:
             return np.zeros(0, dtype=np.intp)
-        wide = len_a.dtype.itemsize > 4 or len_a.dtype.kind != "u"
-        if wide and int(_or_reduce(len_a)) >> 32:
-            raise InvalidParam("buffer length out of range")
-        if tokens is not None:
-            tok_a = _int_array(tokens)
-            if tok_a.shape[0] != n:
-                raise InvalidParam("addrs and tokens differ in length")
         top = self._n_free
         if n > top:
             raise InvalidOperation(f"queue full: {n} descriptors needed, {top} free")
