@@ -174,8 +174,10 @@ def test_backend_client_mode_connects_to_a_listening_frontend(fd_check, sock_dir
                     acked, _ = fe.negotiate(1 << 32, P.REPLY_ACK)
                     assert acked & (1 << 32)
                     assert device.acked_features & (1 << 32), round_
-                if round_ == 1:
-                    stop.set()
+                    if round_ == 1:
+                        # before the front-end leaves: serve_client looks at ``stop`` between
+                        # connections, and would otherwise reconnect to this listener first
+                        stop.set()
         finally:
             stop.set()
             t.join(timeout=10)
