@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import struct
 import time
@@ -65,6 +66,11 @@ class Dnsmasq(PeerProcess):
 
     def _wait_ready(self) -> None:
         self.wait_for_line(r"DHCP, IP range", self.ready_timeout)
+
+    def _request_stop(self) -> bool:
+        # dnsmasq >= 2.79 catches SIGINT (DNSSEC time check) and keeps running: use SIGTERM.
+        self._signal(signal.SIGTERM)
+        return True
 
 
 @dataclass
@@ -132,10 +138,19 @@ def test_qemu_ipxe_gets_dhcp_lease_through_backend(fd_check, sock_dir):
         assert re.search(rf"DHCPDISCOVER\({tap}\) {mac}", output)
         assert re.search(rf"DHCPOFFER\({tap}\) {re.escape(leased)} {mac}", output)
         assert re.search(rf"DHCPREQUEST\({tap}\) {re.escape(leased)} {mac}", output)
+        # dnsmasq logs DHCPACK while building the reply and rewrites the lease file just
+        # after, before sending it: read the file only once dnsmasq has exited (its signal
+        # handling runs after the packet in hand is finished).
+        dhcp.stop()
+        assert dhcp.returncode is not None
         assert f"{mac} {leased}" in (sock_dir / "leases").read_text()
+        # DISCOVER and REQUEST went out through TX; OFFER and ACK came back through RX. The ACK
+        # may still be in flight when its log line appears: wait for the device's counters.
         device = rig.device
-        assert device.tx_frames >= 2 and device.rx_frames >= 2  # type: ignore[attr-defined]
-    assert dhcp.returncode is not None
+        device.wait_for(  # type: ignore[attr-defined]
+            lambda: device.tx_frames >= 2 and device.rx_frames >= 2,  # type: ignore[attr-defined]
+            timeout=10,
+        )
 
 
 # --- 2. testpmd virtio_user: txonly out of the tap, rxonly from the tap ----------------------
