@@ -277,7 +277,7 @@ def test_netdriver_tx_layout_and_headers() -> None:
 def test_sink_busy_poll_consumes_without_kicks(fd_check, sock_dir) -> None:
     """A worker that polls keeps serving a ring whose driver never kicks after the first."""
     import os
-    import time
+    import select
 
     from vhostkit.user import BackendListener, Frontend, ProtocolFeature
 
@@ -303,18 +303,25 @@ def test_sink_busy_poll_consumes_without_kicks(fd_check, sock_dir) -> None:
             q.add_batch([BUFS], [64], writable=False)
             q.publish()
             os.eventfd_write(kick, 1)
-            deadline = time.monotonic() + 5
-            while device.chains[0] < 1 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            waiter = select.poll()
+            waiter.register(call, select.POLLIN)
+
+            def reap_until_all_free() -> None:
+                # used_event follows each reap: every completion past it writes the call fd
+                while q.num_free < 16:
+                    q.reap_batch()
+                    if q.num_free < 16:
+                        assert waiter.poll(5000), "the device signalled nothing in 5 s"
+                        os.eventfd_read(call)
+
+            reap_until_all_free()
+            assert device.chains[0] == 1
             # the worker now polls for up to 2 s: no kick needed for the next ones
             for _ in range(3):
-                q.reap_batch()
                 q.add_batch([BUFS + 64, BUFS + 128], [64, 64], writable=False)
                 kicked = q.publish()
                 assert not kicked  # the worker keeps notifications off while it polls
-                while q.num_free < 16 and time.monotonic() < deadline:
-                    q.reap_batch()
-                    time.sleep(0.001)
+                reap_until_all_free()
             assert device.chains[0] == 7
             fe.get_vring_base(0)  # stops the worker, even while it polls
     finally:
