@@ -186,6 +186,104 @@ def test_memory_table_change_while_running(setup: Setup) -> None:
     assert s.device.chains[0] == 20
 
 
+def test_a_ring_left_outside_a_new_memory_table_is_broken(setup: Setup) -> None:
+    s = setup
+    s.start_ring(0)
+    s.send(0, 4)
+    reap_all(s, 0, 4)
+    with GuestMemory.allocate([(0x400000, 0x100000)]) as other:
+        s.fe.set_mem_table(other.regions)  # taken: the table itself is valid
+    wait_readable(s.errs[0])
+    error = s.device.active[0].error
+    assert error is not None and "not in the new memory table" in str(error)
+
+
+class HoldEven(RingDevice):
+    """Completes odd tokens' chains at once and holds the even ones until :attr:`release` is
+    set; then, on its next round, completes what it held."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)
+        self.held: list[int] = []
+        self.release = False
+
+    def process(self, ring) -> None:  # type: ignore[no-untyped-def]
+        while len(batch := ring.pop_batch()):
+            ids = batch.ids.tolist()
+            self.held += [h for h in ids if not h % 2]  # heads are tokens: a fresh driver queue
+            if done := [h for h in ids if h % 2]:
+                ring.complete(done, [0] * len(done))
+        if self.release and self.held:
+            ring.complete(self.held, [0] * len(self.held))
+            self.held = []
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_chains_held_across_a_memory_table_change_complete_after_it(
+    fd_check, sock_dir, packed: bool
+) -> None:
+    """A device still holding chains when SET_MEM_TABLE arrives completes them afterwards:
+    the ring keeps knowing what is in flight (and, packed, how far each chain reaches)."""
+    features = VERSION_1 | EVENT_IDX | (PACKED if packed else 0)
+    device = HoldEven(features=features, num_queues=1)
+    listener = BackendListener(str(sock_dir / "hold.sock"), lambda: device).start()
+    mem = GuestMemory.allocate([(0, 0x200000)])
+    cls = PackedDriverQueue if packed else SplitDriverQueue
+    q = cls(mem, NUM, 0, features=features, index=0)
+    kick, call, err = eventfd(), eventfd(), eventfd()
+    try:
+        with Frontend.connect(sock_dir / "hold.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(features, ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            fe.set_vring_num(0, NUM)
+            fe.set_vring_base(0, encode_base(0, True) if packed else 0)
+            fe.set_vring_addr(q.vring_addr())
+            fe.set_vring_call(0, call)
+            fe.set_vring_err(0, err)
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+
+            def send(tokens: range, segments: int) -> None:
+                for t in tokens:  # chains of several descriptors: packed must know their size
+                    bufs = [(BUF + t * 0x1000 + k * 0x100, 64) for k in range(segments)]
+                    q.add(bufs, token=t)
+                if q.publish():
+                    os.eventfd_write(kick, 1)
+
+            send(range(8), 3)
+            device.wait_for(lambda: len(device.held) == 4)
+            done = []
+            while len(done) < 4:
+                done += [t for t, _ in q.reap()]
+                if len(done) < 4:
+                    wait_readable(call)
+            assert sorted(done) == [1, 3, 5, 7]
+            fe.set_mem_table(mem.regions)  # a new mapping of the same memory, as on hotplug
+            device.release = True
+            send(range(8, 10), 2)  # the kick runs a round: it completes the held chains
+            while len(done) < 10:
+                done += [t for t, _ in q.reap()]
+                if len(done) < 10:
+                    wait_readable(call)
+            assert sorted(done) == list(range(10))
+            assert device.active[0].error is None
+            assert not select.select([err], [], [], 0)[0]
+            base = fe.get_vring_base(0)
+            if packed:
+                # 10 chains taken and completed: 8 * 3 + 2 * 2 descriptors on both sides
+                assert decode_base(base) == (28, True, 28, True)
+            else:
+                assert base == 10
+    finally:
+        listener.stop()
+        device.close()
+        mem.close()
+        for fd in (kick, call, err):
+            os.close(fd)
+        assert not listener.errors
+
+
 class OutOfOrder(RingDevice):
     """Pops everything, completes only odd tokens' chains (as a disk completing out of order),
     and holds the rest: the state a crash can leave behind."""

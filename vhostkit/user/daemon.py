@@ -476,16 +476,23 @@ class RingDevice(BackendDevice):
         self._start_worker(active)
 
     def set_mem_table(self, regions: tuple) -> None:  # type: ignore[type-arg]
-        # Running rings keep their position and move to the new memory.
+        # Running rings move to the new memory with all their state: their positions, and the
+        # chains a device still holds (completing one later must find it in flight).
         paused = list(self.active.values())
         for active in paused:
             self._stop_worker(active)
             active.lock.acquire()
         try:
             super().set_mem_table(regions)
+            assert self.memory is not None
             for active in paused:
-                active.info.base = active.queue.get_base()
-                active.queue = self._make_queue(active.info)
+                try:
+                    active.queue.rebind(self.memory)
+                except VirtqueueError as exc:
+                    # the table was taken; only this ring cannot follow it
+                    log.error("ring %d is broken: %s", active.index, exc)
+                    active.error = exc
+                    active.signal_error()
         finally:
             for active in paused:
                 active.lock.release()

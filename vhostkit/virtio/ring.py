@@ -446,6 +446,20 @@ class RingBase(BrokenState):
     def _describe(self) -> str:
         return f"{type(self).__name__}[{self.index}]"
 
+    def rebind(self, mem: GuestMemory) -> None:
+        """Move the ring to another :class:`GuestMemory` (a new memory table) and keep all
+        queue state: positions, wrap counters, the chains in flight and what they are owed.
+
+        The ring's addresses stay as they were given and are resolved in ``mem``; if a part of
+        the ring is not in it, the queue is broken (:class:`~vhostkit.errors.VirtqueueError`).
+        """
+        self._mem = mem
+        self._gen = -1
+        try:
+            self._refresh()
+        except GuestMemoryError as exc:
+            self._fail(f"ring not in the new memory table: {exc}", exc)
+
     # -- indirect tables (device role; ``_max_indirect`` is set by the device queues) ---------
 
     #: the 16-byte descriptor layout of the ring format
