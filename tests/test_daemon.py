@@ -36,6 +36,38 @@ def wait_readable(fd: int, timeout: float = 10.0) -> None:
     os.eventfd_read(fd)
 
 
+def start_one_ring(
+    fe: Frontend,
+    q: SplitDriverQueue | PackedDriverQueue,
+    *,
+    call: int,
+    kick: int,
+    base: int = 0,
+    err: int | None = None,
+) -> None:
+    """Give the back-end ring ``q.index`` (size, base, addresses, fds) and enable it."""
+    fe.set_vring_num(q.index, q.num)
+    fe.set_vring_base(q.index, base)
+    fe.set_vring_addr(q.vring_addr())
+    fe.set_vring_call(q.index, call)
+    if err is not None:
+        fe.set_vring_err(q.index, err)
+    fe.set_vring_kick(q.index, kick)
+    fe.set_vring_enable(q.index, True)
+
+
+def reap_tokens(
+    q: SplitDriverQueue | PackedDriverQueue, call: int, count: int, done: list[object] | None = None
+) -> list[object]:
+    """Reap ``q`` into ``done`` until it holds ``count`` tokens, waiting on ``call``."""
+    done = [] if done is None else done
+    while len(done) < count:
+        done += [t for t, _ in q.reap()]
+        if len(done) < count:
+            wait_readable(call)
+    return done
+
+
 @dataclass
 class Setup:
     fe: Frontend
@@ -51,13 +83,10 @@ class Setup:
         if base is None:
             # a fresh packed ring starts with the wrap counters set (bit 15), as QEMU sends it
             base = encode_base(0, True) if isinstance(q, PackedDriverQueue) else 0
-        self.fe.set_vring_num(index, NUM)
-        self.fe.set_vring_base(index, base)
-        self.fe.set_vring_addr(q.vring_addr())
-        self.fe.set_vring_call(index, self.calls[index])
-        self.fe.set_vring_err(index, self.errs[index])
-        self.fe.set_vring_kick(index, self.kicks[index])
-        self.fe.set_vring_enable(index, True)
+        start_one_ring(
+            self.fe, q, call=self.calls[index], kick=self.kicks[index], base=base,
+            err=self.errs[index],
+        )  # fmt: skip
 
     def send(self, index: int, count: int, size: int = 64) -> None:
         q = self.queues[index]
@@ -100,12 +129,7 @@ def setup(request, fd_check, sock_dir) -> Iterator[Setup]:
 
 
 def reap_all(s: Setup, index: int, count: int) -> list[object]:
-    got: list[object] = []
-    while len(got) < count:
-        got += [token for token, _ in s.queues[index].reap()]
-        if len(got) < count:
-            wait_readable(s.calls[index])
-    return got
+    return reap_tokens(s.queues[index], s.calls[index], count)
 
 
 def test_sink_consumes_and_signals(setup: Setup) -> None:
@@ -198,9 +222,10 @@ def test_a_ring_left_outside_a_new_memory_table_is_broken(setup: Setup) -> None:
     assert error is not None and "not in the new memory table" in str(error)
 
 
-class HoldEven(RingDevice):
-    """Completes odd tokens' chains at once and holds the even ones until :attr:`release` is
-    set; then, on its next round, completes what it held."""
+class OutOfOrder(RingDevice):
+    """Completes odd tokens' chains at once and holds the even ones (as a disk completing out
+    of order: the state a crash can leave behind) until :attr:`release` is set; then, on its
+    next round, completes what it held."""
 
     def __init__(self, **kw: object) -> None:
         super().__init__(**kw)
@@ -209,10 +234,10 @@ class HoldEven(RingDevice):
 
     def process(self, ring) -> None:  # type: ignore[no-untyped-def]
         while len(batch := ring.pop_batch()):
-            ids = batch.ids.tolist()
-            self.held += [h for h in ids if not h % 2]  # heads are tokens: a fresh driver queue
+            ids = batch.ids.tolist()  # heads are tokens here: a fresh driver queue
             if done := [h for h in ids if h % 2]:
                 ring.complete(done, [0] * len(done))
+            self.held += [h for h in ids if not h % 2]  # after completing: see wait_for users
         if self.release and self.held:
             ring.complete(self.held, [0] * len(self.held))
             self.held = []
@@ -225,7 +250,7 @@ def test_chains_held_across_a_memory_table_change_complete_after_it(
     """A device still holding chains when SET_MEM_TABLE arrives completes them afterwards:
     the ring keeps knowing what is in flight (and, packed, how far each chain reaches)."""
     features = VERSION_1 | EVENT_IDX | (PACKED if packed else 0)
-    device = HoldEven(features=features, num_queues=1)
+    device = OutOfOrder(features=features, num_queues=1)
     listener = BackendListener(str(sock_dir / "hold.sock"), lambda: device).start()
     mem = GuestMemory.allocate([(0, 0x200000)])
     cls = PackedDriverQueue if packed else SplitDriverQueue
@@ -236,13 +261,9 @@ def test_chains_held_across_a_memory_table_change_complete_after_it(
             fe.set_owner()
             fe.negotiate(features, ProtocolFeature.REPLY_ACK)
             fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_base(0, encode_base(0, True) if packed else 0)
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_err(0, err)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
+            start_one_ring(
+                fe, q, call=call, kick=kick, base=encode_base(0, True) if packed else 0, err=err
+            )
 
             def send(tokens: range, segments: int) -> None:
                 for t in tokens:  # chains of several descriptors: packed must know their size
@@ -253,19 +274,12 @@ def test_chains_held_across_a_memory_table_change_complete_after_it(
 
             send(range(8), 3)
             device.wait_for(lambda: len(device.held) == 4)
-            done = []
-            while len(done) < 4:
-                done += [t for t, _ in q.reap()]
-                if len(done) < 4:
-                    wait_readable(call)
+            done = reap_tokens(q, call, 4)
             assert sorted(done) == [1, 3, 5, 7]
             fe.set_mem_table(mem.regions)  # a new mapping of the same memory, as on hotplug
             device.release = True
             send(range(8, 10), 2)  # the kick runs a round: it completes the held chains
-            while len(done) < 10:
-                done += [t for t, _ in q.reap()]
-                if len(done) < 10:
-                    wait_readable(call)
+            reap_tokens(q, call, 10, done)
             assert sorted(done) == list(range(10))
             assert device.active[0].error is None
             assert not select.select([err], [], [], 0)[0]
@@ -284,32 +298,36 @@ def test_chains_held_across_a_memory_table_change_complete_after_it(
         assert not listener.errors
 
 
-class OutOfOrder(RingDevice):
-    """Pops everything, completes only odd tokens' chains (as a disk completing out of order),
-    and holds the rest: the state a crash can leave behind."""
-
-    def __init__(self, **kw: object) -> None:
-        super().__init__(**kw)
-        self.held: list[int] = []
-
-    def process(self, ring) -> None:  # type: ignore[no-untyped-def]
-        while len(batch := ring.pop_batch()):
-            ids = batch.ids.tolist()
-            done = [h for h in ids if h % 2]  # heads are tokens here: a fresh driver queue
-            self.held += [h for h in ids if not h % 2]
-            if done:
-                ring.complete(done, [0] * len(done))
-
-
-def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir, packed: bool) -> None:
     """The first back-end completes out of order and dies; the second one resubmits exactly
-    the chains left in flight, from the inflight area, and nothing is lost or repeated."""
-    features = VERSION_1
+    the chains left in flight, from the inflight area, and nothing is lost or repeated.
+
+    Packed: chains of several descriptors and an indirect one are held; the second back-end
+    rebuilds them from the inflight area (the ring slots hold used descriptors by then) and
+    finds the ring position there, not in the stale base the front-end sends."""
+    features = VERSION_1 | (PACKED | INDIRECT if packed else 0)
     protocol = ProtocolFeature.REPLY_ACK | ProtocolFeature.INFLIGHT_SHMFD
     mem = GuestMemory.allocate([(0, 0x200000)])
-    q = SplitDriverQueue(mem, NUM, 0, features=features, index=0)
+    q: SplitDriverQueue | PackedDriverQueue
+    if packed:
+        q = PackedDriverQueue(mem, NUM, 0, features=features, index=0, max_indirect=4)
+    else:
+        q = SplitDriverQueue(mem, NUM, 0, features=features, index=0)
     kick, call = eventfd(), eventfd()
     region = None
+
+    def add(tokens: range) -> None:
+        for i in tokens:
+            out = [(BUF + i * 0x1000, 64)]
+            if packed and i % 3 == 0:  # two descriptors
+                q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=False)
+            elif packed and i % 3 == 2:  # one indirect descriptor with a table of two
+                q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=True)
+            else:
+                q.add(out, token=i)
+        q.publish()
+
     try:
         # --- the first back-end
         first = OutOfOrder(features=features, num_queues=1)
@@ -319,19 +337,12 @@ def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir) -> None
             fe.negotiate(features, protocol)
             region = fe.get_inflight_fd(1, NUM)
             fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_base(0, 0)
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
-            for i in range(6):
-                q.add([(BUF + i * 0x1000, 64)], token=i)
-            q.publish()
+            start_one_ring(fe, q, call=call, kick=kick, base=encode_base(0, 1) if packed else 0)
+            add(range(6))
             os.eventfd_write(kick, 1)
-            first.wait_for(lambda: len(first.held) == 3)
-            done = [t for t, _ in q.reap()]
+            done = reap_tokens(q, call, 3)
             assert sorted(done) == [1, 3, 5]
+            first.wait_for(lambda: len(first.held) == 3)
         # the front-end's socket closed without GET_VRING_BASE: the back-end is gone
         listener.stop()
         first.close()
@@ -343,110 +354,26 @@ def test_restarted_backend_resubmits_inflight_chains(fd_check, sock_dir) -> None
             fe.negotiate(features, protocol)
             fe.set_inflight_fd(region)
             fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_base(0, 3)  # what the front-end knows: the used index
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
             kick2 = eventfd()
-            fe.set_vring_kick(0, kick2)
-            fe.set_vring_enable(0, True)
-            for i in range(6, 10):
-                q.add([(BUF + i * 0x1000, 64)], token=i)
-            q.publish()
+            # split: what the front-end knows, the used index; packed: a stale base (the
+            # front-end cannot know the position)
+            base = encode_base(0, 1) if packed else 3
+            start_one_ring(fe, q, call=call, kick=kick2, base=base)
+            add(range(6, 10))
             os.eventfd_write(kick2, 1)
-            while len(done) < 10:
-                done += [t for t, _ in q.reap()]
-                if len(done) < 10:
-                    wait_readable(call)
-            os.close(kick2)
-        listener.stop()
-        second.close()
-        assert sorted(done) == list(range(10))  # every chain exactly once
-        assert second.chains[0] == 3 + 4  # the three resubmitted, then the four new ones
-    finally:
-        mem.close()
-        os.close(kick)
-        os.close(call)
-        if region is not None:
-            os.close(region.fd)
-
-
-def test_restarted_backend_resubmits_inflight_packed_chains(fd_check, sock_dir) -> None:
-    """The packed version: chains of several descriptors and an indirect one are held by the
-    first back-end; the second one rebuilds them from the inflight area (the ring slots hold
-    used descriptors by then) and finds the ring position there, not in the stale base."""
-    features = VERSION_1 | PACKED | INDIRECT
-    protocol = ProtocolFeature.REPLY_ACK | ProtocolFeature.INFLIGHT_SHMFD
-    mem = GuestMemory.allocate([(0, 0x200000)])
-    q = PackedDriverQueue(mem, NUM, 0, features=features, index=0, max_indirect=4)
-    kick, call = eventfd(), eventfd()
-    region = None
-
-    def add(i: int) -> None:
-        out = [(BUF + i * 0x1000, 64)]
-        if i % 3 == 0:  # two descriptors
-            q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=False)
-        elif i % 3 == 2:  # one indirect descriptor with a table of two
-            q.add(out, [(BUF + i * 0x1000 + 0x800, 64)], token=i, indirect=True)
-        else:
-            q.add(out, token=i)
-
-    try:
-        # --- the first back-end
-        first = OutOfOrder(features=features, num_queues=1)
-        listener = BackendListener(str(sock_dir / "a.sock"), lambda: first).start()
-        with Frontend.connect(sock_dir / "a.sock", timeout=5) as fe:
-            fe.set_owner()
-            fe.negotiate(features, protocol)
-            region = fe.get_inflight_fd(1, NUM)
-            fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_base(0, encode_base(0, 1))
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
-            for i in range(6):
-                add(i)
-            q.publish()
-            os.eventfd_write(kick, 1)
-            first.wait_for(lambda: len(first.held) == 3)
-            done = [t for t, _ in q.reap()]
-            assert sorted(done) == [1, 3, 5]
-        listener.stop()
-        first.close()
-        # --- the second back-end, a plain sink, takes over from the inflight area
-        second = SinkDevice(features=features, num_queues=1)
-        listener = BackendListener(str(sock_dir / "b.sock"), lambda: second).start()
-        with Frontend.connect(sock_dir / "b.sock", timeout=5) as fe:
-            fe.set_owner()
-            fe.negotiate(features, protocol)
-            fe.set_inflight_fd(region)
-            fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_base(0, encode_base(0, 1))  # stale: the front-end cannot know
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            kick2 = eventfd()
-            fe.set_vring_kick(0, kick2)
-            fe.set_vring_enable(0, True)
-            for i in range(6, 10):
-                add(i)
-            q.publish()
-            os.eventfd_write(kick2, 1)
-            while len(done) < 10:
-                done += [t for t, _ in q.reap()]
-                if len(done) < 10:
-                    wait_readable(call)
-            # used (1, 3, 5: 4 descriptors) + held (0, 2, 4: 4) + new (6..9: 6)
-            _, _, used_idx, used_wrap = decode_base(fe.get_vring_base(0))
-            assert (used_idx, used_wrap) == (14, 1)
+            reap_tokens(q, call, 10, done)
+            base = fe.get_vring_base(0)
             os.close(kick2)
         listener.stop()
         second.close()
         assert sorted(done) == list(range(10))  # every chain exactly once
         assert second.chains[0] == 3 + 4  # the three resubmitted, then the four new ones
         assert q.num_free == NUM
+        if packed:
+            # used (1, 3, 5: 4 descriptors) + held (0, 2, 4: 4) + new (6..9: 6)
+            assert decode_base(base)[2:] == (14, 1)
+        else:
+            assert base == 10
     finally:
         mem.close()
         os.close(kick)
@@ -483,11 +410,7 @@ def test_a_busy_ring_still_lets_requests_through(fd_check, sock_dir) -> None:
             fe.set_owner()
             fe.negotiate(VERSION_1, ProtocolFeature.REPLY_ACK)
             fe.set_mem_table(mem.regions)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
+            start_one_ring(fe, q, call=call, kick=kick)
             assert device.busy.wait(10)
             # the worker never runs dry, yet a call fd swap (which needs the ring's lock) and
             # GET_VRING_BASE (which stops the worker) both complete: REPLY_ACK acks them
@@ -519,11 +442,7 @@ def test_memory_regions_added_and_removed_while_rings_run(fd_check, sock_dir) ->
             fe.set_owner()
             fe.negotiate(VERSION_1, protocol)
             fe.add_mem_region(low.regions[0])
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
+            start_one_ring(fe, q, call=call, kick=kick)
             # running; now hot-add two regions and put buffers in one of them
             fe.add_mem_region(high.regions[0])
             fe.add_mem_region(extra.regions[0])
@@ -532,11 +451,7 @@ def test_memory_regions_added_and_removed_while_rings_run(fd_check, sock_dir) ->
                 q.add([(0x40000000 + i * 0x1000, 100)], token=i)
             q.publish()
             os.eventfd_write(kick, 1)
-            got: list[object] = []
-            while len(got) < 8:
-                got += [t for t, _ in q.reap()]
-                if len(got) < 8:
-                    wait_readable(call)
+            assert reap_tokens(q, call, 8) == list(range(8))
             assert device.bytes[0] == 800
             # hot-remove the region no buffer points at; the ring keeps running
             fe.remove_mem_region(extra.regions[0])
@@ -577,22 +492,14 @@ def test_one_listener_serves_several_frontends_at_once(fd_check, sock_dir) -> No
             fe.set_mem_table(mem.regions)
             q = SplitDriverQueue(mem, NUM, 0, features=VERSION_1)
             queues.append(q)
-            fe.set_vring_num(0, NUM)
-            fe.set_vring_addr(q.vring_addr())
-            fe.set_vring_call(0, call)
-            fe.set_vring_kick(0, kick)
-            fe.set_vring_enable(0, True)
+            start_one_ring(fe, q, call=call, kick=kick)
         for n, (q, (kick, _)) in enumerate(zip(queues, fds, strict=True)):
             for i in range(5 + n):
                 q.add([(BUF + i * 0x1000, 64)], token=i)
             q.publish()
             os.eventfd_write(kick, 1)
         for n, (q, (_, call)) in enumerate(zip(queues, fds, strict=True)):
-            got: list[object] = []
-            while len(got) < 5 + n:
-                got += [t for t, _ in q.reap()]
-                if len(got) < 5 + n:
-                    wait_readable(call)
+            assert reap_tokens(q, call, 5 + n) == list(range(5 + n))
         assert [d.chains[0] for d in devices] == [5, 6, 7]  # each saw only its own front-end
     finally:
         for fe in fes:
