@@ -101,9 +101,11 @@ def test_echo_roundtrip(fd_check, echo, packed, features, hsize):
         assert device.acked_features == nic.acked_features
         got = run_echo(nic, frames)
         assert got == frames
+        assert nic.wait_tx_completed(len(frames), 5.0)
         assert nic.wait_tx_done(5.0)
         stats = nic.stats()
         assert stats.tx_frames == stats.tx_completed == len(frames)
+        assert not nic.wait_tx_completed(len(frames) + 1, 0)  # nothing more is queued
         assert stats.rx_frames == len(frames)
         positions = nic.stop()
         assert set(positions) == {RX, TX}

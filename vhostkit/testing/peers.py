@@ -298,8 +298,9 @@ class PeerProcess:
         deadline = time.monotonic() + (self.ready_timeout if timeout is None else timeout)
         while not predicate():
             if self.proc is not None and self.proc.poll() is not None:
-                # let the reader drain what the peer wrote before it died
-                self._join_reader(2.0)
+                # let the reader drain what the peer wrote before it died (it ends at the
+                # pipe's EOF, at once unless a child of the peer still holds the pipe)
+                self._join_reader(10.0)
                 raise self._died(f"while waiting for {what}")
             if time.monotonic() >= deadline:
                 raise PeerTimeout(

@@ -83,17 +83,26 @@ def tx_across_swaps(
     """Send ``total`` numbered frames; swap to each plane of ``planes`` in turn mid-stream.
 
     Each swap happens right after a chunk was queued, so frames are in the ring (not yet
-    sent) when the data plane changes. The old planes are closed. Returns the numbers read
-    from ``sniffer`` (an :func:`packet_socket` on the tap), in arrival order.
+    sent) when the data plane changes; and only once the current plane has sent at least one
+    frame, so that every plane carries part of the stream. The old planes are closed. Returns
+    the numbers read from ``sniffer`` (an :func:`packet_socket` on the tap), in arrival
+    order.
     """
     points = _swap_points(total, chunk, len(planes))
     pending = list(planes)
+    nic = device.nic
+    completed_at_swap = nic.stats().tx_completed
     for start in range(0, total, chunk):
+        if start in points:
+            moved = nic.wait_tx_completed(completed_at_swap + 1, timeout)
+            assert moved, f"the data plane sent nothing in {timeout}s"
         frames = [numbered(i) for i in range(start, min(start + chunk, total))]
-        sent = device.nic.send_all(frames, timeout=timeout)
+        sent = nic.send_all(frames, timeout=timeout)
         assert sent == len(frames), f"only {sent} of {len(frames)} frames queued"
         if start in points:
             device.swap(pending.pop(0)()).close()
+            nic.reap_tx()  # what the old plane completed counts for the old plane
+            completed_at_swap = nic.stats().tx_completed
     return _read_numbers(sniffer, total, timeout)
 
 

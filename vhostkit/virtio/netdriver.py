@@ -382,6 +382,20 @@ class VirtioNetDriver(VirtioGuest):
             if not self._wait_tx(queue, deadline):
                 return False
 
+    def wait_tx_completed(
+        self, count: int, timeout: float | None = None, *, queue: int = 0
+    ) -> bool:
+        """Wait until the device has completed at least ``count`` frames of queue pair
+        ``queue`` in all (:attr:`DriverStats.tx_completed`); False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        p = self._pair(queue)
+        while True:
+            self.reap_tx(queue)
+            if p.tx_completed >= count:
+                return True
+            if not self._wait_tx(queue, deadline):
+                return False
+
     def _wait_tx(self, queue: int, deadline: float | None) -> bool:
         """Wait on the TX call eventfd for completions; False when ``deadline`` passed."""
         ring = self._pair(queue).tx_ring

@@ -644,6 +644,20 @@ class VsockDriver(VirtioGuest):
                     on_event(event)
         self._stop_serving.clear()
 
+    def wait_tx_done(self, timeout: float | None = None) -> bool:
+        """Wait until the device has used every transmit buffer: all that was queued left.
+        False after ``timeout`` seconds. Not while :meth:`serve` runs in another thread."""
+        self._check_running()
+        ring = self._rings[TX]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._reap_tx()
+            if len(self._tx_free) == self.queue_size:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or not ring.wait_used(left):
+                return False
+
     def stop_serving(self) -> None:
         """Make :meth:`serve` (or a waiting :meth:`poll`) return soon; thread-safe."""
         self._stop_serving.set()
