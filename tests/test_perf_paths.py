@@ -35,6 +35,26 @@ def _pair(mem: GuestMemory, packed: bool, num: int, features: int = 0):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_batch_reap_checks_used_lengths(packed: bool) -> None:
+    """reap_batch: a length on a read-only chain means nothing (0); one beyond the writable
+    capacity breaks the queue, and the chains stay in flight."""
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 8)
+        drv.add_batch([BUFS, BUFS + 0x100], [32, 32], writable=False)
+        drv.add_batch([BUFS + 0x200, BUFS + 0x300], [64, 64], writable=True)
+        drv.publish()
+        batch = dev.pop_batch()
+        dev.complete(batch.ids[:3], [7, 7, 64])  # a read-only chain reports 7: ignored
+        tokens, lens = drv.reap_batch()
+        assert tokens.tolist() == [0, 1, 2] and lens.tolist() == [0, 0, 64]
+        dev.complete(batch.ids[3:], [65])
+        with pytest.raises(VirtqueueError, match="device wrote 65 bytes into a 64-byte buffer"):
+            drv.reap_batch()
+        assert drv.broken is not None
+        assert drv.num_free == 7  # the over-long chain was not given back
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_single_region_batch_views_and_lengths(packed: bool) -> None:
     with GuestMemory.allocate([(0, 1 << 20)]) as mem:
         drv, dev = _pair(mem, packed, 8)

@@ -29,13 +29,14 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import VringAddr
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import (
     Buffer,
     ChainBatch,
     DescFlag,
+    DeviceRole,
+    DriverRole,
     PackedEventFlag,
     RingBase,
     as_sequence_pairs,
@@ -192,7 +193,7 @@ class _PackedBase(RingBase):
 # ----------------------------------------------------------------------------------------------
 
 
-class PackedDeviceQueue(_PackedBase):
+class PackedDeviceQueue(DeviceRole, _PackedBase):
     """The device (backend) side of a packed virtqueue.
 
     ``base`` is a ``SET_VRING_BASE`` value (see :func:`encode_base`); ``None`` is a fresh ring
@@ -242,55 +243,6 @@ class PackedDeviceQueue(_PackedBase):
         self.last_popped: tuple[np.ndarray, npt.NDArray[np.intp] | None] = (
             np.zeros(0, PACKED_DESC_DTYPE),
             None,
-        )
-
-    @classmethod
-    def from_gpa(
-        cls,
-        mem: GuestMemory,
-        num: int,
-        desc: int,
-        driver_event: int,
-        device_event: int,
-        *,
-        features: int = 0,
-        base: int | None = None,
-        index: int = 0,
-    ) -> PackedDeviceQueue:
-        """A queue whose ring addresses are guest-physical."""
-        return cls(
-            mem,
-            num,
-            desc,
-            driver_event,
-            device_event,
-            space="gpa",
-            features=features,
-            base=base,
-            index=index,
-        )
-
-    @classmethod
-    def from_vring_addr(
-        cls,
-        mem: GuestMemory,
-        num: int,
-        addr: VringAddr,
-        *,
-        features: int = 0,
-        base: int | None = None,
-    ) -> PackedDeviceQueue:
-        """A queue from a vhost-user ``SET_VRING_ADDR`` (frontend user addresses)."""
-        return cls(
-            mem,
-            num,
-            addr.desc,
-            addr.avail,
-            addr.used,
-            space="uva",
-            features=features,
-            base=base,
-            index=addr.index,
         )
 
     # -- position ---------------------------------------------------------------------------
@@ -579,19 +531,10 @@ class PackedDeviceQueue(_PackedBase):
         if self._broken is not None:
             raise self._broken
         v = self._v if self._mem.generation == self._gen else self._refresh()
-        ids_a = _int_array(ids)
-        lens_a = _int_array(lengths)
+        ids_a, lens_a = self._completion_arrays(ids, lengths, 0xFFFF)
         k = ids_a.shape[0]
-        if lens_a.shape[0] != k:
-            raise InvalidParam("ids and lengths differ in length")
         if k == 0:
             return False
-        # one reduction per check: OR-ing the values keeps a sign bit and any high bit
-        if int(_or_reduce(ids_a)) >> 16:
-            raise InvalidParam("completed id out of range")
-        wide = lens_a.dtype.itemsize > 4 or lens_a.dtype.kind != "u"
-        if wide and int(_or_reduce(lens_a)) >> 32:
-            raise InvalidParam("used length out of range")
         inflight = self._inflight
         if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a buffer id that is not in flight")
@@ -693,7 +636,7 @@ class PackedDeviceQueue(_PackedBase):
 # ----------------------------------------------------------------------------------------------
 
 
-class PackedDriverQueue(_PackedBase):
+class PackedDriverQueue(DriverRole, _PackedBase):
     """The driver (guest) side of a packed virtqueue, laid out by this object in guest memory.
 
     The descriptor ring starts at ``gpa`` (16-byte aligned), followed by the driver and device
@@ -1086,17 +1029,7 @@ class PackedDriverQueue(_PackedBase):
                 lens = lens_v[u:end].astype(np.int64)
             else:
                 lens = np.concatenate((lens_v[u:], lens_v[: end - num])).astype(np.int64)
-            caps = self._cap_arr[ids]
-            lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
-            over = lens > caps
-            if _count(over):
-                single[ids] = True
-                j = int(np.argmax(over))
-                self._fail(
-                    f"device wrote {int(lens[j])} bytes into a "
-                    f"{int(self._cap_arr[ids[j]])}-byte buffer"
-                )
-            self._n_single_w -= _count(caps)
+            lens = self._checked_lengths(lens, self._cap_arr[ids], ids, single)
         else:  # no chain with a device-writable buffer: the used lengths mean nothing
             lens = self._lens0[:n]
         self._n_single = count

@@ -21,7 +21,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,8 @@ __all__ = [
     "Chain",
     "ChainBatch",
     "DescFlag",
+    "DeviceRole",
+    "DriverRole",
     "PackedEventFlag",
     "need_event",
 ]
@@ -528,6 +530,105 @@ class RingBase(BrokenState):
         area, used = device area)."""
         d, a, u = self.ring_uvas
         return VringAddr(self.index, desc=d, used=u, avail=a, log=log, flags=flags)
+
+
+_or_reduce = np.bitwise_or.reduce
+_count = np.count_nonzero
+
+
+class DeviceRole:
+    """What the device-role queues (split and packed) share besides :class:`RingBase`: their
+    two ways of being made and the argument checks of ``complete``."""
+
+    @classmethod
+    def from_gpa(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        desc: int,
+        driver_area: int,
+        device_area: int,
+        *,
+        features: int = 0,
+        base: int | None = None,
+        index: int = 0,
+    ) -> Self:
+        """A queue whose ring addresses are guest-physical (e.g. from a virtio transport).
+
+        ``driver_area`` is the available ring (split) or driver event area (packed),
+        ``device_area`` the used ring or device event area; ``base`` as for the constructor.
+        """
+        return cls(  # type: ignore[call-arg]
+            mem, num, desc, driver_area, device_area, space="gpa", features=features,
+            base=base, index=index,
+        )  # fmt: skip
+
+    @classmethod
+    def from_vring_addr(
+        cls,
+        mem: GuestMemory,
+        num: int,
+        addr: VringAddr,
+        *,
+        features: int = 0,
+        base: int | None = None,
+    ) -> Self:
+        """A queue from a vhost-user ``SET_VRING_ADDR`` (frontend user addresses)."""
+        return cls(  # type: ignore[call-arg]
+            mem, num, addr.desc, addr.avail, addr.used, space="uva", features=features,
+            base=base, index=addr.index,
+        )  # fmt: skip
+
+    @staticmethod
+    def _completion_arrays(
+        ids: Sequence[int] | npt.NDArray[np.integer],
+        lengths: Sequence[int] | npt.NDArray[np.integer],
+        id_mask: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``complete``'s arguments as integer arrays, checked: the same count, ids within
+        ``id_mask``, lengths that fit 32 bits. Raises :class:`InvalidParam` (the caller's
+        mistake: the ring is not broken)."""
+        ids_a = int_array(ids)
+        lens_a = int_array(lengths)
+        if lens_a.shape[0] != ids_a.shape[0]:
+            raise InvalidParam("ids and lengths differ in length")
+        # one reduction per check: OR-ing the values keeps a sign bit and any high bit
+        if int(_or_reduce(ids_a)) & ~id_mask:
+            raise InvalidParam("completed id out of range")
+        wide = lens_a.dtype.itemsize > 4 or lens_a.dtype.kind != "u"
+        if wide and int(_or_reduce(lens_a)) >> 32:
+            raise InvalidParam("used length out of range")
+        return ids_a, lens_a
+
+
+class DriverRole:
+    """What the driver-role queues (split and packed) share besides :class:`RingBase`."""
+
+    #: device-writable bytes of each chain, by buffer id (0: nothing writable)
+    _cap_arr: np.ndarray
+    #: single-descriptor chains in flight that have a device-writable buffer
+    _n_single_w: int
+    _fail: Any  # from BrokenState
+
+    def _checked_lengths(
+        self,
+        lens: npt.NDArray[np.int64],
+        caps: np.ndarray,
+        ids: np.ndarray,
+        single: npt.NDArray[np.bool_],
+    ) -> npt.NDArray[np.int64]:
+        """The used lengths ``lens`` (a copy this may change) of reaped single-descriptor
+        chains ``ids`` whose writable capacities are ``caps``: 0 for a chain with nothing
+        device-writable (the length means nothing then). A length beyond its chain's
+        capacity breaks the queue; the chains are marked in flight again first."""
+        lens[caps == 0] = 0
+        over = lens > caps
+        if _count(over):
+            single[ids] = True
+            j = int(np.argmax(over))
+            self._fail(f"device wrote {int(lens[j])} bytes into a {int(caps[j])}-byte buffer")
+        self._n_single_w -= _count(caps)
+        return lens
 
 
 def int_array(values: Sequence[int] | npt.NDArray[np.integer]) -> np.ndarray:

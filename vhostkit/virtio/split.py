@@ -23,7 +23,6 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import VringAddr
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import (
@@ -31,6 +30,8 @@ from vhostkit.virtio.ring import (
     Buffer,
     ChainBatch,
     DescFlag,
+    DeviceRole,
+    DriverRole,
     RingBase,
     as_sequence_pairs,
     batch_buffers,
@@ -40,9 +41,6 @@ from vhostkit.virtio.ring import (
     locate_buffers,
     need_event,
     u16_words,
-)
-from vhostkit.virtio.ring import (
-    int_array as _int_array,
 )
 
 __all__ = [
@@ -219,7 +217,7 @@ class _SplitBase(RingBase):
 # ----------------------------------------------------------------------------------------------
 
 
-class SplitDeviceQueue(_SplitBase):
+class SplitDeviceQueue(DeviceRole, _SplitBase):
     """The device (backend) side of a split virtqueue.
 
     ``base`` is the ``SET_VRING_BASE`` value: the next avail index to process. The used index
@@ -237,10 +235,11 @@ class SplitDeviceQueue(_SplitBase):
         *,
         space: Literal["gpa", "uva"] = "gpa",
         features: int = 0,
-        base: int = 0,
+        base: int | None = None,
         index: int = 0,
     ) -> None:
         super().__init__(mem, num, desc, avail, used, space, features, index)
+        base = 0 if base is None else base
         if not 0 <= base <= 0xFFFF:
             raise InvalidParam(f"split ring base {base} out of range")
         self._last_avail = base
@@ -257,47 +256,6 @@ class SplitDeviceQueue(_SplitBase):
         self._no_write.flags.writeable = False
         self._all_write = np.ones(num, dtype=np.bool_)
         self._all_write.flags.writeable = False
-
-    @classmethod
-    def from_gpa(
-        cls,
-        mem: GuestMemory,
-        num: int,
-        desc: int,
-        avail: int,
-        used: int,
-        *,
-        features: int = 0,
-        base: int = 0,
-        index: int = 0,
-    ) -> SplitDeviceQueue:
-        """A queue whose ring addresses are guest-physical (e.g. from a virtio transport)."""
-        return cls(
-            mem, num, desc, avail, used, space="gpa", features=features, base=base, index=index
-        )
-
-    @classmethod
-    def from_vring_addr(
-        cls,
-        mem: GuestMemory,
-        num: int,
-        addr: VringAddr,
-        *,
-        features: int = 0,
-        base: int = 0,
-    ) -> SplitDeviceQueue:
-        """A queue from a vhost-user ``SET_VRING_ADDR`` (frontend user addresses)."""
-        return cls(
-            mem,
-            num,
-            addr.desc,
-            addr.avail,
-            addr.used,
-            space="uva",
-            features=features,
-            base=base,
-            index=addr.index,
-        )
 
     # -- position ---------------------------------------------------------------------------
 
@@ -513,19 +471,10 @@ class SplitDeviceQueue(_SplitBase):
         if self._broken is not None:
             raise self._broken
         v = self._v if self._mem.generation == self._gen else self._refresh()
-        ids_a = _int_array(ids)
-        lens_a = _int_array(lengths)
+        ids_a, lens_a = self._completion_arrays(ids, lengths, self._mask)
         k = ids_a.shape[0]
-        if lens_a.shape[0] != k:
-            raise InvalidParam("ids and lengths differ in length")
         if k == 0:
             return False
-        # one reduction per check: OR-ing the values keeps a sign bit and any high bit
-        if int(_or_reduce(ids_a)) & ~self._mask:
-            raise InvalidParam("completed id out of range")
-        wide = lens_a.dtype.itemsize > 4 or lens_a.dtype.kind != "u"
-        if wide and int(_or_reduce(lens_a)) >> 32:
-            raise InvalidParam("used length out of range")
         inflight = self._inflight
         if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a chain that is not in flight")
@@ -594,7 +543,7 @@ class SplitDeviceQueue(_SplitBase):
 # ----------------------------------------------------------------------------------------------
 
 
-class SplitDriverQueue(_SplitBase):
+class SplitDriverQueue(DriverRole, _SplitBase):
     """The driver (guest) side of a split virtqueue, laid out by this object in guest memory.
 
     The ring (compact virtio 1.x layout, or legacy with ``align=4096``) starts at guest address
@@ -955,17 +904,7 @@ class SplitDriverQueue(_SplitBase):
             self._fail("device used the same id twice")
         if self._n_single_w:
             lens = entries[:, 1].astype(np.int64)
-            caps = self._cap_arr[at]
-            lens[caps == 0] = 0  # no device-writable buffer: the used length means nothing
-            over = lens > caps
-            if _count(over):
-                single[ids] = True
-                j = int(np.argmax(over))
-                self._fail(
-                    f"device wrote {int(lens[j])} bytes into a "
-                    f"{int(self._cap_arr[ids[j]])}-byte buffer"
-                )
-            self._n_single_w -= _count(caps)
+            lens = self._checked_lengths(lens, self._cap_arr[at], ids, single)
         else:  # no chain with a device-writable buffer: the used lengths mean nothing
             lens = self._lens0[:n]
         self._n_single = count
