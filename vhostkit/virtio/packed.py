@@ -39,7 +39,6 @@ from vhostkit.virtio.ring import (
     DriverRole,
     PackedEventFlag,
     RingBase,
-    as_sequence_pairs,
     batch_buffers,
     check_align,
     check_order,
@@ -753,18 +752,8 @@ class PackedDriverQueue(DriverRole, _PackedBase):
         """
         self._check_broken()
         v = self._refresh()
-        outs = as_sequence_pairs(out)
-        ins = as_sequence_pairs(in_)
+        outs, ins, indirect, needed = self._plan_chain(out, in_, indirect)
         total = len(outs) + len(ins)
-        if total == 0:
-            raise InvalidParam("a chain needs at least one buffer")
-        if indirect is None:
-            indirect = self.max_indirect > 0 and 1 < total <= self.max_indirect
-        if indirect and not 0 < total <= self.max_indirect:
-            raise InvalidParam(
-                f"{total} buffers do not fit an indirect table of {self.max_indirect}"
-            )
-        needed = 1 if indirect else total
         if needed > self._free_descs or not self._n_free_ids:
             raise InvalidOperation(
                 f"queue full: {needed} descriptors needed, {self._free_descs} free"

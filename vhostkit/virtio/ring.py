@@ -609,6 +609,29 @@ class DriverRole:
     #: single-descriptor chains in flight that have a device-writable buffer
     _n_single_w: int
     _fail: Any  # from BrokenState
+    #: descriptors per indirect table (0: no indirect descriptors)
+    max_indirect: int
+
+    def _plan_chain(
+        self, out: Sequence[Buffer], in_: Sequence[Buffer], indirect: bool | None
+    ) -> tuple[list[Buffer], list[Buffer], bool, int]:
+        """Check ``add``'s arguments: ``(out, in_, indirect, descriptors the ring needs)``.
+
+        ``indirect=None`` picks an indirect table when there is one and the chain has more
+        than one buffer.
+        """
+        outs = as_sequence_pairs(out)
+        ins = as_sequence_pairs(in_)
+        total = len(outs) + len(ins)
+        if total == 0:
+            raise InvalidParam("a chain needs at least one buffer")
+        if indirect is None:
+            indirect = self.max_indirect > 0 and 1 < total <= self.max_indirect
+        if indirect and not 0 < total <= self.max_indirect:
+            raise InvalidParam(
+                f"{total} buffers do not fit an indirect table of {self.max_indirect}"
+            )
+        return outs, ins, indirect, 1 if indirect else total
 
     def _checked_lengths(
         self,

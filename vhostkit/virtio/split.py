@@ -33,7 +33,6 @@ from vhostkit.virtio.ring import (
     DeviceRole,
     DriverRole,
     RingBase,
-    as_sequence_pairs,
     batch_buffers,
     check_align,
     check_order,
@@ -682,18 +681,8 @@ class SplitDriverQueue(DriverRole, _SplitBase):
         """
         self._check_broken()
         v = self._refresh()
-        outs = as_sequence_pairs(out)
-        ins = as_sequence_pairs(in_)
+        outs, ins, indirect, needed = self._plan_chain(out, in_, indirect)
         total = len(outs) + len(ins)
-        if total == 0:
-            raise InvalidParam("a chain needs at least one buffer")
-        if indirect is None:
-            indirect = self.max_indirect > 0 and 1 < total <= self.max_indirect
-        if indirect and not 0 < total <= self.max_indirect:
-            raise InvalidParam(
-                f"{total} buffers do not fit an indirect table of {self.max_indirect}"
-            )
-        needed = 1 if indirect else total
         if needed > self._n_free:
             raise InvalidOperation(f"queue full: {needed} descriptors needed, {self._n_free} free")
         recs = np.zeros(total, SPLIT_DESC_DTYPE)
