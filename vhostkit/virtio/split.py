@@ -743,12 +743,19 @@ class SplitDriverQueue(DriverRole, _SplitBase):
             raise InvalidOperation(f"queue full: {n} descriptors needed, {top} free")
         heads = self._take_heads(n)
         at = _run(heads, self._arange)  # a slice when the heads are consecutive
-        recs = np.empty(n, SPLIT_DESC_DTYPE)
-        recs["addr"] = addr_a
-        recs["len"] = len_a
-        recs["flags"] = _WRITE if writable else 0
-        recs["next"] = 0
-        v.desc[at] = recs
+        if isinstance(at, slice):  # field by field into the ring: no record array to build
+            d = v.desc[at]
+            d["addr"] = addr_a
+            d["len"] = len_a
+            d["flags"] = _WRITE if writable else 0
+            d["next"] = 0
+        else:
+            recs = np.empty(n, SPLIT_DESC_DTYPE)
+            recs["addr"] = addr_a
+            recs["len"] = len_a
+            recs["flags"] = _WRITE if writable else 0
+            recs["next"] = 0
+            v.desc[at] = recs
         self._single[at] = True
         self._n_single += n
         if tokens is None:
