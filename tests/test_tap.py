@@ -15,6 +15,7 @@ import pytest
 
 from vhostkit.errors import DeviceUnavailable, InvalidOperation, InvalidParam
 from vhostkit.kernel import Tap, TunFlags, TunOffload
+from vhostkit.kernel.tap import offload_for_features
 
 
 def _tap_unavailable() -> str | None:
@@ -147,6 +148,27 @@ def test_offload() -> None:
         tap.set_offload(0)
         with pytest.raises(InvalidParam):
             tap.set_offload(1 << 20)
+
+
+def test_offload_for_every_guest_feature_set_is_accepted() -> None:
+    """Whatever guest offloads a driver acked, the flags derived from them are ones the tun
+    driver takes. A Linux guest behind QEMU may ack GUEST_TSO4 without GUEST_CSUM, or
+    GUEST_ECN without any TSO (QEMU offers them with ``guest_csum=off`` or
+    ``guest_tso4=off,guest_tso6=off``): TSO without CSUM, or TSO_ECN without TSO, is EINVAL."""
+    guest_csum, tso4, tso6, ecn, ufo = (1 << 1, 1 << 7, 1 << 8, 1 << 9, 1 << 10)
+    bits = (guest_csum, tso4, tso6, ecn, ufo)
+    with Tap(f"vhk{_uid()}") as tap:
+        for mask in range(1 << len(bits)):
+            features = sum(b for i, b in enumerate(bits) if mask >> i & 1)
+            flags = offload_for_features(features)
+            tap.set_offload(flags)  # raises InvalidParam on EINVAL
+            if not features & guest_csum:
+                assert flags == 0, hex(features)
+    assert offload_for_features(guest_csum | tso4 | ecn) == (
+        TunOffload.CSUM | TunOffload.TSO4 | TunOffload.TSO_ECN
+    )
+    assert offload_for_features(tso4 | tso6 | ecn) == 0  # QEMU's guest_csum=off
+    assert offload_for_features(guest_csum | ecn) == TunOffload.CSUM  # ECN needs a TSO
 
 
 def test_up_down_mac_mtu_addresses() -> None:

@@ -63,8 +63,9 @@ def _netlink_error(exc: Any, what: str) -> VhostError:
 
 
 #: virtio-net guest offload feature bit -> the tap offload it lets the tap hand over.
+_GUEST_CSUM = 1 << 1  # VIRTIO_NET_F_GUEST_CSUM
 _GUEST_OFFLOADS = (
-    (1 << 1, TunOffload.CSUM),  # VIRTIO_NET_F_GUEST_CSUM
+    (_GUEST_CSUM, TunOffload.CSUM),
     (1 << 7, TunOffload.TSO4),  # VIRTIO_NET_F_GUEST_TSO4
     (1 << 8, TunOffload.TSO6),  # VIRTIO_NET_F_GUEST_TSO6
     (1 << 9, TunOffload.TSO_ECN),  # VIRTIO_NET_F_GUEST_ECN
@@ -77,11 +78,25 @@ def offload_for_features(features: int) -> TunOffload:
 
     A tap must only hand the guest what the guest said it can take: without GUEST_CSUM no
     partial checksums, without GUEST_TSO4 no TCPv4 super-frames, and so on.
+
+    The segmentation offloads need the checksum one: a GSO frame always carries a partial
+    checksum (NEEDS_CSUM), which a driver without GUEST_CSUM must not be given (virtio 1.2,
+    5.1.6.4.1: without GUEST_CSUM the device sets ``flags`` to zero), and the spec makes
+    GUEST_TSO4/TSO6/UFO require GUEST_CSUM and GUEST_ECN require GUEST_TSO4 or TSO6
+    (5.1.3.1). Front-ends do not enforce this (QEMU 7.2 with ``guest_csum=off`` still offers
+    GUEST_TSO4, and Linux 6.1 acks it), and the tun driver refuses TSO/UFO flags without
+    ``TUN_F_CSUM``, and ``TUN_F_TSO_ECN`` without a TSO flag, with EINVAL. So, as QEMU's
+    own tap back-end does (``tap_fd_set_offload``), an offload whose prerequisite was not
+    acked is left out rather than asked for.
     """
+    if not features & _GUEST_CSUM:  # nothing at all
+        return TunOffload(0)
     flags = TunOffload(0)
     for bit, flag in _GUEST_OFFLOADS:
         if features & bit:
             flags |= flag
+    if not flags & (TunOffload.TSO4 | TunOffload.TSO6):
+        flags &= ~TunOffload.TSO_ECN
     return flags
 
 
