@@ -83,9 +83,16 @@ class TapRig:
 
 @contextlib.contextmanager
 def net_backend(
-    sock_path: Path, *, address: str | None = None, mac: str = "52:54:00:00:b0:02"
+    sock_path: Path,
+    *,
+    address: str | None = None,
+    mac: str = "52:54:00:00:b0:02",
+    device_type: type | None = None,
 ) -> Iterator[TapRig]:
-    """A NetDevice on a tap that is up in a fresh namespace, served at ``sock_path``."""
+    """A NetDevice on a tap that is up in a fresh namespace, served at ``sock_path``.
+
+    ``device_type``: a subclass of NetDevice to use instead (e.g. one that records requests).
+    """
     from vhostkit.devices.net import NetDevice
 
     with contextlib.ExitStack() as stack:
@@ -93,7 +100,7 @@ def net_backend(
         quiet_namespace(ns)
         tap = stack.enter_context(Tap("vhkp%d", nonblocking=True))
         names = (ns.name, tap.name)
-        device = NetDevice(tap, mac=mac_bytes(mac))
+        device = (device_type or NetDevice)(tap, mac=mac_bytes(mac))
         stack.callback(device.close)
         tap.move_to_netns(ns.name)
         if address is not None:

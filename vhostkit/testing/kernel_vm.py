@@ -14,6 +14,13 @@ seconds. This module:
   9p share (mounted in the guest at the *same path* as on the host) for the job's files. It runs
   the command in a chroot of that root, with :data:`GUEST_ENV_VAR` set to ``1`` in its
   environment, and brings back its output and exit code.
+* Extra devices: :meth:`KernelVm.run` (and :func:`run_in_vm`) take ``extra_qemu_args``, a list
+  of QEMU arguments or a function of the machine booted (``"microvm"`` or ``"q35"``) that
+  returns them, since the same device is ``virtio-*-device`` (virtio-mmio) on microvm and
+  ``virtio-*-pci`` on q35, and a boot may be retried on q35. ``shared_memory=True`` puts guest
+  RAM in a shared memfd, which a vhost-user back-end needs in order to map it.
+  :func:`vhost_user_net_args` builds the arguments of a virtio-net device served by a
+  vhost-user back-end; the guest loads ``virtio_net``, so its interface comes up as ``eth0``.
 
 Command line::
 
@@ -44,12 +51,13 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "GUEST_ENV_VAR",
+    "ExtraQemuArgs",
     "KernelVm",
     "PreparedKernel",
     "VmBootError",
@@ -63,6 +71,7 @@ __all__ = [
     "prepare",
     "resolve_module_order",
     "run_in_vm",
+    "vhost_user_net_args",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +102,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vhost_vsock",
+    # for a virtio-net device given with extra_qemu_args (pulls in net_failover, failover)
+    "virtio_net",
 )
 
 #: Bumped whenever the layout of the cache or the initramfs changes.
@@ -182,6 +193,11 @@ class VmResult:
     boot_seconds: float = 0.0
     total_seconds: float = 0.0
     machine: str = ""
+
+
+#: Extra QEMU arguments for a VM: a fixed list, or a function of the machine booted
+#: (``"microvm"`` or ``"q35"``) returning them (see :func:`vhost_user_net_args`).
+ExtraQemuArgs = Sequence[str] | Callable[[str], Sequence[str]]
 
 
 def default_cache_dir() -> Path:
@@ -702,7 +718,22 @@ class KernelVm:
             raise VmError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
         self.qemu = found
 
-    def qemu_argv(self, share: Path, console: Path, machine: str | None = None) -> list[str]:
+    def qemu_argv(
+        self,
+        share: Path,
+        console: Path,
+        machine: str | None = None,
+        *,
+        extra_args: ExtraQemuArgs = (),
+        shared_memory: bool = False,
+    ) -> list[str]:
+        """QEMU's command line for one boot on ``machine`` (default: :attr:`machine`).
+
+        ``extra_args`` go last (a callable gets the machine name). ``shared_memory=True``
+        backs guest RAM with ``memory-backend-memfd,share=on`` (QEMU 7.2 takes the machine
+        property ``memory-backend`` on microvm and q35 alike), so that a vhost-user back-end
+        can map it from the fds of SET_MEM_TABLE; the RAM is private memory otherwise.
+        """
         machine = machine or self.machine
         cmdline = [
             "console=ttyS0",
@@ -717,21 +748,27 @@ class KernelVm:
         ]
         cpu = os.environ.get("VHOSTKIT_VM_CPU") or "max"
         argv = [self.qemu, "-accel", "tcg", "-cpu", cpu]
+        memory_backend = ",memory-backend=mem0" if shared_memory else ""
         if machine == "microvm":
             cmdline.append(f"tsc_early_khz={_host_tsc_khz()}")
             argv += [
                 "-M",
-                "microvm,x-option-roms=off,rtc=on,acpi=on,pcie=off",
+                f"microvm,x-option-roms=off,rtc=on,acpi=on,pcie=off{memory_backend}",
                 "-kernel",
                 _qemu_path(self.prepared.vmlinux or ""),
             ]
             dev9p = "virtio-9p-device"
         else:
-            argv += ["-M", "q35", "-kernel", _qemu_path(self.prepared.vmlinuz)]
+            argv += ["-M", f"q35{memory_backend}", "-kernel", _qemu_path(self.prepared.vmlinuz)]
             dev9p = "virtio-9p-pci"
+        if shared_memory:
+            argv += [
+                "-object",
+                f"memory-backend-memfd,id=mem0,size={self.memory_mb}M,share=on",
+            ]
         argv += [
             "-m",
-            str(self.memory_mb),
+            f"{self.memory_mb}M",
             "-smp",
             str(self.cpus),
             "-nodefaults",
@@ -755,6 +792,7 @@ class KernelVm:
             "-device",
             f"{dev9p},fsdev=fsshare,mount_tag={_SHARE_TAG}",
         ]
+        argv += list(extra_args(machine) if callable(extra_args) else extra_args)
         return argv
 
     def run(
@@ -765,6 +803,8 @@ class KernelVm:
         env: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         share: str | os.PathLike[str] | None = None,
+        extra_qemu_args: ExtraQemuArgs = (),
+        shared_memory: bool = False,
     ) -> VmResult:
         """Boot, run ``argv`` in the guest, power off. See :func:`run_in_vm`."""
         if not argv:
@@ -809,7 +849,13 @@ class KernelVm:
             for attempt, machine in enumerate((self.machine, "q35")):
                 try:
                     return self._boot(
-                        share_dir, ctl, console_dir / f"console{attempt}.log", timeout, machine
+                        share_dir,
+                        ctl,
+                        console_dir / f"console{attempt}.log",
+                        timeout,
+                        machine,
+                        extra_qemu_args,
+                        shared_memory,
                     )
                 except _BootHang as hang:
                     if attempt == 1:
@@ -818,12 +864,21 @@ class KernelVm:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _boot(
-        self, share: Path, ctl: Path, console: Path, timeout: float, machine: str
+        self,
+        share: Path,
+        ctl: Path,
+        console: Path,
+        timeout: float,
+        machine: str,
+        extra_args: ExtraQemuArgs,
+        shared_memory: bool,
     ) -> VmResult:
         console.touch()
         for name in ("rc", "output"):
             (ctl / name).unlink(missing_ok=True)
-        qemu_argv = self.qemu_argv(share, console, machine)
+        qemu_argv = self.qemu_argv(
+            share, console, machine, extra_args=extra_args, shared_memory=shared_memory
+        )
         log.debug("qemu: %s", shlex.join(qemu_argv))
         qemu_log = console.with_suffix(".qemu")
         t0 = time.monotonic()
@@ -915,6 +970,8 @@ def run_in_vm(
     machine: str | None = None,
     memory_mb: int = DEFAULT_MEMORY_MB,
     cpus: int = DEFAULT_CPUS,
+    extra_qemu_args: ExtraQemuArgs = (),
+    shared_memory: bool = False,
 ) -> VmResult:
     """Boot the prepared kernel once and run ``argv`` in the guest.
 
@@ -925,10 +982,69 @@ def run_in_vm(
     interpreter's real path (``python3`` may be a pyenv shim). ``share`` is a host directory
     the guest can write to, at the same path; by default a temporary one. ``timeout`` counts
     from the start of the job. Returns the job's exit code and its output (stdout and stderr).
+
+    ``extra_qemu_args`` adds devices (a list, or a function of the machine booted, see
+    :func:`vhost_user_net_args`); ``shared_memory=True`` puts guest RAM in a shared memfd, as
+    a vhost-user device needs.
     """
     prepared = prepare(cache_dir)
     vm = KernelVm(prepared, machine=machine, memory_mb=memory_mb, cpus=cpus)
-    return vm.run(argv, cwd=cwd, env=env, timeout=timeout, share=share)
+    return vm.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        share=share,
+        extra_qemu_args=extra_qemu_args,
+        shared_memory=shared_memory,
+    )
+
+
+def vhost_user_net_args(
+    socket_path: str | os.PathLike[str],
+    *,
+    mac: str = "52:54:00:12:34:56",
+    netdev_id: str = "vhunet0",
+    device_args: str = "",
+) -> Callable[[str], list[str]]:
+    """QEMU arguments for a virtio-net device whose data plane is a vhost-user back-end.
+
+    Returns a function of the machine (pass it as ``extra_qemu_args``, with
+    ``shared_memory=True``): ``-chardev socket`` connecting to the back-end listening at
+    ``socket_path`` (it must listen before the VM starts: QEMU exits when nobody answers),
+    ``-netdev vhost-user`` on it, and ``virtio-net-device`` on microvm (virtio-mmio) or
+    ``virtio-net-pci`` on q35 (without its iPXE option ROM: the VM boots with ``-kernel``).
+    On microvm the virtio-mmio transports are made modern (``force-legacy=false``): QEMU's
+    default is the legacy interface, on which the guest cannot ack ``VIRTIO_F_VERSION_1``.
+    On q35 the device has no MSI-X (``vectors=0``), to dodge a QEMU 7.2 crash under TCG.
+    ``device_args`` is appended to the device's options (e.g. ``"mrg_rxbuf=off"``).
+    """
+    path = _qemu_path(os.fspath(socket_path))
+    extra = f",{device_args}" if device_args else ""
+
+    def args(machine: str) -> list[str]:
+        if machine == "microvm":
+            # QEMU's virtio-mmio transports are legacy (virtio 0.9.5) unless told otherwise:
+            # without this the guest cannot ack VERSION_1. It applies to every virtio-mmio
+            # transport of the machine (the 9p ones too; the guest handles both versions).
+            pre = ["-global", "virtio-mmio.force-legacy=false"]
+            device = "virtio-net-device"
+        else:
+            # vectors=0 (INTx, no MSI-X): under TCG, QEMU 7.2 segfaults in vhost_net_start ->
+            # msix_set_vector_notifiers (virtio-pci's vector unmask for a vhost device without
+            # KVM irqfds) once a driver that enabled MSI-X, as Linux does, sets DRIVER_OK.
+            pre, device = [], "virtio-net-pci,romfile=,vectors=0"
+        return [
+            *pre,
+            "-chardev",
+            f"socket,id={netdev_id}-chr,path={path}",
+            "-netdev",
+            f"vhost-user,id={netdev_id},chardev={netdev_id}-chr",
+            "-device",
+            f"{device},netdev={netdev_id},mac={mac}{extra}",
+        ]
+
+    return args
 
 
 # --- command line ---------------------------------------------------------------------------
