@@ -448,3 +448,29 @@ def test_linux_guest_drives_net_backend(fd_check, sock_dir):
     assert run.tx_dropped == 0 and run.rx_dropped == 0, (run.tx_dropped, run.rx_dropped)
     (guest_stats,) = steps["stats"]
     assert guest_stats["rx_dropped"] == 0 and guest_stats["tx_dropped"] == 0, guest_stats
+
+
+def test_linux_guest_without_checksum_offload(fd_check, sock_dir):
+    """``csum=off,guest_csum=off``: QEMU 7.2 still offers GUEST_TSO4/6 and GUEST_ECN and Linux
+    acks them, but without GUEST_CSUM the tap must not be given any offload (it refuses TSO
+    without CSUM, and the spec forbids partial checksums toward such a driver). SET_FEATURES
+    succeeds, no frame crosses the tap with GSO or NEEDS_CSUM, and the data still arrives."""
+    which_or_skip("qemu-system-x86_64")
+    download = random.Random(SEED + 1).randbytes(TRANSFER)
+    run = run_guest_check(sock_dir, download, device_args="csum=off,guest_csum=off")
+    result, steps = run.result, run.steps
+    context = f"guest exit {result.returncode} on {result.machine}; output:\n{result.output}"
+    assert result.returncode == 0, context
+    assert not run.request_errors, run.request_errors  # SET_FEATURES failed here before
+    acked = run.feature_sets[-1]
+    assert not acked & (NF.CSUM | NF.GUEST_CSUM), f"back-end acked {acked:#x}"
+    (down,) = steps["download"]
+    assert down["received"] == TRANSFER, context
+    assert down["sha256"] == hashlib.sha256(download).hexdigest(), context
+    (up,) = steps["upload"]
+    assert (up["host_received"], up["host_sha256"]) == (TRANSFER, up["sent_sha256"]), context
+    for direction in (run.from_guest, run.to_guest):
+        assert direction.frames > 0 and direction.needs_csum == 0, direction
+        assert set(direction.gso) == {GsoType.NONE}, direction
+        assert direction.largest <= MTU_FRAME, direction
+    assert run.tx_dropped == 0 and run.rx_dropped == 0, (run.tx_dropped, run.rx_dropped)
