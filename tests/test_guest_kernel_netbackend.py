@@ -8,8 +8,9 @@ device whose data plane is a NetDevice in this process, served over a vhost-user
 RAM in a shared memfd). The device's tap is up in a network namespace made for the test, with
 ``10.203.0.1/24``; nothing else is in that namespace, so nothing leaves the machine.
 
-ONE VM boot runs ``tests/helpers/guest_netcheck.py`` in the guest, which brings the virtio
-interface up as ``10.203.0.2/24`` and then:
+Each test boots the VM once (split rings, packed rings, and no checksum offload) and runs
+``tests/helpers/guest_netcheck.py`` in the guest, which brings the virtio interface up as
+``10.203.0.2/24`` and then:
 
 * pings the tap's address (MTU-sized and small requests, every one answered);
 * uploads 4 MiB over TCP to a listener in the namespace (sha256 checked on the host side);
@@ -392,11 +393,12 @@ def run_guest_check(
     return run
 
 
-def test_linux_guest_drives_net_backend(fd_check, sock_dir):
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_linux_guest_drives_net_backend(fd_check, sock_dir, packed):
     which_or_skip("qemu-system-x86_64")
     download = random.Random(SEED + 1).randbytes(TRANSFER)
     upload_sha = hashlib.sha256(random.Random(SEED).randbytes(TRANSFER)).hexdigest()
-    run = run_guest_check(sock_dir, download)
+    run = run_guest_check(sock_dir, download, device_args="packed=on" if packed else "")
     result, steps = run.result, run.steps
     context = f"guest exit {result.returncode} on {result.machine}; output:\n{result.output}"
     assert result.returncode == 0, context
@@ -414,6 +416,7 @@ def test_linux_guest_drives_net_backend(fd_check, sock_dir):
     assert run.feature_sets, "the device applied no SET_FEATURES"
     acked = run.feature_sets[-1]
     assert acked & REQUIRED_FEATURES == REQUIRED_FEATURES, f"back-end acked {acked:#x}"
+    assert bool(acked & VF.RING_PACKED) == packed, f"back-end acked {acked:#x}"
 
     # ping: every request answered, MTU-sized ones included
     assert [p["size"] for p in steps["ping"]] == [1472, 56], context
