@@ -41,7 +41,8 @@ from vhostkit.user.daemon import ActiveRing, RingDevice
 from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.virtio.net import VirtioNetHdr, fill_mergeable, header_size
+from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
+from vhostkit.virtio.ring import Chain
 
 __all__ = ["DEFAULT_NET_FEATURES", "NetDevice", "main", "net_config"]
 
@@ -81,6 +82,9 @@ NET_PROTOCOL_FEATURES = int(
 
 #: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
 MAX_RX_FRAME = 65536 + 256
+#: Received frames completed together (one used-index update, at most one interrupt).
+RX_BATCH = 64
+_NUM_BUFFERS = struct.Struct("<H")
 VIRTIO_NET_S_LINK_UP = 1
 
 
@@ -88,6 +92,31 @@ VIRTIO_NET_S_LINK_UP = 1
 #: buffer fills when the kernel is slow to consume what was written (softirqs starved by busy
 #: CPUs); like vhost-net, the device then waits instead of dropping.
 TX_BACKPRESSURE_TIMEOUT = 5.0
+
+
+def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
+    """Scatter ``data`` (the tap's virtio-net header, then the frame) over ``chains``, which
+    together hold it; returns the bytes written to each.
+
+    The header goes through as the tap wrote it (flags and GSO fields, already limited to the
+    offloads the driver acked) except ``num_buffers``: the tap skips those two bytes of a
+    12-byte header, and they must say how many buffers the frame spans (1 without
+    MRG_RXBUF).
+    """
+    if size >= HDR_SIZE_MRG:
+        _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, len(chains))
+    written: list[int] = []
+    pos, end = 0, data.nbytes
+    for chain in chains:
+        start = pos
+        for dst in chain.writable:
+            n = min(dst.nbytes, end - pos)
+            dst[:n] = data[pos : pos + n]
+            pos += n
+            if pos == end:
+                break
+        written.append(pos - start)
+    return written
 
 
 def _write_frame(fd: int, views: list[memoryview]) -> bool:
@@ -229,14 +258,30 @@ class NetDevice(RingDevice):
             ring.complete(batch.ids, np.zeros(n, dtype=np.int64))
 
     def _receive(self, ring: ActiveRing) -> bool:
+        # Frames are completed in batches: one used-index update, and at most one interrupt,
+        # for up to RX_BATCH frames (or fewer, when the tap or the ring runs dry first).
+        done_ids: list[int] = []
+        done_lens: list[int] = []
+        try:
+            return self._receive_frames(ring, done_ids, done_lens)
+        finally:
+            if done_ids:
+                ring.complete(done_ids, done_lens)
+
+    def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
         fd = self._tap_fd(ring)
         queue = ring.queue
         buf = self._rx_buf if ring.index == 0 else bytearray(MAX_RX_FRAME)
         view = memoryview(buf)
         size = self.hdr_size
+        mergeable = self.mergeable
         while True:
             if ring.interrupted:
                 return False  # let whoever waits for the ring in; the worker comes back
+            if len(done_ids) >= RX_BATCH:
+                ring.complete(done_ids, done_lens)
+                done_ids.clear()
+                done_lens.clear()
             if not queue.pending() and ring.resubmitted is None:
                 ring.extra_wanted = False  # no buffers: wait for the driver's kick
                 return True
@@ -247,8 +292,6 @@ class NetDevice(RingDevice):
                 return False
             if got < size:
                 continue
-            hdr = VirtioNetHdr.unpack(view[:size], size)
-            frame = view[size:got]
             need = got
             chains = []
             room = 0
@@ -261,22 +304,24 @@ class NetDevice(RingDevice):
                 chain = one[0]
                 chains.append(chain)
                 room += chain.writable_len
-                if not self.mergeable:
+                if not mergeable:
                     break
             written: list[int] = []
-            if room >= need:
-                written = fill_mergeable(chains, frame, hdr, size)
+            if room >= need and chains[0].writable_len >= size:
+                written = _fill(chains, view[:got], size)
             if not written:
                 # Too little buffer space for this frame: drop it. The buffers go back empty
                 # (a driver discards a used buffer shorter than a header).
                 with self._stats_lock:
                     self.rx_dropped += 1
-                ring.complete([c.id for c in chains], [0] * len(chains))
+                done_ids += [c.id for c in chains]
+                done_lens += [0] * len(chains)
                 continue
             # counted before the driver can see the frame: counters never lag behind it
             with self._stats_lock:
                 self.rx_frames += 1
-            ring.complete([c.id for c in chains], written)
+            done_ids += [c.id for c in chains]
+            done_lens += written
 
     # -- net requests --
 
