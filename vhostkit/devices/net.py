@@ -10,6 +10,9 @@
   buffers and ``num_buffers`` says how many (without it, ``num_buffers`` is 1, as the spec
   asks of a device with a 12-byte header). A frame is only read from the tap when receive
   buffers are there; otherwise the worker stops watching the tap until the driver kicks.
+  Frames are completed in batches of up to :data:`RX_BATCH` (one used-index update, at most
+  one interrupt). The frame passes through one bounce buffer (the tap's read needs room for
+  the largest frame before the device knows how many buffers it takes).
 * Offloads: the guest-side offload features acked (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN,
   GUEST_UFO) become the tap's ``TUNSETOFFLOAD`` flags; the header size (10, or 12 with
   VERSION_1 or MRG_RXBUF) becomes ``TUNSETVNETHDRSZ``.
