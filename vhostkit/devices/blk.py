@@ -53,9 +53,9 @@ notifies the guest.
 
 Protocol features: the generic set of :class:`~vhostkit.user.device.BackendDevice` minus
 ``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running).
-``INFLIGHT_SHMFD`` is offered: on split rings a restarted back-end resubmits the requests its
-predecessor had taken and not completed (:mod:`vhostkit.user.inflight`); packed rings are not
-tracked yet.
+``INFLIGHT_SHMFD`` is offered: a restarted back-end resubmits the requests its predecessor
+had taken and not completed (:mod:`vhostkit.user.inflight`, split and packed rings). A ring
+larger than the inflight area allows runs untracked (QEMU's virtio-mmio makes such rings).
 
 Standalone daemon::
 

@@ -252,6 +252,25 @@ class RingDevice(BackendDevice):
         area = self._inflight_area()
         if area is None:
             return
+        desc = self.inflight_desc
+        assert desc is not None  # the area is mapped from it
+        if queue.num > desc.queue_size or active.index >= desc.num_queues:
+            # The area was sized by GET_INFLIGHT_FD for num_queues rings of queue_size
+            # descriptors ("Inflight I/O tracking", vhost-user spec): it has no room for this
+            # ring's descriptors. QEMU 7.2 does send such a ring: on virtio-mmio it tells the
+            # driver QueueNumMax = 1024 whatever the device's queue-size, Linux takes 1024,
+            # and vhost-user-blk still asks for an area of queue-size (128) descriptors. The
+            # ring runs untracked (a restarted back-end cannot resubmit its requests) rather
+            # than not at all, or tracked over the next rings' regions.
+            log.warning(
+                "ring %d (%d descriptors) does not fit the inflight area (%d rings of %d): "
+                "its requests are not tracked",
+                active.index,
+                queue.num,
+                desc.num_queues,
+                desc.queue_size,
+            )
+            return
         if isinstance(queue, PackedDeviceQueue):
             self._track_packed(active, queue, area)
             return
