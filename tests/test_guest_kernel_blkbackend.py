@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from test_guest_kernel_netbackend import guest_steps
 
 from vhostkit.devices.blk import (
     SECTOR_SIZE,
@@ -239,16 +240,6 @@ class GuestRun:
     def context(self) -> str:
         r = self.result
         return f"guest exit {r.returncode} on {r.machine}; output:\n{r.output}"
-
-
-def guest_steps(output: str) -> dict[str, list[dict[str, object]]]:
-    """The guest script's JSON lines, by step."""
-    steps: dict[str, list[dict[str, object]]] = collections.defaultdict(list)
-    for line in output.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            steps[record.pop("step")].append(record)
-    return steps
 
 
 @contextmanager
