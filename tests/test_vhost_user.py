@@ -253,6 +253,25 @@ def test_max_mem_slots_add_and_remove_region(negotiated: Peer) -> None:
             fe.remove_mem_region(high)
 
 
+def test_same_region_added_twice_is_counted(fd_check, negotiated: Peer) -> None:
+    """QEMU 7.2 (and older) sends ADD_MEM_REG (and REM_MEM_REG) once per vhost_dev, and a
+    multiqueue virtio-net has one per queue pair: the same region arrives once per pair. It
+    is mapped once; it stays mapped until removed as many times as it was added."""
+    fe, dev = negotiated.fe, negotiated.device
+    with GuestMemory.allocate([(0, 0x10000)]) as mem:
+        (region,) = mem.regions
+        fe.add_mem_region(region)
+        fe.add_mem_region(region)
+        assert dev.memory is not None and len(dev.memory.regions) == 1
+        fe.remove_mem_region(region)
+        mem.write(0x100, b"still mapped")
+        assert dev.memory.read(0x100, 12) == b"still mapped"
+        fe.remove_mem_region(region)
+        assert dev.memory.regions == ()
+        with pytest.raises(RequestFailed):  # a third time: nothing left to remove
+            fe.remove_mem_region(region)
+
+
 def test_log_base_and_log_fd(negotiated: Peer) -> None:
     fe, dev = negotiated.fe, negotiated.device
     log_fd = os.memfd_create("log", os.MFD_CLOEXEC)

@@ -84,6 +84,11 @@ class VringInfo:
         self.kick_fd = self.call_fd = self.err_fd = None
 
 
+def _region_key(region: MemoryRegion) -> tuple[int, int, int]:
+    """What identifies a region in ADD_MEM_REG / REM_MEM_REG."""
+    return (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+
+
 def inflight_queue_size(queue_size: int, packed: bool) -> int:
     """Bytes of one queue's inflight region (header + one entry per descriptor), 64-aligned."""
     return (packed_queue_region_size if packed else split_queue_region_size)(queue_size)
@@ -126,6 +131,9 @@ class BackendDevice(BackendHandler):
         self.acked_protocol_features = ProtocolFeature(0)
         self.protocol_negotiated = False
         self.memory: GuestMemory | None = None
+        #: ADD_MEM_REG of a region already mapped, by (gpa, size, uva): how many more
+        #: REM_MEM_REG it takes to unmap it (see :meth:`add_mem_region`)
+        self.mem_region_dups: dict[tuple[int, int, int], int] = {}
         self.vrings = [VringInfo(i) for i in range(self.num_queues)]
         self.status = 0
         self.log_fd: int | None = None
@@ -226,6 +234,7 @@ class BackendDevice(BackendHandler):
         # Mapped, the memory stays alive without the fds: they are closed, also on failure.
         memory = GuestMemory.map_regions(regions, take_fds=True)
         old, self.memory = self.memory, memory
+        self.mem_region_dups = {}
         if old is not None:
             old.close()
         log.info(
@@ -245,6 +254,21 @@ class BackendDevice(BackendHandler):
         return self.max_mem_slots
 
     def add_mem_region(self, region: MemoryRegion) -> None:
+        # QEMU 7.2 (and older) sends ADD_MEM_REG/REM_MEM_REG once per vhost_dev; a multiqueue
+        # virtio-net has one vhost_dev per queue pair on the same connection: the same
+        # region (same guest and user addresses, size and file offset) arrives once per
+        # pair. It is mapped once and counted; each REM_MEM_REG takes one count off.
+        key = _region_key(region)
+        if self.memory is not None and any(
+            _region_key(r) == key and r.mmap_offset == region.mmap_offset
+            for r in self.memory.regions
+        ):
+            if region.fd is not None:
+                os.close(region.fd)
+            self.mem_region_dups[key] = self.mem_region_dups.get(key, 0) + 1
+            log.debug("ADD_MEM_REG of a mapped region %s: counted", key)
+            self._changed()
+            return
         if self.memory is None:
             self.memory = GuestMemory()
         if len(self.memory.regions) >= self.max_mem_slots:
@@ -256,6 +280,12 @@ class BackendDevice(BackendHandler):
     def remove_mem_region(self, region: MemoryRegion) -> None:
         if self.memory is None:
             raise InvalidParam("no memory region is mapped")
+        key = _region_key(region)
+        if self.mem_region_dups.get(key):
+            self.mem_region_dups[key] -= 1
+            self._changed()
+            return
+        self.mem_region_dups.pop(key, None)
         self.memory.remove_region(region)
         self.memory_changed()
         self._changed()
