@@ -22,6 +22,7 @@ The namespace helpers here (:class:`NetNs`) are also used by ``test_peers_netbac
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import itertools
@@ -300,10 +301,11 @@ def backend_rig(
     queue_pairs: int = 1,
     features: int | None = None,
     address: bool = True,
+    device_type: type | None = None,
     **driver_args: object,
 ) -> Iterator[Rig]:
-    """A running driver on a NetDevice whose tap is up in a fresh namespace (cleaned up after,
-    and checked: no namespace or tap left)."""
+    """A running driver on a NetDevice (or ``device_type``, a subclass) whose tap is up in a
+    fresh namespace (cleaned up after, and checked: no namespace or tap left)."""
     from vhostkit.devices.net import NetDevice
 
     with contextlib.ExitStack() as stack:
@@ -312,7 +314,9 @@ def backend_rig(
         tap = stack.enter_context(Tap("vhkb%d", queues=queue_pairs, nonblocking=True))
         tap_name = ns_name = ""
         tap_name, ns_name = tap.name, ns.name
-        device = NetDevice(tap, mac=mac_bytes("52:54:00:00:b0:01"), queue_pairs=queue_pairs)
+        device = (device_type or NetDevice)(
+            tap, mac=mac_bytes("52:54:00:00:b0:01"), queue_pairs=queue_pairs
+        )
         stack.callback(device.close)
         tap.move_to_netns(ns.name)
         if address:
@@ -403,6 +407,91 @@ def test_multiqueue_two_pairs(fd_check, sock_dir):
                         seen[q].add(struct.unpack_from("!H", frame, 36)[0] - 20000)
         assert set().union(*seen.values()) == set(range(flows))
         assert all(seen.values()), f"one RX queue got nothing: {seen}"
+
+
+def _counting_net_device() -> type:
+    from vhostkit.devices.net import NetDevice
+
+    class CountingNetDevice(NetDevice):
+        """Counts the rounds each ring's worker spent on the ring while it was disabled."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.disabled_rounds: collections.Counter[int] = collections.Counter()
+
+        def process_disabled(self, ring) -> None:  # type: ignore[no-untyped-def]
+            self.disabled_rounds[ring.index] += 1
+            super().process_disabled(ring)
+
+    return CountingNetDevice
+
+
+def receive_udp_flows(rig: Rig, flows: int, queues: list[int]) -> dict[int, set[int]]:
+    """Send one UDP datagram per flow from the namespace to the guest; the flows each RX
+    queue of ``queues`` received (fails after 10 s if any is missing)."""
+    add_neighbour(rig.ns, rig.tap.name, GUEST_IP, GUEST_MAC)
+    nic = rig.nic
+    with rig.ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        for port in range(flows):
+            u.sendto(b"flow %d" % port, (GUEST_IP, 20000 + port))
+    seen: dict[int, set[int]] = {q: set() for q in queues}
+    deadline = time.monotonic() + 10
+    while sum(map(len, seen.values())) < flows:
+        left = deadline - time.monotonic()
+        assert left > 0, f"UDP flows missing: {seen}"
+        for ring in nic.wait_any([2 * q for q in queues], left):
+            q = ring // 2
+            for frame in nic.recv(timeout=0, queue=q):
+                if frame[12:14] == b"\x08\x00" and frame[23] == 17:
+                    seen[q].add(struct.unpack_from("!H", frame, 36)[0] - 20000)
+    return seen
+
+
+def test_multiqueue_pair_turned_off_gets_no_flows(fd_check, sock_dir):
+    """A driver that uses fewer pairs than offered (Linux with one CPU on a two-pair device)
+    disables the rest. The pair's tap queue is detached, as QEMU's tap back-end does:
+    otherwise the tap keeps steering flows to a queue nobody reads, and they are lost. Its
+    disabled RX ring does not spin on the tap either. Turned back on, the queue is attached
+    again."""
+    with backend_rig(sock_dir, queue_pairs=2, device_type=_counting_net_device()) as rig:
+        fe, device = rig.fe, rig.device
+        fe.set_vring_enable(2, False)
+        fe.set_vring_enable(3, False)
+        assert device._tap_attached == [True, False]  # type: ignore[attr-defined]
+        rounds = device.disabled_rounds[2]  # type: ignore[attr-defined]
+        seen = receive_udp_flows(rig, 64, [0])
+        assert seen[0] == set(range(64))  # all on pair 0: none went to the detached queue
+        # nothing woke ring 2's worker: no frame reached its tap queue
+        assert device.disabled_rounds[2] == rounds, device.disabled_rounds  # type: ignore[attr-defined]
+        fe.set_vring_enable(2, True)
+        fe.set_vring_enable(3, True)
+        assert device._tap_attached == [True, True]  # type: ignore[attr-defined]
+
+
+def test_disabled_rx_ring_does_not_spin_on_a_readable_tap(fd_check, sock_dir):
+    """Frames wait in the tap while the RX ring is disabled (TX still enabled keeps the tap
+    queue attached): the worker stops watching the tap until the ring is enabled, and then
+    delivers them all."""
+    with backend_rig(sock_dir, device_type=_counting_net_device()) as rig:
+        fe, device, nic = rig.fe, rig.device, rig.nic
+        fe.set_vring_enable(0, False)
+        add_neighbour(rig.ns, rig.tap.name, GUEST_IP, GUEST_MAC)
+        rounds = device.disabled_rounds[0]  # type: ignore[attr-defined]
+        with rig.ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            for port in range(8):
+                u.sendto(b"waiting %d" % port, (GUEST_IP, 20000 + port))
+        ready, _, _ = select.select([rig.tap.fds[0]], [], [], 10)
+        assert ready, "the frames did not reach the tap"  # they wait there, readable
+        for _ in range(20):  # round trips through the back-end: time a spinning worker uses
+            fe.get_features()
+        # a worker still watching the readable tap would have run round after round
+        assert device.disabled_rounds[0] <= rounds + 1, device.disabled_rounds  # type: ignore[attr-defined]
+        fe.set_vring_enable(0, True)
+        got = 0
+        while got < 8:
+            frames = nic.recv(timeout=10)
+            assert frames, f"only {got} of 8 waiting frames arrived"
+            got += sum(1 for f in frames if f[12:14] == b"\x08\x00" and f[23] == 17)
 
 
 # --- 5. offloads -----------------------------------------------------------------------------

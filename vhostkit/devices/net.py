@@ -38,7 +38,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vhostkit.errors import InvalidParam
+from vhostkit.errors import InvalidParam, VhostError
+from vhostkit.kernel.ioctls import TunFlags
 from vhostkit.kernel.tap import Tap, offload_for_features
 from vhostkit.user.daemon import ActiveRing, RingDevice
 from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
@@ -196,6 +197,10 @@ class NetDevice(RingDevice):
         self.rx_dropped = 0
         self._rx_buf = bytearray(MAX_RX_FRAME)
         self._stats_lock = threading.Lock()
+        #: tap queue i attached (TUNSETQUEUE); a multi-queue tap's queue is detached while
+        #: both rings of pair i are disabled, so that the tap steers no flow to a queue
+        #: nobody reads
+        self._tap_attached = [True] * len(tap.fds)
         if queue_pairs > 1:
             # without VIRTIO_NET_F_MQ offered, a front-end (QEMU) hides the extra pairs
             features |= int(NF.MQ)
@@ -238,6 +243,37 @@ class NetDevice(RingDevice):
     def process_disabled(self, ring: ActiveRing) -> None:
         if ring.index % 2:
             self._transmit(ring, send=False)
+        else:
+            # nothing may be delivered: stop watching the tap (its fd stays readable, and the
+            # worker would spin) until SET_VRING_ENABLE wakes the worker
+            ring.extra_wanted = False
+
+    def set_vring_enable(self, index: int, enable: bool) -> None:
+        super().set_vring_enable(index, enable)
+        pair = index // 2
+        if pair < self.queue_pairs:
+            rx, tx = self.vrings[2 * pair], self.vrings[2 * pair + 1]
+            self._attach_tap_queue(pair, rx.enabled or tx.enabled)
+
+    def _attach_tap_queue(self, queue: int, attach: bool) -> None:
+        """Attach or detach tap queue ``queue`` (multi-queue taps only; QEMU's own tap
+        back-end does the same when the driver turns queue pairs on and off)."""
+        tap = self.tap
+        if tap.closed or TunFlags.MULTI_QUEUE not in tap.flags:
+            return
+        if self._tap_attached[queue] != attach:
+            try:
+                tap.set_queue_enabled(queue, attach)
+            except VhostError as exc:
+                log.warning("tap queue %d: %s", queue, exc)
+                return
+            self._tap_attached[queue] = attach
+
+    def _release(self) -> None:
+        super()._release()
+        # the next front-end (or data plane, after a swap) gets the tap as it was made
+        for queue in range(len(self._tap_attached)):
+            self._attach_tap_queue(queue, True)
 
     def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
         fd = self._tap_fd(ring)
