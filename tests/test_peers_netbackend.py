@@ -88,19 +88,22 @@ def net_backend(
     address: str | None = None,
     mac: str = "52:54:00:00:b0:02",
     device_type: type | None = None,
+    queue_pairs: int = 1,
 ) -> Iterator[TapRig]:
     """A NetDevice on a tap that is up in a fresh namespace, served at ``sock_path``.
 
     ``device_type``: a subclass of NetDevice to use instead (e.g. one that records requests).
+    ``queue_pairs``: more than one gives a multi-queue tap with that many queues, and the
+    device as many queue pairs (it then offers VIRTIO_NET_F_MQ).
     """
     from vhostkit.devices.net import NetDevice
 
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(NetNs())
         quiet_namespace(ns)
-        tap = stack.enter_context(Tap("vhkp%d", nonblocking=True))
+        tap = stack.enter_context(Tap("vhkp%d", queues=queue_pairs, nonblocking=True))
         names = (ns.name, tap.name)
-        device = (device_type or NetDevice)(tap, mac=mac_bytes(mac))
+        device = (device_type or NetDevice)(tap, mac=mac_bytes(mac), queue_pairs=queue_pairs)
         stack.callback(device.close)
         tap.move_to_netns(ns.name)
         if address is not None:

@@ -14,6 +14,16 @@ then talks to ``--host`` (the tap's address, in the host test's network namespac
   guest reports the count and sha256 of what arrived (the host's stack hands the tap GSO
   frames, which reach the guest through mergeable receive buffers).
 
+With ``--flows N`` (N > 1) the transfers run in parallel instead: N uploads (flow *i* sends
+``--bytes`` seeded by ``--seed + i``) and N downloads at once, each in its own thread, thread
+*i* of each kind pinned to the guest's CPU *i* mod the CPU count, so that with multiqueue
+(XPS maps CPU *k* to TX queue *k*) every TX queue carries data. One ``upload`` and one
+``download`` line per flow (with ``flow`` and ``cpu``).
+
+With ``--echo-port``, before the transfers: on each CPU, a thread pinned to it sends
+``--echo-rounds`` datagrams from one connected UDP socket to the host's echo server at that
+port, each after the previous reply came back (an ``echo`` line per CPU).
+
 Each step prints one JSON line (``{"step": ...}``) on stdout; the host test asserts on them.
 Any failure raises (a traceback and a non-zero exit code).
 """
@@ -21,6 +31,7 @@ Any failure raises (a traceback and a non-zero exit code).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -29,14 +40,19 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 CHUNK = 1 << 20
+_emit_lock = threading.Lock()
 
 
 def emit(step: str, **fields: object) -> None:
-    print(json.dumps({"step": step, **fields}), flush=True)
+    with _emit_lock:  # parallel flows: one whole line at a time
+        print(json.dumps({"step": step, **fields}), flush=True)
 
 
 def find_virtio_nic() -> str:
@@ -70,7 +86,20 @@ def ping(host: str, count: int, size: int) -> dict[str, int]:
     return {"size": size, "sent": int(m.group(1)), "received": int(m.group(2))}
 
 
-def upload(host: str, port: int, total: int, seed: int) -> None:
+def queues(ifname: str) -> dict[str, object]:
+    """The interface's active queues (``rx-N``, ``tx-N``: as many as the driver enabled)
+    and each TX queue's XPS CPU mask."""
+    base = Path("/sys/class/net", ifname, "queues")
+    names = sorted(p.name for p in base.iterdir())
+    xps = {}
+    for name in names:
+        if name.startswith("tx-"):
+            with contextlib.suppress(OSError):  # no XPS in the kernel: no file
+                xps[name] = (base / name / "xps_cpus").read_text().strip()
+    return {"queues": names, "xps_cpus": xps}
+
+
+def upload(host: str, port: int, total: int, seed: int, **extra: object) -> None:
     data = random.Random(seed).randbytes(total)
     t0 = time.monotonic()
     with socket.create_connection((host, port), timeout=30) as s:
@@ -89,10 +118,11 @@ def upload(host: str, port: int, total: int, seed: int) -> None:
         host_received=int(count),
         host_sha256=digest,
         seconds=round(time.monotonic() - t0, 3),
+        **extra,
     )
 
 
-def download(host: str, port: int) -> None:
+def download(host: str, port: int, **extra: object) -> None:
     h = hashlib.sha256()
     got = 0
     buf = bytearray(CHUNK)
@@ -101,7 +131,65 @@ def download(host: str, port: int) -> None:
         while n := s.recv_into(buf):
             h.update(memoryview(buf)[:n])
             got += n
-    emit("download", received=got, sha256=h.hexdigest(), seconds=round(time.monotonic() - t0, 3))
+    emit(
+        "download",
+        received=got,
+        sha256=h.hexdigest(),
+        seconds=round(time.monotonic() - t0, 3),
+        **extra,
+    )
+
+
+def echo(host: str, port: int, rounds: int, cpu: int) -> None:
+    """``rounds`` request/reply exchanges with the host's UDP echo server, one at a time."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.connect((host, port))
+        for i in range(rounds):
+            data = f"echo cpu {cpu} round {i}".encode()
+            s.send(data)
+            reply = s.recv(256)
+            if reply != data:
+                raise RuntimeError(f"echo: sent {data!r}, got {reply!r}")
+    emit("echo", cpu=cpu, rounds=rounds)
+
+
+def pinned(jobs: list[tuple[int, Callable[[], None]]]) -> None:
+    """Run every ``(cpu, fn)`` at once, each in a thread pinned to its CPU; re-raise the
+    first failure once all ended."""
+    errors: list[BaseException] = []
+
+    def run_on(cpu: int, fn: Callable[[], None]) -> None:
+        try:
+            os.sched_setaffinity(0, {cpu})  # this thread only
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_on, args=job) for job in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def parallel(args: argparse.Namespace, cpus: list[int]) -> None:
+    """``--flows`` uploads and as many downloads at once, one thread each, pinned to CPUs."""
+    jobs: list[tuple[int, Callable[[], None]]] = []
+    for i in range(args.flows):
+        cpu = cpus[i % len(cpus)]
+        jobs += [
+            (
+                cpu,
+                partial(
+                    upload, args.host, args.up_port, args.bytes, args.seed + i, flow=i, cpu=cpu
+                ),
+            ),
+            (cpu, partial(download, args.host, args.down_port, flow=i, cpu=cpu)),
+        ]
+    pinned(jobs)
 
 
 def main() -> None:
@@ -112,6 +200,9 @@ def main() -> None:
     parser.add_argument("--down-port", type=int, required=True)
     parser.add_argument("--bytes", type=int, required=True, help="upload size")
     parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--flows", type=int, default=1, help="parallel flows each way")
+    parser.add_argument("--echo-port", type=int, help="UDP echo from each CPU first")
+    parser.add_argument("--echo-rounds", type=int, default=4)
     args = parser.parse_args()
 
     ifname = find_virtio_nic()
@@ -127,11 +218,18 @@ def main() -> None:
         mtu=int(Path("/sys/class/net", ifname, "mtu").read_text()),
         # the feature bits the guest driver acked, bit 0 first (virtio core's sysfs file)
         features=(device / "features").read_text().strip(),
+        **queues(ifname),
     )
     for count, size in ((3, 1472), (4, 56)):
         emit("ping", **ping(args.host, count, size))
-    upload(args.host, args.up_port, args.bytes, args.seed)
-    download(args.host, args.down_port)
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.echo_port is not None:
+        pinned([(c, partial(echo, args.host, args.echo_port, args.echo_rounds, c)) for c in cpus])
+    if args.flows > 1:
+        parallel(args, cpus)
+    else:
+        upload(args.host, args.up_port, args.bytes, args.seed)
+        download(args.host, args.down_port)
     emit("stats", **stats(ifname))
 
 

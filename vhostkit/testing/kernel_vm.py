@@ -1010,6 +1010,7 @@ def vhost_user_net_args(
     mac: str = "52:54:00:12:34:56",
     netdev_id: str = "vhunet0",
     device_args: str = "",
+    queue_pairs: int = 1,
 ) -> Callable[[str], list[str]]:
     """QEMU arguments for a virtio-net device whose data plane is a vhost-user back-end.
 
@@ -1022,9 +1023,18 @@ def vhost_user_net_args(
     default is the legacy interface, on which the guest cannot ack ``VIRTIO_F_VERSION_1``.
     On q35 the device has no MSI-X (``vectors=0``), to dodge a QEMU 7.2 crash under TCG.
     ``device_args`` is appended to the device's options (e.g. ``"mrg_rxbuf=off"``).
+
+    ``queue_pairs > 1``: multiqueue, ``queues=N`` on the netdev (QEMU checks the back-end's
+    GET_QUEUE_NUM against it and needs its protocol feature MQ) and ``mq=on`` on the device
+    (both transports take it). QEMU starts every pair's rings at DRIVER_OK and enables the
+    pairs the driver asks for through the control queue (SET_VRING_ENABLE).
     """
+    if queue_pairs < 1:
+        raise ValueError(f"queue_pairs must be at least 1, not {queue_pairs}")
     path = _qemu_path(os.fspath(socket_path))
     extra = f",{device_args}" if device_args else ""
+    queues = f",queues={queue_pairs}" if queue_pairs > 1 else ""
+    mq = ",mq=on" if queue_pairs > 1 else ""
 
     def args(machine: str) -> list[str]:
         if machine == "microvm":
@@ -1043,9 +1053,9 @@ def vhost_user_net_args(
             "-chardev",
             f"socket,id={netdev_id}-chr,path={path}",
             "-netdev",
-            f"vhost-user,id={netdev_id},chardev={netdev_id}-chr",
+            f"vhost-user,id={netdev_id},chardev={netdev_id}-chr{queues}",
             "-device",
-            f"{device},netdev={netdev_id},mac={mac}{extra}",
+            f"{device},netdev={netdev_id},mac={mac}{mq}{extra}",
         ]
 
     return args
