@@ -45,22 +45,12 @@ import struct
 import threading
 from pathlib import Path
 
+from guest_common import emit, find_by_driver
+
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-def emit(step: str, **fields: object) -> None:
-    print(json.dumps({"step": step, **fields}), flush=True)
-
-
-def find_disk() -> str:
-    for block in sorted(Path("/sys/block").iterdir()):
-        driver = block / "device" / "driver"
-        if driver.is_symlink() and os.path.basename(os.readlink(driver)) == "virtio_blk":
-            return block.name
-    raise SystemExit(f"no virtio_blk disk among {os.listdir('/sys/block')}")
 
 
 def sysfs(disk: str, name: str) -> str:
@@ -222,7 +212,7 @@ def main() -> None:
     plan = json.loads(parser.parse_args().plan)
     chunk = plan.get("chunk", 1 << 20)
 
-    disk = find_disk()
+    disk = find_by_driver("/sys/block", "virtio_blk")
     info = describe(disk)
     emit("disk", **info)
     dev = f"/dev/{disk}"

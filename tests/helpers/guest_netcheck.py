@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
 import random
 import re
@@ -46,21 +45,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from guest_common import emit, find_by_driver
+
 CHUNK = 1 << 20
-_emit_lock = threading.Lock()
-
-
-def emit(step: str, **fields: object) -> None:
-    with _emit_lock:  # parallel flows: one whole line at a time
-        print(json.dumps({"step": step, **fields}), flush=True)
-
-
-def find_virtio_nic() -> str:
-    for link in sorted(Path("/sys/class/net").iterdir()):
-        driver = link / "device" / "driver"
-        if driver.is_symlink() and os.path.basename(os.readlink(driver)) == "virtio_net":
-            return link.name
-    raise SystemExit(f"no virtio_net interface among {os.listdir('/sys/class/net')}")
 
 
 def run(*argv: str) -> str:
@@ -205,7 +192,7 @@ def main() -> None:
     parser.add_argument("--echo-rounds", type=int, default=4)
     args = parser.parse_args()
 
-    ifname = find_virtio_nic()
+    ifname = find_by_driver("/sys/class/net", "virtio_net")
     device = Path("/sys/class/net", ifname, "device")
     # no IPv6 (router solicitations, MLD): only the test's own frames cross the device
     Path("/proc/sys/net/ipv6/conf", ifname, "disable_ipv6").write_text("1")
