@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -372,26 +372,25 @@ class VirtioNetDriver(VirtioGuest):
 
     def wait_tx_done(self, timeout: float | None = None, *, queue: int = 0) -> bool:
         """Wait until the device completed every queued frame; False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        p = self._pair(queue)
-        assert p.tx is not None
-        while True:
-            self.reap_tx(queue)
-            if p.tx.num_free == self.queue_size:
-                return True
-            if not self._wait_tx(queue, deadline):
-                return False
+        tx = self._pair(queue).tx
+        assert tx is not None
+        return self._wait_tx_until(queue, lambda: tx.num_free == self.queue_size, timeout)
 
     def wait_tx_completed(
         self, count: int, timeout: float | None = None, *, queue: int = 0
     ) -> bool:
         """Wait until the device has completed at least ``count`` frames of queue pair
         ``queue`` in all (:attr:`DriverStats.tx_completed`); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         p = self._pair(queue)
+        return self._wait_tx_until(queue, lambda: p.tx_completed >= count, timeout)
+
+    def _wait_tx_until(self, queue: int, done: Callable[[], bool], timeout: float | None) -> bool:
+        """Reap transmit completions until ``done()``, waiting on the TX call eventfd in
+        between; False when ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self.reap_tx(queue)
-            if p.tx_completed >= count:
+            if done():
                 return True
             if not self._wait_tx(queue, deadline):
                 return False
