@@ -668,19 +668,9 @@ class PackedDriverQueue(DriverRole, _PackedBase):
         self._n_free_ids = num
         self._free_descs = num
         self._count = [0] * num
-        self._tokens: list[Any] = [None] * num
-        self._capacity = [0] * num
-        # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
-        self._single = np.zeros(num, dtype=np.bool_)
-        self._n_single = 0
-        #: how many of those have a device-writable buffer
-        self._n_single_w = 0
-        self._tok_arr = np.zeros(num, dtype=np.int64)
-        #: whether the token of that chain is its buffer id (no token given)
+        self._init_chain_state(num)
+        #: whether the token of a chain from add_batch is its buffer id (no token given)
         self._tok_is_id = np.zeros(num, dtype=np.bool_)
-        self._cap_arr = np.zeros(num, dtype=np.int64)
-        self._lens0 = np.zeros(num, dtype=np.int64)
-        self._lens0.flags.writeable = False
         # _used_bits[wrap][next + i]: AVAIL/USED bits of a used descriptor i slots on
         self._used_bits = _lap_pattern(num, _BOTH, 0)
         self._next_avail, self._avail_wrap = 0, 1

@@ -612,6 +612,21 @@ class DriverRole:
     #: descriptors per indirect table (0: no indirect descriptors)
     max_indirect: int
 
+    def _init_chain_state(self, num: int) -> None:
+        """What the driver keeps per chain (by head or buffer id) for ``num`` entries."""
+        self._tokens: list[Any] = [None] * num
+        self._capacity = [0] * num
+        # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
+        self._single = np.zeros(num, dtype=np.bool_)
+        self._n_single = 0
+        #: how many of those have a device-writable buffer
+        self._n_single_w = 0
+        self._tok_arr = np.zeros(num, dtype=np.int64)
+        self._cap_arr = np.zeros(num, dtype=np.int64)
+        #: zero used lengths, for batches in which no chain has a device-writable buffer
+        self._lens0 = np.zeros(num, dtype=np.int64)
+        self._lens0.flags.writeable = False
+
     def _plan_chain(
         self, out: Sequence[Buffer], in_: Sequence[Buffer], indirect: bool | None
     ) -> tuple[list[Buffer], list[Buffer], bool, int]:

@@ -589,20 +589,10 @@ class SplitDriverQueue(DriverRole, _SplitBase):
         self._arange = np.arange(num, dtype=np.intp)
         self._arange.flags.writeable = False
         self._n_free = num
-        self._tokens: list[Any] = [None] * num
         self._chain: list[list[int] | None] = [None] * num
-        self._capacity = [0] * num
-        # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
-        self._single = np.zeros(num, dtype=np.bool_)
-        self._n_single = 0
-        #: how many of those have a device-writable buffer
-        self._n_single_w = 0
-        self._tok_arr = np.zeros(num, dtype=np.int64)
-        #: whether the token of that chain is its head (no token given)
+        self._init_chain_state(num)
+        #: whether the token of a chain from add_batch is its head (no token given)
         self._tok_is_head = np.zeros(num, dtype=np.bool_)
-        self._cap_arr = np.zeros(num, dtype=np.int64)
-        self._lens0 = np.zeros(num, dtype=np.int64)
-        self._lens0.flags.writeable = False
         self._shadow = 0
         self._published = 0
         self._last_used = 0
