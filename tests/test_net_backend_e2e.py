@@ -299,19 +299,21 @@ def backend_rig(
     sock_dir: Path,
     *,
     queue_pairs: int = 1,
+    tap_queues: int | None = None,
     features: int | None = None,
     address: bool = True,
     device_type: type | None = None,
     **driver_args: object,
 ) -> Iterator[Rig]:
-    """A running driver on a NetDevice (or ``device_type``, a subclass) whose tap is up in a
-    fresh namespace (cleaned up after, and checked: no namespace or tap left)."""
+    """A running driver on a NetDevice (or ``device_type``, a subclass) whose tap (with
+    ``tap_queues`` queues, by default one per pair) is up in a fresh namespace (cleaned up
+    after, and checked: no namespace or tap left)."""
     from vhostkit.devices.net import NetDevice
 
     with contextlib.ExitStack() as stack:
         ns = stack.enter_context(NetNs())
         quiet_namespace(ns)
-        tap = stack.enter_context(Tap("vhkb%d", queues=queue_pairs, nonblocking=True))
+        tap = stack.enter_context(Tap("vhkb%d", queues=tap_queues or queue_pairs, nonblocking=True))
         tap_name = ns_name = ""
         tap_name, ns_name = tap.name, ns.name
         device = (device_type or NetDevice)(
@@ -465,6 +467,18 @@ def test_multiqueue_pair_turned_off_gets_no_flows(fd_check, sock_dir):
         assert device.disabled_rounds[2] == rounds, device.disabled_rounds  # type: ignore[attr-defined]
         fe.set_vring_enable(2, True)
         fe.set_vring_enable(3, True)
+        assert device._tap_attached == [True, True]  # type: ignore[attr-defined]
+
+
+def test_tap_queues_beyond_the_pairs_are_detached_while_the_device_lives(fd_check, sock_dir):
+    """A one-pair device on a two-queue tap: the tap would steer about half the flows to its
+    second queue, which no ring reads. The device detaches it, so every flow reaches pair 0;
+    closing the device attaches it again (the tap is handed back as it was made)."""
+    with backend_rig(sock_dir, queue_pairs=1, tap_queues=2) as rig:
+        device = rig.device
+        assert receive_udp_flows(rig, 64, [0])[0] == set(range(64))
+        assert device._tap_attached == [True, False]  # type: ignore[attr-defined]
+        device.close()
         assert device._tap_attached == [True, True]  # type: ignore[attr-defined]
 
 

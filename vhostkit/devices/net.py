@@ -171,7 +171,9 @@ def rarp_frame(mac: bytes) -> bytes:
 class NetDevice(RingDevice):
     """virtio-net over a tap. ``tap`` needs ``queue_pairs`` queues, a vnet header and
     non-blocking fds (``Tap(..., nonblocking=True)``); the device borrows it (the caller closes
-    it)."""
+    it). A multi-queue tap with more queues than ``queue_pairs`` has the extra ones detached
+    while the device lives, so that the tap steers no flow to them; :meth:`close` attaches
+    them again."""
 
     def __init__(
         self,
@@ -201,6 +203,9 @@ class NetDevice(RingDevice):
         #: both rings of pair i are disabled, so that the tap steers no flow to a queue
         #: nobody reads
         self._tap_attached = [True] * len(tap.fds)
+        # tap queues beyond the pairs would get flows nobody reads: detached until close()
+        for queue in range(queue_pairs, len(tap.fds)):
+            self._attach_tap_queue(queue, False)
         if queue_pairs > 1:
             # without VIRTIO_NET_F_MQ offered, a front-end (QEMU) hides the extra pairs
             features |= int(NF.MQ)
@@ -271,8 +276,15 @@ class NetDevice(RingDevice):
 
     def _release(self) -> None:
         super()._release()
-        # the next front-end (or data plane, after a swap) gets the tap as it was made
-        for queue in range(len(self._tap_attached)):
+        # the next front-end gets every pair's tap queue attached, as at the start
+        for queue in range(self.queue_pairs):
+            self._attach_tap_queue(queue, True)
+
+    def close(self) -> None:
+        """Release the front-end's resources and give the tap back with every queue attached
+        (as it was made), for whatever uses it next (another data plane, after a swap)."""
+        super().close()
+        for queue in range(self.queue_pairs, len(self._tap_attached)):
             self._attach_tap_queue(queue, True)
 
     def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
