@@ -2,18 +2,21 @@
 
 TX: a frame the driver queues comes out of the tap (seen on an AF_PACKET socket bound to it).
 RX: a frame sent into the tap from the kernel side lands in the driver's receive buffers with
-a virtio-net header, spread over several buffers with mergeable receive buffers.
+a virtio-net header, spread over several buffers with mergeable receive buffers; frames
+waiting in the tap are read and delivered in bursts, never more than the ring has buffers for.
 The tap has no address and no bridge: nothing leaves this machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ from vhostkit.user import BackendListener, Frontend, ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.net import VirtioNetHdr
+from vhostkit.virtio.packed import PackedDriverQueue, encode_base
 from vhostkit.virtio.split import SplitDriverQueue
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating a tap needs root")
@@ -53,7 +57,7 @@ class Rig:
     tap: Tap
     mem: GuestMemory
     sniffer: socket.socket
-    queues: dict[int, SplitDriverQueue] = field(default_factory=dict)
+    queues: dict[int, SplitDriverQueue | PackedDriverQueue] = field(default_factory=dict)
     kicks: dict[int, int] = field(default_factory=dict)
     calls: dict[int, int] = field(default_factory=dict)
     hdr: int = 12
@@ -68,11 +72,11 @@ class Rig:
             os.eventfd_write(self.kicks[index], 1)
 
 
-@pytest.fixture(params=[True, False], ids=["mrg_rxbuf", "no_mrg"])
-def rig(request, fd_check, sock_dir) -> Iterator[Rig]:
+@contextlib.contextmanager
+def make_rig(sock_dir: Path, *, mergeable: bool, packed: bool = False) -> Iterator[Rig]:
     net = devices_module()
-    mergeable = request.param
     tap = Tap("vhkt%d", nonblocking=True)
+    tap.disable_ipv6()  # no MLD or neighbour discovery: only the tests' frames reach the rings
     tap.up()
     device = net.NetDevice(tap, mac=bytes.fromhex("525400aabbcc"))
     listener = BackendListener(str(sock_dir / "net.sock"), lambda: device).start()
@@ -87,16 +91,26 @@ def rig(request, fd_check, sock_dir) -> Iterator[Rig]:
         wanted = int(VirtioFeature.VERSION_1 | VirtioNetFeature.MAC)
         if mergeable:
             wanted |= int(VirtioNetFeature.MRG_RXBUF)
+        if packed:
+            wanted |= int(VirtioFeature.RING_PACKED)
         fe.negotiate(wanted, ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP)
         assert tap.get_vnet_hdr_size() == 12
         fe.set_mem_table(mem.regions)
         for index in (RX, TX):
-            q = SplitDriverQueue(mem, NUM, index * 0x8000, features=fe.acked_features, index=index)
+            q: SplitDriverQueue | PackedDriverQueue
+            if packed:
+                q = PackedDriverQueue(
+                    mem, NUM, index * 0x8000, features=fe.acked_features, index=index
+                )
+            else:
+                q = SplitDriverQueue(
+                    mem, NUM, index * 0x8000, features=fe.acked_features, index=index
+                )
             rig.queues[index] = q
             rig.kicks[index] = eventfd()
             rig.calls[index] = eventfd()
             fe.set_vring_num(index, NUM)
-            fe.set_vring_base(index, 0)
+            fe.set_vring_base(index, encode_base(0, 1) if packed else 0)
             fe.set_vring_addr(q.vring_addr())
             fe.set_vring_call(index, rig.calls[index])
             fe.set_vring_kick(index, rig.kicks[index])
@@ -112,6 +126,18 @@ def rig(request, fd_check, sock_dir) -> Iterator[Rig]:
         for fd in [*rig.kicks.values(), *rig.calls.values()]:
             os.close(fd)
         assert not listener.errors
+
+
+@pytest.fixture(params=[True, False], ids=["mrg_rxbuf", "no_mrg"])
+def rig(request, fd_check, sock_dir) -> Iterator[Rig]:
+    with make_rig(sock_dir, mergeable=request.param) as r:
+        yield r
+
+
+@pytest.fixture(params=[True, False], ids=["mrg_rxbuf", "no_mrg"])
+def packed_rig(request, fd_check, sock_dir) -> Iterator[Rig]:
+    with make_rig(sock_dir, mergeable=request.param, packed=True) as r:
+        yield r
 
 
 def test_tx_frames_come_out_of_the_tap(rig: Rig) -> None:
@@ -183,6 +209,220 @@ def test_rx_without_buffers_waits_for_the_kick(rig: Rig) -> None:
     rig.kick(RX)
     _, got = receive_ours(rig)
     assert got == data
+
+
+# -- bursts: frames waiting in the tap --
+
+GUEST_MAC = bytes.fromhex("525400aabbcc")
+
+
+def numbered(i: int, payload_len: int = 64) -> bytes:
+    """Frame ``i`` of a test, for the guest, its payload telling it from the others."""
+    body = struct.pack("!I", i) + bytes((i + k) & 0xFF for k in range(payload_len - 4))
+    return frame(GUEST_MAC, b"\x02" * 6, body)
+
+
+@dataclass
+class RxCalls:
+    """What the device asked of its RX ring: ``(max_chains, chains got)`` per pop, and the
+    number of chains of each completion."""
+
+    pops: list[tuple[int | None, int]] = field(default_factory=list)
+    completes: list[int] = field(default_factory=list)
+
+
+def record_rx(rig: Rig, starve_after_burst: bool = False) -> RxCalls:
+    """Watch the device's pops and completions on the RX ring. ``starve_after_burst``: the
+    first pop of several chains gets only one, and every pop after it none (a ring that had
+    fewer chains than ``pending()`` said)."""
+    ring = rig.device.active[RX]
+    calls = RxCalls()
+    pop, complete = ring.pop_batch, ring.complete
+    starved = False
+
+    def pop_batch(max_chains: int | None = None, *, force: bool = False):  # type: ignore[no-untyped-def]
+        nonlocal starved
+        if starve_after_burst and (starved or (max_chains or 0) > 1):
+            batch = pop(0 if starved else 1, force=force)
+            starved = True
+        else:
+            batch = pop(max_chains, force=force)
+        calls.pops.append((max_chains, len(batch)))
+        return batch
+
+    def complete_batch(ids, lengths) -> None:  # type: ignore[no-untyped-def]
+        calls.completes.append(len(ids))
+        complete(ids, lengths)
+
+    ring.pop_batch = pop_batch
+    ring.complete = complete_batch
+    return calls
+
+
+Layout = dict[int, list[tuple[int, int]]]
+
+
+def post(rig: Rig, layout: Layout, tokens: range, bufs) -> None:  # type: ignore[no-untyped-def]
+    """Give the device receive chains ``tokens``, ``bufs(token)`` their buffers; kick."""
+    q = rig.queues[RX]
+    for t in tokens:
+        layout[t] = bufs(t)
+        q.add([], layout[t], token=t)
+    rig.kick(RX)
+
+
+def read_chain(rig: Rig, bufs: list[tuple[int, int]], n: int) -> bytes:
+    out = b""
+    for addr, size in bufs:
+        take = min(size, n - len(out))
+        out += rig.mem.read(addr, take)
+    return out
+
+
+def collect(rig: Rig, count: int, layout: Layout) -> list[tuple[int, bytes, list[int]]]:
+    """The next ``count`` frames the driver receives: ``(num_buffers, frame, chain tokens)``
+    each. Every chain used must belong to one of them."""
+    q = rig.queues[RX]
+    used: list[tuple[int, int]] = []
+    got: list[tuple[int, bytes, list[int]]] = []
+    while True:
+        used += q.reap()
+        while used:
+            first, n = used[0]
+            assert n >= 12, f"chain {first} came back with {n} bytes"
+            num_buffers = VirtioNetHdr.unpack(read_chain(rig, layout[first], 12), 12).num_buffers
+            if len(used) < num_buffers:
+                break
+            parts, used = used[:num_buffers], used[num_buffers:]
+            data = b"".join(read_chain(rig, layout[t], n) for t, n in parts)[12:]
+            got.append((num_buffers, data, [t for t, _ in parts]))
+        if len(got) >= count:
+            assert len(got) == count and not used, "more came back than frames were sent"
+            return got
+        rig.wait_call(RX)
+
+
+def test_rx_burst_pops_the_chains_of_waiting_frames_at_once(rig: Rig) -> None:
+    """Frames waiting in the tap are read in one burst, their chains popped with one pop and
+    completed together."""
+    mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
+    sent = [numbered(i) for i in range(20)]
+    for data in sent:  # no buffers yet: they wait in the tap
+        rig.sniffer.send(data)
+    calls = record_rx(rig)
+    layout: Layout = {}
+    post(rig, layout, range(NUM), lambda t: [(BUFS + t * 0x800, 2048)])
+    got = collect(rig, len(sent), layout)
+    assert [d for _, d, _ in got] == sent
+    assert [nb for nb, _, _ in got] == [1] * len(sent)
+    assert [tokens for _, _, tokens in got] == [[t] for t in range(len(sent))]
+    # with mergeable buffers the first burst is one frame: the device learns how big the
+    # driver's buffers are before it guesses how many frames they hold
+    assert calls.pops == ([(1, 1), (19, 19)] if mergeable else [(20, 20)])
+    assert calls.completes == [20]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (20, 0)
+
+
+@pytest.fixture
+def mrg_rig(fd_check, sock_dir) -> Iterator[Rig]:
+    with make_rig(sock_dir, mergeable=True) as r:
+        yield r
+
+
+def test_rx_mergeable_frames_span_chains_past_the_burst(mrg_rig: Rig) -> None:
+    """A frame that needs several buffers takes the burst's next chains, and pops more one at
+    a time when the burst's chains run out; the frames after it still get theirs."""
+    rig = mrg_rig
+    # 12 + 78 bytes: one 256-byte buffer; 12 + 1038 bytes: five
+    sent = [numbered(i, 1024 if i in (2, 4) else 64) for i in range(5)]
+    for data in sent:
+        rig.sniffer.send(data)
+    calls = record_rx(rig)
+    layout: Layout = {}
+    post(rig, layout, range(NUM), lambda t: [(BUFS + t * 0x800, 256)])
+    got = collect(rig, len(sent), layout)
+    assert [d for _, d, _ in got] == sent
+    assert [nb for nb, _, _ in got] == [1, 1, 5, 1, 5]
+    assert [t for _, _, tokens in got for t in tokens] == list(range(13))  # in ring order
+    # one frame alone (learning the buffer size), then the other four in one burst: their
+    # four chains in one pop; the first big frame takes the last two of them and pops two
+    # more, the small one after it and the last big one pop theirs one at a time
+    assert calls.pops == [(1, 1), (4, 4)] + [(1, 1)] * 8
+    assert calls.completes == [13]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (5, 0)
+
+
+def test_rx_burst_reads_no_more_frames_than_the_ring_holds(rig: Rig) -> None:
+    """Fewer buffers than frames waiting: the rest stay in the tap (a frame read without a
+    buffer would be lost) and come once the driver gives more buffers. With mergeable buffers
+    each frame takes two."""
+    mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
+    per_frame, size = (2, 256) if mergeable else (1, 2048)
+    sent = [numbered(i, 400) for i in range(6)]  # 12 + 414 bytes: two 256-byte buffers
+    for data in sent:
+        rig.sniffer.send(data)
+    layout: Layout = {}
+    half = 3 * per_frame
+    post(rig, layout, range(half), lambda t: [(BUFS + t * 0x800, size)])
+    got = collect(rig, 3, layout)
+    assert [d for _, d, _ in got] == sent[:3]
+    # dropped frames are counted before the completion that ends their burst
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (3, 0)
+    post(rig, layout, range(half, 2 * half), lambda t: [(BUFS + t * 0x800, size)])
+    got = collect(rig, 3, layout)
+    assert [d for _, d, _ in got] == sent[3:]
+    assert [nb for nb, _, _ in got] == [per_frame] * 3
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (6, 0)
+
+
+def test_rx_burst_on_packed_ring_counts_chains_not_descriptors(packed_rig: Rig) -> None:
+    """A packed ring's ``pending()`` counts descriptors: with two-descriptor chains, three
+    chains are six descriptors, and a burst must not read six frames for them."""
+    rig = packed_rig
+    sent = [numbered(i) for i in range(8)]
+    for data in sent:
+        rig.sniffer.send(data)
+    layout: Layout = {}
+
+    def two_descriptors(t: int) -> list[tuple[int, int]]:
+        return [(BUFS + t * 0x800, 12), (BUFS + t * 0x800 + 0x40, 2000)]
+
+    post(rig, layout, range(3), two_descriptors)
+    got = collect(rig, 3, layout)
+    assert [d for _, d, _ in got] == sent[:3]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (3, 0)
+    post(rig, layout, range(3, 8), two_descriptors)
+    got = collect(rig, 5, layout)
+    assert [d for _, d, _ in got] == sent[3:]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (8, 0)
+
+
+def test_rx_frames_without_a_chain_are_dropped_and_counted(rig: Rig) -> None:
+    """A ring that hands out fewer chains than ``pending()`` promised (a hostile or confused
+    driver): the frames of the burst already read without a chain are dropped and counted;
+    the ring goes on."""
+    mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
+    sent = [numbered(i) for i in range(5)]
+    for data in sent:
+        rig.sniffer.send(data)
+    calls = record_rx(rig, starve_after_burst=True)
+    layout: Layout = {}
+    post(rig, layout, range(8), lambda t: [(BUFS + t * 0x800, 2048)])
+    # the burst of five (four after one alone, with mergeable buffers) gets one chain
+    delivered = 2 if mergeable else 1
+    got = collect(rig, delivered, layout)
+    assert [d for _, d, _ in got] == sent[:delivered]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (delivered, 5 - delivered)
+    # the short pop, one more for the burst's other chains, one for each frame left
+    burst = [(4, 1), (3, 0)] if mergeable else [(5, 1), (4, 0)]
+    assert calls.pops == [(1, 1)] * (delivered - 1) + burst + [(1, 0)] * (5 - delivered)
+    # the ring still works: the next frame gets the next chain
+    ring = rig.device.active[RX]
+    del ring.pop_batch, ring.complete  # the ActiveRing's own methods again
+    rig.sniffer.send(sent[0])
+    got = collect(rig, 1, layout)
+    assert got == [(1, sent[0], [delivered])]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (delivered + 1, 5 - delivered)
 
 
 def test_send_rarp_announces_the_mac_on_the_tap(rig: Rig) -> None:

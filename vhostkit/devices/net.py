@@ -10,9 +10,12 @@
   buffers and ``num_buffers`` says how many (without it, ``num_buffers`` is 1, as the spec
   asks of a device with a 12-byte header). A frame is only read from the tap when receive
   buffers are there; otherwise the worker stops watching the tap until the driver kicks.
-  Frames are completed in batches of up to :data:`RX_BATCH` (one used-index update, at most
-  one interrupt). The frame passes through one bounce buffer (the tap's read needs room for
-  the largest frame before the device knows how many buffers it takes).
+  Frames are read in bursts of up to :data:`RX_BATCH`, back to back into a per-ring bounce
+  arena (a tap read needs room for the largest frame before the device knows how many
+  buffers it takes), then the burst's chains are popped together and the burst is completed
+  together (one used-index update, at most one interrupt). A popped chain cannot be given
+  back, so a burst never reads more frames than the ring is expected to have buffers for (see
+  :meth:`NetDevice._read_burst`).
 * Offloads: the guest-side offload features acked (GUEST_CSUM, GUEST_TSO4/6, GUEST_ECN,
   GUEST_UFO) become the tap's ``TUNSETOFFLOAD`` flags; the header size (10, or 12 with
   VERSION_1 or MRG_RXBUF) becomes ``TUNSETVNETHDRSZ``.
@@ -34,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,7 +50,8 @@ from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
-from vhostkit.virtio.ring import Chain
+from vhostkit.virtio.packed import PackedDeviceQueue
+from vhostkit.virtio.ring import Chain, ChainBatch
 
 __all__ = ["DEFAULT_NET_FEATURES", "NetDevice", "main", "net_config"]
 
@@ -86,8 +91,12 @@ NET_PROTOCOL_FEATURES = int(
 
 #: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
 MAX_RX_FRAME = 65536 + 256
-#: Received frames completed together (one used-index update, at most one interrupt).
+#: Received frames read from the tap in one burst, and completed together (one used-index
+#: update, at most one interrupt).
 RX_BATCH = 64
+#: A receive ring's bounce arena: a burst of MTU-sized frames, and room for the largest one
+#: (a burst ends when less than :data:`MAX_RX_FRAME` is left).
+RX_ARENA = MAX_RX_FRAME + RX_BATCH * 2048
 _NUM_BUFFERS = struct.Struct("<H")
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -121,6 +130,24 @@ def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
                 break
         written.append(pos - start)
     return written
+
+
+class _RxRing:
+    """A receive ring's bounce arena, and what the device learnt of the driver's buffers from
+    the chains it last popped (to size the next burst)."""
+
+    __slots__ = ("arena", "buf_len", "queue", "slots")
+
+    def __init__(self) -> None:
+        self.arena = memoryview(bytearray(RX_ARENA))
+        #: the queue the figures below were learnt on (a restarted ring starts afresh); weak:
+        #: the queue's views keep guest memory mapped
+        self.queue: weakref.ref[object] | None = None
+        #: fewest writable bytes of a chain in the last pop (0: not known yet)
+        self.buf_len = 0
+        #: most ring descriptors (the unit of a packed ring's ``pending()``) a chain of the
+        #: last pop took; 1 on a split ring, whose ``pending()`` counts chains (0: not known)
+        self.slots = 0
 
 
 def _write_frame(fd: int, views: list[memoryview]) -> bool:
@@ -197,7 +224,8 @@ class NetDevice(RingDevice):
         self.tx_dropped = 0
         self.rx_frames = 0
         self.rx_dropped = 0
-        self._rx_buf = bytearray(MAX_RX_FRAME)
+        #: per receive ring (by index), made by its worker when it first receives
+        self._rx_rings: dict[int, _RxRing] = {}
         self._stats_lock = threading.Lock()
         #: tap queue i attached (TUNSETQUEUE); a multi-queue tap's queue is detached while
         #: both rings of pair i are disabled, so that the tap steers no flow to a queue
@@ -322,10 +350,16 @@ class NetDevice(RingDevice):
     def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
         fd = self._tap_fd(ring)
         queue = ring.queue
-        buf = self._rx_buf if ring.index == 0 else bytearray(MAX_RX_FRAME)
-        view = memoryview(buf)
+        rx = self._rx_rings.get(ring.index)
+        if rx is None:
+            rx = self._rx_rings[ring.index] = _RxRing()
+        if rx.queue is None or rx.queue() is not queue:
+            rx.queue = weakref.ref(queue)
+            rx.buf_len = 0
+            rx.slots = 0 if isinstance(queue, PackedDeviceQueue) else 1
         size = self.hdr_size
         mergeable = self.mergeable
+        lens: list[int] = []
         while True:
             if ring.interrupted:
                 return False  # let whoever waits for the ring in; the worker comes back
@@ -333,46 +367,161 @@ class NetDevice(RingDevice):
                 ring.complete(done_ids, done_lens)
                 done_ids.clear()
                 done_lens.clear()
-            if not queue.pending() and ring.resubmitted is None:
+            pending = queue.pending()
+            resubmitted = ring.resubmitted
+            if not pending and resubmitted is None:
                 ring.extra_wanted = False  # no buffers: wait for the driver's kick
                 return True
             ring.extra_wanted = True
+            lens.clear()
+            more = self._read_burst(fd, rx, pending, resubmitted, mergeable, size, lens)
+            if lens:
+                self._deliver(ring, rx, lens, mergeable, size, done_ids, done_lens)
+            if not more:
+                return False  # the tap is empty
+
+    def _read_burst(
+        self,
+        fd: int,
+        rx: _RxRing,
+        pending: int,
+        resubmitted: ChainBatch | None,
+        mergeable: bool,
+        size: int,
+        lens: list[int],
+    ) -> bool:
+        """Read frames from the tap back to back into ``rx.arena``, their lengths into
+        ``lens``; False when the tap ran empty.
+
+        Popped chains cannot be given back, so the chains are popped after the frames are
+        read, and a burst reads no more frames than the ring is expected to have buffers for:
+        ``pending()`` counts chains on a split ring, but descriptors on a packed one (divided
+        by the longest chain of the last pop), and a mergeable frame is expected to take as
+        many buffers as the smallest of the last pop would give. Until the device has popped
+        once (or after a pop that taught it nothing usable) a burst is one frame, as each
+        frame was before bursts: read when a buffer is there, dropped when the ring has too
+        few. A wrong guess (a driver that changes its buffers) costs that drop too, for the
+        frames the ring turns out not to have room for.
+        """
+        slots = rx.slots
+        buf_len = rx.buf_len
+        if not slots or (mergeable and buf_len <= 0):
+            budget = 1
+        else:
+            # a packed ring's pending descriptors are at least one chain
+            budget = (pending // slots or 1) if pending else 0
+            if resubmitted is not None:
+                budget += len(resubmitted)
+            budget = min(budget, RX_BATCH)
+        arena = rx.arena
+        readv = os.readv
+        off = 0
+        need = 0
+        last = RX_ARENA - MAX_RX_FRAME  # a read starting beyond cannot take the largest frame
+        while True:
             try:
-                got = os.readv(fd, [view])
+                got = readv(fd, [arena[off:]])
             except BlockingIOError:
                 return False
             if got < size:
-                continue
-            need = got
-            chains = []
-            room = 0
-            # Pop chains one at a time until the frame fits (one without MRG_RXBUF).
-            while room < need:
-                # force: this frame is already read, finish it even if the ring is wanted
-                one = ring.pop_batch(max_chains=1, force=True)
-                if not len(one):
-                    break
-                chain = one[0]
-                chains.append(chain)
-                room += chain.writable_len
-                if not mergeable:
-                    break
-            written: list[int] = []
-            if room >= need and chains[0].writable_len >= size:
-                written = _fill(chains, view[:got], size)
-            if not written:
-                # Too little buffer space for this frame: drop it. The buffers go back empty
-                # (a driver discards a used buffer shorter than a header).
-                with self._stats_lock:
-                    self.rx_dropped += 1
-                done_ids += [c.id for c in chains]
-                done_lens += [0] * len(chains)
-                continue
-            # counted before the driver can see the frame: counters never lag behind it
+                continue  # not even a header: nothing to deliver
+            lens.append(got)
+            off += got
+            need += -(-got // buf_len) if mergeable and got > buf_len > 0 else 1
+            if need >= budget or off > last:
+                return True
+
+    def _pop_chains(self, ring: ActiveRing, rx: _RxRing, count: int) -> list[Chain]:
+        """Pop up to ``count`` chains, as few pops as the ring allows, learning the driver's
+        buffers from them (see :meth:`_read_burst`)."""
+        chains: list[Chain] = []
+        while len(chains) < count:
+            fresh = ring.resubmitted is None  # else the first chains come from the restart
+            # force: the frames are already read, finish them even if the ring is wanted
+            batch = ring.pop_batch(max_chains=count - len(chains), force=True)
+            if not len(batch):
+                break
+            chains += batch.chains()
+            rx.buf_len = int(batch.writable_len.min())
+            queue = ring.queue
+            if fresh and isinstance(queue, PackedDeviceQueue):
+                per_chain = queue.last_popped[1]
+                rx.slots = 1 if per_chain is None else int(per_chain.max())
+        return chains
+
+    def _deliver(
+        self,
+        ring: ActiveRing,
+        rx: _RxRing,
+        lens: list[int],
+        mergeable: bool,
+        size: int,
+        done_ids: list[int],
+        done_lens: list[int],
+    ) -> None:
+        """Put the frames of a burst (in ``rx.arena``, back to back) into the driver's
+        buffers: one chain each, popped together; a mergeable frame that needs more takes the
+        next ones, and pops more one at a time when the burst's run out."""
+        arena = rx.arena
+        chains = self._pop_chains(ring, rx, len(lens))
+        n_chains = len(chains)
+        ci = 0
+        frames = dropped = 0
+        try:
+            off = 0
+            for got in lens:
+                data = arena[off : off + got]
+                off += got
+                if ci < n_chains:
+                    chain = chains[ci]
+                    ci += 1
+                    views = chain.writable
+                    if len(views) == 1 and views[0].nbytes >= got:
+                        # the common case: the frame fits the chain's one buffer
+                        if size >= HDR_SIZE_MRG:
+                            _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, 1)
+                        views[0][:got] = data
+                        done_ids.append(chain.id)
+                        done_lens.append(got)
+                        frames += 1
+                        continue
+                    taken = [chain]
+                    room = chain.writable_len
+                else:
+                    taken = []
+                    room = 0
+                # Take chains until the frame fits (one without MRG_RXBUF).
+                while room < got and (mergeable or not taken):
+                    if ci < n_chains:
+                        chain = chains[ci]
+                        ci += 1
+                    else:
+                        # force: this frame is already read, finish it even if the ring is wanted
+                        one = ring.pop_batch(max_chains=1, force=True)
+                        if not len(one):
+                            break
+                        chain = one[0]
+                    taken.append(chain)
+                    room += chain.writable_len
+                written: list[int] = []
+                if room >= got and taken[0].writable_len >= size:
+                    written = _fill(taken, data, size)
+                done_ids += [c.id for c in taken]
+                if written:
+                    done_lens += written
+                    frames += 1
+                else:
+                    # Too little buffer space for this frame (or none at all): drop it. The
+                    # buffers go back empty (a driver discards a used buffer shorter than a
+                    # header).
+                    done_lens += [0] * len(taken)
+                    dropped += 1
+        finally:
+            # counted before the driver can see the frames (completed after this, also when
+            # a pop fails halfway): counters never lag behind them
             with self._stats_lock:
-                self.rx_frames += 1
-            done_ids += [c.id for c in chains]
-            done_lens += written
+                self.rx_frames += frames
+                self.rx_dropped += dropped
 
     # -- net requests --
 
