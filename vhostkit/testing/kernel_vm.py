@@ -1067,6 +1067,7 @@ def vhost_user_blk_args(
     num_queues: int = 1,
     chardev_id: str = "vhublk0",
     device_args: str = "",
+    reconnect: int = 0,
 ) -> Callable[[str], list[str]]:
     """QEMU arguments for a virtio-blk disk whose data plane is a vhost-user back-end.
 
@@ -1080,9 +1081,15 @@ def vhost_user_blk_args(
     ``queue-size`` (QEMU 7.2's virtio-mmio reports that as QueueNumMax, and Linux takes it).
     The guest loads ``virtio_blk``; the disk is ``/dev/vda``. ``device_args`` is appended to
     the device's options (e.g. ``"packed=on"``).
+
+    ``reconnect=N`` (seconds, QEMU 7.2's chardev option): when the back-end goes away, QEMU
+    stops the device's rings and connects to ``socket_path`` again every ``N`` seconds; once
+    a back-end answers, it sets the device up on it again (with the same inflight area,
+    SET_INFLIGHT_FD). The guest sees no error meanwhile, its requests wait.
     """
     path = _qemu_path(os.fspath(socket_path))
     extra = f",{device_args}" if device_args else ""
+    chardev_extra = f",reconnect={reconnect}" if reconnect else ""
 
     def args(machine: str) -> list[str]:
         if machine == "microvm":
@@ -1094,7 +1101,7 @@ def vhost_user_blk_args(
         return [
             *pre,
             "-chardev",
-            f"socket,id={chardev_id},path={path}",
+            f"socket,id={chardev_id},path={path}{chardev_extra}",
             "-device",
             f"{device},chardev={chardev_id},num-queues={num_queues}{extra}",
         ]
