@@ -59,11 +59,16 @@ def start_one_ring(
 def reap_tokens(
     q: SplitDriverQueue | PackedDriverQueue, call: int, count: int, done: list[object] | None = None
 ) -> list[object]:
-    """Reap ``q`` into ``done`` until it holds ``count`` tokens, waiting on ``call``."""
+    """Reap ``q`` into ``done`` until it holds ``count`` tokens, waiting on ``call``.
+
+    Before sleeping, re-arm interrupts and look again (``enable_interrupts``): ``reap`` writes
+    used_event only after it read the used index, so a batch the device completed in between
+    saw the old used_event and sent no interrupt (EVENT_IDX) -- as a virtio driver does.
+    """
     done = [] if done is None else done
     while len(done) < count:
         done += [t for t, _ in q.reap()]
-        if len(done) < count:
+        if len(done) < count and not q.enable_interrupts():
             wait_readable(call)
     return done
 

@@ -92,5 +92,5 @@ class EchoDevice(RingDevice):
                     lens = [chains[0].write(data)]
                 del self.stash[:take]
                 del self.pending[0]
+                self.echoed += 1  # counted before the driver can see the frame
                 rx.complete([c.id for c in chains], lens)
-                self.echoed += 1
