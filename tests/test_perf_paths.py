@@ -294,6 +294,44 @@ def test_netdriver_tx_layout_and_headers() -> None:
         assert nic.tx_in_flight == 0
 
 
+def test_netdriver_send_measures_frames_before_it_reaps() -> None:
+    """send() measures and joins the frames before it reaps completions (so the device has
+    longer to finish): what it queues is still exactly the first ``free`` frames, only those
+    are length-checked, a longer list than the ring is fine, and a full ring queues none."""
+    from vhostkit.virtio.netdriver import VirtioNetDriver
+
+    loop = _bench_module()
+    with loop.Loopback() as be, VirtioNetDriver(be, queue_size=8).start() as nic:
+        dev = be.device_queue(1)
+        hs = nic.header_size
+
+        def consume(count: int) -> list[bytes]:
+            batch = dev.pop_batch()
+            assert len(batch) == count
+            dev.complete(batch.ids, np.zeros(count, dtype=np.uint32))
+            return [c.read_all()[hs:] for c in batch.chains()]
+
+        frames = [bytes([i]) * 60 for i in range(20)]
+        assert nic.send(frames) == 8  # 20 frames, an 8-entry ring
+        assert nic.send(frames) == 0  # full, and the device completed nothing
+        assert consume(8) == frames[:8]
+        assert nic.send(frames[:5]) == 5  # reaps the 8 first
+        assert nic.send(frames) == 3  # what is left
+        assert consume(8) == frames[:5] + frames[:3]
+        assert nic.send(frames[:4]) == 4  # reaps the 8; 4 stay free
+        # the 5th frame is too long, but 4 are free (the device completed nothing): not queued
+        too_long = [*frames[:4], b"\xff" * 4000]
+        assert nic.send(too_long) == 4
+        assert consume(8) == frames[:4] * 2
+        with pytest.raises(InvalidParam):
+            nic.send([frames[0], b"\xff" * 4000])  # among the frames that would be queued
+        # frames of different lengths (no uniform fast path), partly sent
+        mixed = [bytes([i]) * (40 + i) for i in range(12)]
+        assert nic.send(mixed) == 8
+        assert consume(8) == mixed[:8]
+        assert nic.wait_tx_done(1.0)
+
+
 def test_sink_busy_poll_consumes_without_kicks(fd_check, sock_dir) -> None:
     """A worker that polls keeps serving a ring whose driver never kicks after the first."""
     import os

@@ -302,15 +302,26 @@ class VirtioNetDriver(VirtioGuest):
             return 0
         hs, bs = self.header_size, self.buffer_size
         off = p.tx_off
-        if tx.num_free < n:
+        free = tx.num_free
+        if not free and not tx.pending_used():
+            return 0  # full, and nothing to reap
+        # The frames are measured (and joined) before completions are reaped, not after:
+        # the device then has that much longer to finish the previous batch, and the reap
+        # frees more buffers for this one.
+        head = frames if n <= self.queue_size else frames[: self.queue_size]
+        lens = list(map(len, head))
+        first = lens[0]
+        uniform = lens.count(first) == len(lens)
+        joined = b"".join(head) if uniform else b""
+        if free < n:
             self.reap_tx(queue)
-        k = min(n, tx.num_free)
+            free = tx.num_free
+        k = min(n, free)
         if k == 0:
             return 0
         batch = frames if k == n else frames[:k]
-        lens = list(map(len, batch))
-        first = lens[0]
-        uniform = lens.count(first) == k
+        if k < len(lens):
+            del lens[k:]
         longest = first if uniform else max(lens)
         if longest > bs - off - hs:
             raise InvalidParam(f"a {longest}-byte frame does not fit a {bs}-byte buffer")
@@ -319,7 +330,7 @@ class VirtioNetDriver(VirtioGuest):
         pool = p.tx_pool
         start = off + hs
         if uniform:
-            data = np.frombuffer(b"".join(batch), np.uint8)
+            data = np.frombuffer(joined, np.uint8, k * first)
             s0 = int(slots[0])
             run = s0 + k <= p.tx_arange.shape[0]
             if run and not np.count_nonzero(slots != p.tx_arange[s0 : s0 + k]):
