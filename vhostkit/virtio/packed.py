@@ -320,17 +320,7 @@ class PackedDeviceQueue(DeviceRole, _PackedBase):
                 flags = rec["flags"]
                 flags_or = _or_reduce(flags)
             single = starts.shape[0] == rec.shape[0] + 1
-            m = rec.shape[0]
-            if not int(flags_or) & _WRITE:
-                writable, wflags = np.zeros(m, np.bool_), 0
-            else:
-                writable = (flags & _WRITE) != 0
-                wflags = 2
-                if not single:
-                    check_order(self, writable, starts)
-            addr = rec["addr"]
-            length = rec["len"]
-            region, offset, base = locate_buffers(self, v.table, addr, length)
+            chains = self._chain_batch(v, rec, ids, starts, int(flags_or), single)
             if np.unique(ids).shape[0] != n:
                 self._fail("the same buffer id resubmitted twice")
             self._inflight[ids] = True
@@ -341,19 +331,7 @@ class PackedDeviceQueue(DeviceRole, _PackedBase):
                 self._ring_count[ids] = c
                 self._n_multi = _count(multi)
             self._n_descs = total
-            batch = ChainBatch(
-                v.table,
-                ids,
-                starts,
-                addr,
-                length,
-                writable,
-                region,
-                offset,
-                base=base,
-                single=single,
-                wflags=wflags,
-            )
+            batch = chains
         self._used_idx, self._used_wrap = used_idx, used_wrap & 1
         nxt, wrap = used_idx + total, used_wrap & 1
         if nxt >= num:
@@ -429,17 +407,7 @@ class PackedDeviceQueue(DeviceRole, _PackedBase):
             single = True
             self.last_popped = (rec, None)
         n = ids.shape[0]
-        m = rec.shape[0]
-        if not seen & _WRITE:
-            writable, wflags = (self._no_write[:m] if m <= num else np.zeros(m, np.bool_)), 0
-        else:
-            writable = (flags & _WRITE) != 0
-            wflags = 2
-            if not single:
-                check_order(self, writable, starts)
-        addr = rec["addr"]
-        length = rec["len"]
-        region, offset, base = locate_buffers(self, v.table, addr, length)
+        batch = self._chain_batch(v, rec, ids, starts, seen, single)
 
         # in flight: none of the ids may be, and none may appear twice
         inflight = self._inflight
@@ -470,6 +438,32 @@ class PackedDeviceQueue(DeviceRole, _PackedBase):
             if self._dev_flags_written != _DESC:
                 v.dev_evt[1] = _DESC
                 self._dev_flags_written = _DESC
+        return batch
+
+    def _chain_batch(
+        self,
+        v: _PackedViews,
+        rec: np.ndarray,
+        ids: npt.NDArray[np.intp],
+        starts: npt.NDArray[np.intp],
+        flags_or: int,
+        single: bool,
+    ) -> ChainBatch:
+        """The :class:`ChainBatch` of the chains ``rec[starts[i]:starts[i + 1]]`` (indirect
+        tables expanded; ``flags_or``: at least the OR of their flags): the device-writable
+        buffers must follow the readable ones in each chain, and every buffer lie in guest
+        memory. Changes nothing: a bad chain fails before the caller takes the ids."""
+        m = rec.shape[0]
+        if not flags_or & _WRITE:
+            writable, wflags = (self._no_write[:m] if m <= self.num else np.zeros(m, np.bool_)), 0
+        else:
+            writable = (rec["flags"] & _WRITE) != 0
+            wflags = 2
+            if not single:
+                check_order(self, writable, starts)
+        addr = rec["addr"]
+        length = rec["len"]
+        region, offset, base = locate_buffers(self, v.table, addr, length)
         return ChainBatch(
             v.table,
             ids,
