@@ -12,8 +12,8 @@ first) before hanging with the rest, so that the used ring moves past requests t
 in flight: only the inflight area, not the used index, tells a new back-end which requests to
 redo.
 
-Every ring start prints ``ring <i> started: <n> descriptors, protocol features <hex>,
-inflight tracked`` (or ``untracked``).
+Every ring start prints ``ring <i> started: <n> descriptors (split|packed), protocol features
+<hex>, inflight tracked`` (or ``untracked``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from vhostkit.devices.blk import BlkDevice, BlkRequestType
 from vhostkit.user.daemon import ActiveRing
 from vhostkit.user.device import VringInfo
 from vhostkit.user.listener import BackendListener
+from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.ring import Chain
 
 #: how long the stall waits for a kick while it holds fewer than ``--hold`` requests
@@ -56,8 +57,10 @@ class StallingBlk(BlkDevice):
         super().ring_started(ring)
         active = self.active[ring.index]
         tracked = "tracked" if active.inflight is not None else "untracked"
+        layout = "packed" if self.acked_features & VirtioFeature.RING_PACKED else "split"
         print(
-            f"ring {ring.index} started: {active.queue.num} descriptors, protocol features "
+            f"ring {ring.index} started: {active.queue.num} descriptors ({layout}), protocol "
+            f"features "
             f"{self.acked_protocol_features:#x}, inflight {tracked}",
             flush=True,
         )
