@@ -66,7 +66,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from test_guest_kernel_blkbackend import GUEST_SCRIPT, seeded, sha
+from test_guest_kernel_blkbackend import GUEST_SCRIPT, KiB, MiB, seeded, sha
 from test_guest_kernel_netbackend import guest_steps
 
 from vhostkit.testing import kernel_vm
@@ -78,8 +78,6 @@ pytestmark = pytest.mark.peer
 log = logging.getLogger(__name__)
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "stall_blk_backend.py"
-MiB = 1 << 20
-KiB = 1 << 10
 IMAGE_SIZE = 16 * MiB
 #: the guest's writers: (offset, length, seed, cpu); 1 MiB each, every other MiB of the disk
 WRITERS = [((2 * i + 1) * MiB, MiB, 100 + i, i % 2) for i in range(8)]
