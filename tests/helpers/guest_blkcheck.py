@@ -43,9 +43,10 @@ import os
 import random
 import struct
 import threading
+from functools import partial
 from pathlib import Path
 
-from guest_common import emit, find_by_driver
+from guest_common import emit, find_by_driver, pinned
 
 BLKDISCARD = 0x1277  # _IO(0x12, 119)
 BLKZEROOUT = 0x127F  # _IO(0x12, 127)
@@ -170,12 +171,10 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 def parallel(dev: str, ranges: list[dict[str, int]], chunk: int, block: int) -> None:
     results: list[dict[str, object]] = []
-    errors: list[BaseException] = []
     barrier = threading.Barrier(len(ranges))
 
     def worker(r: dict[str, int]) -> None:
         try:
-            os.sched_setaffinity(0, {r["cpu"]})  # this thread only
             fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
             io = DirectIo(fd, chunk, block)
             try:
@@ -191,17 +190,11 @@ def parallel(dev: str, ranges: list[dict[str, int]], chunk: int, block: int) -> 
                 {**r, "sha256": sha(data), "readback_sha256": sha(back)}
                 | {"ran_on": sorted(os.sched_getaffinity(0))}
             )
-        except BaseException as exc:
-            barrier.abort()
-            errors.append(exc)
+        except BaseException:
+            barrier.abort()  # the others stop waiting for this one
+            raise
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in ranges]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    pinned([(r["cpu"], partial(worker, r)) for r in ranges])
     for r in sorted(results, key=lambda r: r["offset"]):
         emit("parallel", **r)
 

@@ -39,13 +39,12 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-from guest_common import emit, find_by_driver
+from guest_common import emit, find_by_driver, pinned
 
 CHUNK = 1 << 20
 
@@ -139,27 +138,6 @@ def echo(host: str, port: int, rounds: int, cpu: int) -> None:
             if reply != data:
                 raise RuntimeError(f"echo: sent {data!r}, got {reply!r}")
     emit("echo", cpu=cpu, rounds=rounds)
-
-
-def pinned(jobs: list[tuple[int, Callable[[], None]]]) -> None:
-    """Run every ``(cpu, fn)`` at once, each in a thread pinned to its CPU; re-raise the
-    first failure once all ended."""
-    errors: list[BaseException] = []
-
-    def run_on(cpu: int, fn: Callable[[], None]) -> None:
-        try:
-            os.sched_setaffinity(0, {cpu})  # this thread only
-            fn()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run_on, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 def parallel(args: argparse.Namespace, cpus: list[int]) -> None:
