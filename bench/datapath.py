@@ -5,7 +5,7 @@ Three phases, each a few seconds, all on this machine (nothing leaves it):
 * (a) vhostkit as the guest: :class:`VirtioNetDriver` through :class:`Frontend` sends into
   DPDK's vhost PMD in ``rxonly`` mode; the rate is testpmd's RX counter.
 * (b) vhostkit as the device: DPDK's virtio_user in ``txonly`` mode fills the TX ring of a
-  :class:`vhostkit.user.daemon.SinkDevice`; the rate is the frames the sink consumed.
+  :class:`vhostkit.user.backend.ring_device.SinkDevice`; the rate is the frames the sink consumed.
 * (c) the reference: testpmd's virtio_user (``txonly``) into testpmd's vhost PMD (``rxonly``).
 
 It prints each rate and (a)/(c), (b)/(c). Not a test: nothing is asserted.
@@ -47,12 +47,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.testing.peers import Testpmd
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
-from vhostkit.user.daemon import SinkDevice
-from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.ring_device import SinkDevice
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.virtio.netdriver import VirtioNetDriver
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Receive rate of vhostkit's tap-backed net back-end: frames from a tap into a guest's rings.
 
 A :class:`~vhostkit.devices.net.NetDevice` serves a tap over vhost-user; vhostkit's
-:class:`~vhostkit.virtio.netdriver.VirtioNetDriver` plays the guest through
+:class:`~vhostkit.guest.net.VirtioNetDriver` plays the guest through
 :class:`~vhostkit.user.Frontend` and keeps its receive ring full. A separate process writes
 64-byte frames into the tap with an AF_PACKET socket as fast as it can (it has its own GIL);
 the figure is what the driver received per second, and how many frames the device had to drop
@@ -25,9 +25,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from vhostkit.devices.net import NetDevice
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.kernel.tap import Tap
 from vhostkit.user import BackendListener, Frontend
-from vhostkit.virtio.netdriver import VirtioNetDriver
 
 GUEST_MAC = bytes.fromhex("020000000002")
 #: destination: the guest's MAC; source: another made-up one; the IEEE "local experimental"

@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from vhostkit.backend import LogRegion, MemoryRegion, VhostBackend, VringAddr
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.memory import GuestMemory
-from vhostkit.virtio.netdriver import VirtioNetDriver
 from vhostkit.virtio.packed import PACKED_DESC_DTYPE, PackedDeviceQueue, PackedDriverQueue
 from vhostkit.virtio.ring import DescFlag
 from vhostkit.virtio.split import SplitDeviceQueue, SplitDriverQueue

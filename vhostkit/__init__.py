@@ -7,8 +7,9 @@ Two kinds of data plane sit behind one interface, :class:`vhostkit.backend.Vhost
   "master") and the backend (the device side, formerly "slave"), in :mod:`vhostkit.user`.
 """
 
-from vhostkit.backend import LogRegion, MemoryRegion, VhostBackend, VringAddr, VringState
+from vhostkit.backend import VhostBackend
 from vhostkit.errors import VhostError
+from vhostkit.types import LogRegion, MemoryRegion, VringAddr, VringState
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-from vhostkit.backend import VringAddr
+from vhostkit.types import VringAddr
 from vhostkit.user import BackendDevice, BackendListener, Frontend
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature, feature_names
@@ -138,7 +138,7 @@ def _demo_traffic(say: Callable[[str], None], count: int = 2000) -> None:
     """A data path: the vhostkit guest NIC sends frames through vhost-user rings to an echo
     back-end and receives them back."""
     from vhostkit.devices.echo import ECHO_FEATURES, EchoDevice
-    from vhostkit.virtio.netdriver import VirtioNetDriver
+    from vhostkit.guest.net import VirtioNetDriver
 
     say("")
     say(f"data path  {count} frames: vhostkit guest NIC -> vhost-user rings -> echo back-end")

@@ -1,7 +1,7 @@
 """The VMM side: a virtio-net device whose data plane can be swapped while it runs.
 
 :class:`VirtioNetDevice` holds what a VMM holds for a virtio-net device: guest memory, the
-rings and their kick/call eventfds (here a :class:`~vhostkit.virtio.netdriver.VirtioNetDriver`
+rings and their kick/call eventfds (here a :class:`~vhostkit.guest.net.VirtioNetDriver`
 plays the guest, so frames can be sent and received from a script) and a data plane behind
 the generic :class:`~vhostkit.backend.VhostBackend` calls. :meth:`VirtioNetDevice.swap` moves
 the device to another data plane without the guest noticing:
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import InvalidOperation
-from vhostkit.virtio.netdriver import VirtioNetDriver
+from vhostkit.guest.net import VirtioNetDriver
 
 if TYPE_CHECKING:
     from vhostkit.kernel import Tap, VhostNet

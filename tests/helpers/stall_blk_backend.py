@@ -25,9 +25,9 @@ import sys
 import threading
 
 from vhostkit.devices.blk import BlkDevice, BlkRequestType
-from vhostkit.user.daemon import ActiveRing
-from vhostkit.user.device import VringInfo
-from vhostkit.user.listener import BackendListener
+from vhostkit.user.backend.device import VringInfo
+from vhostkit.user.backend.listener import BackendListener
+from vhostkit.user.backend.ring_device import ActiveRing
 from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.ring import Chain
 

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from vhostkit.guest.net import VirtioNetDriver
+from vhostkit.guest.rings import wait_readable
 from vhostkit.kernel import Tap, VhostNet
 from vhostkit.testing.dataplane import (
     ETHERTYPE,
@@ -42,9 +44,7 @@ from vhostkit.testing.packets import (
 )
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
-from vhostkit.virtio.guest import wait_readable
 from vhostkit.virtio.net import GsoType
-from vhostkit.virtio.netdriver import VirtioNetDriver
 
 pytestmark = pytest.mark.kernel
 

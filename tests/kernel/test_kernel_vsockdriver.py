@@ -15,8 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from vhostkit.kernel import VhostVsock
-from vhostkit.virtio.vsockdriver import (
+from vhostkit.guest.vsock import (
     Connected,
     ConnectionClosed,
     DataReceived,
@@ -25,6 +24,7 @@ from vhostkit.virtio.vsockdriver import (
     VsockDriver,
     VsockEvent,
 )
+from vhostkit.kernel import VhostVsock
 
 pytestmark = pytest.mark.kernel
 

@@ -141,7 +141,7 @@ def install() -> None:
 
 def _patch_vhostkit() -> None:
     try:
-        from vhostkit.user import daemon
+        from vhostkit.user.backend import ring_device as daemon
         from vhostkit.virtio import packed, split
     except ImportError:
         return

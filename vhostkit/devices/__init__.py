@@ -1,4 +1,4 @@
-"""vhost-user back-end devices built on :class:`vhostkit.user.daemon.RingDevice`.
+"""vhost-user back-end devices built on :class:`vhostkit.user.backend.ring_device.RingDevice`.
 
 * :mod:`vhostkit.devices.net`: tap-backed virtio-net (the userspace twin of vhost-net).
 * :mod:`vhostkit.devices.blk`: file-backed virtio-blk.

@@ -1,7 +1,7 @@
 """A file-backed virtio-blk vhost-user back-end.
 
 :class:`BlkDevice` serves a regular file or a block device as a virtio-blk disk on top of
-:class:`~vhostkit.user.daemon.RingDevice` (one worker thread per started ring; every ring is a
+:class:`~vhostkit.user.backend.RingDevice` (one worker thread per started ring; every ring is a
 request queue, ``num_queues`` of them with ``VIRTIO_BLK_F_MQ``).
 
 Requests (virtio 1.2 section 5.2.6): a chain is a 16-byte device-readable header
@@ -51,10 +51,10 @@ updates the capacity and sends ``CONFIG_CHANGE_MSG`` on the back-end channel whe
 front-end negotiated ``BACKEND_REQ`` and ``CONFIG``; QEMU then re-reads the config and
 notifies the guest.
 
-Protocol features: the generic set of :class:`~vhostkit.user.device.BackendDevice` minus
+Protocol features: the generic set of :class:`~vhostkit.user.backend.device.BackendDevice` minus
 ``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running).
 ``INFLIGHT_SHMFD`` is offered: a restarted back-end resubmits the requests its predecessor
-had taken and not completed (:mod:`vhostkit.user.inflight`, split and packed rings). A ring
+had taken and not completed (:mod:`vhostkit.user.backend.inflight`, split and packed rings). A ring
 larger than the inflight area allows runs untracked (QEMU's virtio-mmio makes such rings).
 
 Standalone daemon::
@@ -81,16 +81,29 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
-from enum import IntEnum, IntFlag
 from typing import Self
 
 import numpy as np
 
 from vhostkit.errors import InvalidOperation, InvalidParam, VirtqueueError
-from vhostkit.user.daemon import ActiveRing, RingDevice
-from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.blk import (
+    BLK_CONFIG_SIZE,
+    CAPACITY_OFFSET,
+    ID_BYTES,
+    REQUEST_HEADER,
+    SECTOR_SIZE,
+    SEGMENT,
+    BlkConfig,
+    BlkFeature,
+    BlkRequestType,
+    BlkStatus,
+    DiscardFlag,
+    request_header,
+    segment,
+)
 from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.ring import Chain
 
@@ -113,120 +126,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: virtio-blk addresses the disk in 512-byte sectors, whatever the block size.
-SECTOR_SIZE = 512
-#: Length of the GET_ID string.
-ID_BYTES = 20
-
-_HEADER = struct.Struct("<IIQ")  # struct virtio_blk_outhdr
-_SEGMENT = struct.Struct("<QII")  # struct virtio_blk_discard_write_zeroes
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _ZEROES = bytes(1 << 20)
 
 
-class BlkFeature(IntFlag):
-    """virtio-blk device feature bits (``VIRTIO_BLK_F_*``), as masks."""
-
-    SIZE_MAX = 1 << 1
-    SEG_MAX = 1 << 2
-    GEOMETRY = 1 << 4
-    RO = 1 << 5
-    BLK_SIZE = 1 << 6
-    FLUSH = 1 << 9
-    TOPOLOGY = 1 << 10
-    CONFIG_WCE = 1 << 11
-    MQ = 1 << 12
-    DISCARD = 1 << 13
-    WRITE_ZEROES = 1 << 14
-    LIFETIME = 1 << 15
-    SECURE_ERASE = 1 << 16
-
-
-class BlkRequestType(IntEnum):
-    """``VIRTIO_BLK_T_*``."""
-
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    GET_LIFETIME = 10
-    DISCARD = 11
-    WRITE_ZEROES = 13
-    SECURE_ERASE = 14
-
-
-class BlkStatus(IntEnum):
-    """``VIRTIO_BLK_S_*``: the request's status byte."""
-
-    OK = 0
-    IOERR = 1
-    UNSUPP = 2
-
-
-class DiscardFlag(IntFlag):
-    """Flags of a discard / write-zeroes segment."""
-
-    UNMAP = 1
-
-
 #: Protocol features the blk device offers (see the module docstring).
 BLK_PROTOCOL_FEATURES = ProtocolFeature(DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD)
-
-#: struct virtio_blk_config, through write_zeroes_may_unmap and its 3 padding bytes.
-_CONFIG = struct.Struct("<QIIHBBIBBHIBxHIIIIIB3x")
-#: Bytes of the config space the device exposes.
-BLK_CONFIG_SIZE = _CONFIG.size  # 60
-#: Offset of ``capacity`` in the config space.
-CAPACITY_OFFSET = 0
-
-
-@dataclass(frozen=True, slots=True)
-class BlkConfig:
-    """``struct virtio_blk_config`` (little-endian, virtio 1.x), the fields this device uses.
-
-    ``capacity`` is in 512-byte sectors; ``blk_size`` in bytes; the discard / write-zeroes
-    limits in sectors and segments.
-    """
-
-    capacity: int
-    size_max: int = 0
-    seg_max: int = 0
-    cylinders: int = 0
-    heads: int = 0
-    sectors: int = 0
-    blk_size: int = SECTOR_SIZE
-    physical_block_exp: int = 0
-    alignment_offset: int = 0
-    min_io_size: int = 0
-    opt_io_size: int = 0
-    writeback: int = 0
-    num_queues: int = 1
-    max_discard_sectors: int = 0
-    max_discard_seg: int = 0
-    discard_sector_alignment: int = 0
-    max_write_zeroes_sectors: int = 0
-    max_write_zeroes_seg: int = 0
-    write_zeroes_may_unmap: int = 0
-
-    def pack(self) -> bytes:
-        """The config space bytes (:data:`BLK_CONFIG_SIZE` of them)."""
-        return _CONFIG.pack(*(getattr(self, f.name) for f in fields(self)))
-
-    @classmethod
-    def unpack(cls, data: bytes | bytearray | memoryview) -> BlkConfig:
-        """Decode a config space; shorter reads (QEMU 7.2 reads 57 bytes) are zero-padded."""
-        raw = bytes(data[: _CONFIG.size]).ljust(_CONFIG.size, b"\0")
-        return cls(*_CONFIG.unpack(raw))
-
-
-def request_header(rtype: int, sector: int = 0) -> bytes:
-    """The 16-byte request header a driver puts first in a chain."""
-    return _HEADER.pack(rtype, 0, sector)
-
-
-def segment(sector: int, num_sectors: int, flags: int = 0) -> bytes:
-    """One 16-byte discard / write-zeroes segment."""
-    return _SEGMENT.pack(sector, num_sectors, flags)
 
 
 def blk_features(*, read_only: bool = False, packed: bool = True) -> int:
@@ -506,14 +411,14 @@ class BlkDevice(RingDevice):
                 "byte for its status"
             )
         data_in, status_view = _split(chain.writable, writable_len - 1)
-        if chain.readable_len < _HEADER.size:
+        if chain.readable_len < REQUEST_HEADER.size:
             log.warning(
                 "ring %d: request %d: %d-byte header", ring_index, chain.id, chain.readable_len
             )
             status, wrote = BlkStatus.IOERR, False
         else:
-            head, data_out = _split(chain.readable, _HEADER.size)
-            rtype, _, sector = _HEADER.unpack(_gather(head))
+            head, data_out = _split(chain.readable, REQUEST_HEADER.size)
+            rtype, _, sector = REQUEST_HEADER.unpack(_gather(head))
             status, wrote = self._execute(rtype, sector, data_out, data_in)
         status_view[-1][-1] = status
         self.completed[status] += 1
@@ -568,9 +473,9 @@ class BlkDevice(RingDevice):
         else:
             max_sectors, max_seg = cfg.max_write_zeroes_sectors, cfg.max_write_zeroes_seg
             allowed = int(DiscardFlag.UNMAP)  # plain ints: ~IntFlag stays inside the enum
-        if not payload or len(payload) % _SEGMENT.size:
+        if not payload or len(payload) % SEGMENT.size:
             return BlkStatus.IOERR, False
-        segments = [_SEGMENT.unpack_from(payload, off) for off in range(0, len(payload), 16)]
+        segments = [SEGMENT.unpack_from(payload, off) for off in range(0, len(payload), 16)]
         if len(segments) > max_seg or any(flags & ~allowed for _, _, flags in segments):
             return BlkStatus.UNSUPP, False
         if self.read_only:
@@ -655,7 +560,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve an image until SIGINT/SIGTERM; SIGHUP re-reads the image size. Returns 0."""
-    from vhostkit.user.listener import BackendClient, BackendListener
+    from vhostkit.user.backend.listener import BackendClient, BackendListener
 
     args = _parser().parse_args(argv)
     logging.basicConfig(

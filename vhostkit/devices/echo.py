@@ -1,6 +1,6 @@
 """An echo device: every frame the driver transmits comes back on its receive ring.
 
-:class:`EchoDevice` is a virtio-net shaped :class:`~vhostkit.user.daemon.RingDevice` with no
+:class:`EchoDevice` is a virtio-net shaped :class:`~vhostkit.user.backend.RingDevice` with no
 network behind it: frames taken from the TX ring (ring 1) are written into the RX ring (ring 0)
 with the same virtio-net header fields, spread over several receive buffers (``num_buffers``)
 when MRG_RXBUF is negotiated. It is the peer of ``vhostkit demo`` and of the driver's own tests,
@@ -13,7 +13,7 @@ import threading
 
 import numpy as np
 
-from vhostkit.user.daemon import ActiveRing, RingDevice
+from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
 from vhostkit.virtio.net import VirtioNetHdr, fill_mergeable, header_size

@@ -45,8 +45,8 @@ import numpy as np
 from vhostkit.errors import InvalidParam, VhostError
 from vhostkit.kernel.ioctls import TunFlags
 from vhostkit.kernel.tap import Tap, offload_for_features
-from vhostkit.user.daemon import ActiveRing, RingDevice
-from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
@@ -542,7 +542,7 @@ class NetDevice(RingDevice):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python3 -m vhostkit.devices.net --socket PATH --tap NAME``: serve until SIGINT/SIGTERM."""
-    from vhostkit.user.listener import BackendClient, BackendListener
+    from vhostkit.user.backend.listener import BackendClient, BackendListener
 
     parser = argparse.ArgumentParser(description="vhostkit tap-backed vhost-user net backend")
     parser.add_argument("--socket", required=True, help="vhost-user socket path")

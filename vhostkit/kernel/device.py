@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
-from vhostkit.backend import LogRegion, MemoryRegion, VhostBackend, VringAddr
+from vhostkit.backend import VhostBackend
 from vhostkit.errors import (
     DeviceUnavailable,
     InvalidOperation,
@@ -48,6 +48,7 @@ from vhostkit.kernel.ioctls import (
     vhost_vring_worker,
     vhost_worker_state,
 )
+from vhostkit.types import LogRegion, MemoryRegion, VringAddr
 
 __all__ = ["ENOIOCTLCMD", "KernelVhostDevice"]
 

@@ -1,6 +1,6 @@
 """One VMM-side check, any data plane: what every virtio-net data plane must do.
 
-:func:`check_net_data_plane` drives a :class:`~vhostkit.virtio.netdriver.VirtioNetDriver`
+:func:`check_net_data_plane` drives a :class:`~vhostkit.guest.net.VirtioNetDriver`
 through whatever :class:`~vhostkit.backend.VhostBackend` a :class:`NetPlane` adapter hands it
 and checks the behaviour both kernel vhost-net and a vhost-user back-end must have:
 
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, Self
 
 from vhostkit.backend import VhostBackend
+from vhostkit.guest.net import DriverStats, VirtioNetDriver
+from vhostkit.guest.rings import wait_readable
 from vhostkit.virtio.features import VirtioFeature
-from vhostkit.virtio.guest import wait_readable
-from vhostkit.virtio.netdriver import DriverStats, VirtioNetDriver
 
 if TYPE_CHECKING:  # imported lazily: each adapter needs only its own data plane
     from vhostkit.kernel import Tap, VhostNet

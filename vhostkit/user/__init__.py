@@ -8,14 +8,14 @@
 * :class:`BackendChannel` / :class:`FrontendReqServer`: the back-end request channel.
 """
 
+from vhostkit.user.backend.device import BackendDevice, VringInfo
+from vhostkit.user.backend.listener import BackendClient, BackendListener, serve_client
 from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.backend_req_handler import BackendHandler, BackendReqServer, InflightArea
 from vhostkit.user.codec import Channel, Message, MessageParser, decode, encode, parse_header
 from vhostkit.user.connection import Connection, Listener, connect
-from vhostkit.user.device import BackendDevice, VringInfo
 from vhostkit.user.frontend import Frontend, InflightRegion
 from vhostkit.user.frontend_req_handler import FrontendReqHandler, FrontendReqServer
-from vhostkit.user.listener import BackendClient, BackendListener, serve_client
 from vhostkit.user.message import BackendReq, FrontendReq, ProtocolFeature
 
 __all__ = [

@@ -4,7 +4,7 @@ Two pieces:
 
 * :class:`BackendHandler`: the device's side, one method per front-end request. Every method
   has a default that raises :class:`Unsupported`, so a device implements only what it offers.
-  :class:`vhostkit.user.device.BackendDevice` is a complete implementation of the generic
+  :class:`vhostkit.user.backend.device.BackendDevice` is a complete implementation of the generic
   parts a real device builds on.
 * :class:`BackendReqServer`: the protocol engine for one connection. It receives a message,
   checks it against the negotiated state (a request whose protocol feature was not negotiated
@@ -31,7 +31,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
-from vhostkit.backend import MemoryRegion, VringAddr
 from vhostkit.errors import (
     Disconnected,
     FeatureNotNegotiated,
@@ -40,6 +39,7 @@ from vhostkit.errors import (
     Unsupported,
     VhostError,
 )
+from vhostkit.types import MemoryRegion, VringAddr
 from vhostkit.user.codec import Channel, Message, close_fds
 from vhostkit.user.connection import Connection
 from vhostkit.user.message import (

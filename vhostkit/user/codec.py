@@ -17,7 +17,6 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from vhostkit.backend import MemoryRegion
 from vhostkit.errors import (
     BadFlags,
     BadVersion,
@@ -27,6 +26,7 @@ from vhostkit.errors import (
     ProtocolError,
     UnknownRequest,
 )
+from vhostkit.types import MemoryRegion
 from vhostkit.user.message import (
     BACKEND_RULES,
     FRONTEND_RULES,

@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vhostkit.backend import LogRegion, MemoryRegion, VhostBackend, VringAddr
+from vhostkit.backend import VhostBackend
 from vhostkit.errors import (
     FeatureNotNegotiated,
     IncorrectFds,
@@ -34,6 +34,7 @@ from vhostkit.errors import (
     RequestFailed,
     UnexpectedReply,
 )
+from vhostkit.types import LogRegion, MemoryRegion, VringAddr
 from vhostkit.user.codec import Channel, Message
 from vhostkit.user.connection import Connection, Listener, connect
 from vhostkit.user.message import (

@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from vhostkit.backend import MemoryRegion, VringAddr, VringState
 from vhostkit.errors import InvalidParam, InvalidPayload, PayloadSizeError, TooManyRegions
+from vhostkit.types import MemoryRegion, VringAddr, VringState
 
 __all__ = [
     "BACKEND_RULES",

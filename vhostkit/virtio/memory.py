@@ -55,8 +55,8 @@ from typing import Self
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import MemoryRegion
 from vhostkit.errors import GuestMemoryError, InvalidParam
+from vhostkit.types import MemoryRegion
 
 __all__ = ["PAGE_SIZE", "GuestMemory", "MemoryTable"]
 

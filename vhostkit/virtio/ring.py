@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal, NoReturn, Self
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import VringAddr
 from vhostkit.errors import GuestMemoryError, InvalidOperation, InvalidParam, VirtqueueError
+from vhostkit.types import VringAddr
 from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.memory import MemoryTable
 

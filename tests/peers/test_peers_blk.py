@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from test_blk import BlkDriver, pattern
+from helpers.blk_driver import BlkDriver, pattern
 
 from vhostkit.devices.blk import (
     ID_BYTES,

@@ -25,13 +25,13 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vhostkit.backend import MemoryRegion, VringAddr
 from vhostkit.errors import InvalidOperation, InvalidParam, SocketRetry
+from vhostkit.types import MemoryRegion, VringAddr
+from vhostkit.user.backend.inflight import packed_queue_region_size, split_queue_region_size
 from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.backend_req_handler import BackendHandler, InflightArea
 from vhostkit.user.codec import close_fds
 from vhostkit.user.connection import Connection
-from vhostkit.user.inflight import packed_queue_region_size, split_queue_region_size
 from vhostkit.user.message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     InflightDesc,

@@ -19,14 +19,14 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.testing.peers import QemuVirtioNet, Testpmd, which_or_skip
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
-from vhostkit.user.daemon import ActiveRing, RingDevice
-from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
 from vhostkit.virtio.net import VirtioNetHdr, header_size
-from vhostkit.virtio.netdriver import VirtioNetDriver
 from vhostkit.virtio.ring import Chain
 
 pytestmark = pytest.mark.peer

@@ -11,7 +11,7 @@ Two layers:
   handles SHUTDOWN and RST, and answers packets for unknown connections with RST. In echo mode
   a listener's connections send back every byte they receive; once the peer shut down its
   sending side and everything was echoed, the endpoint shuts down too.
-* :class:`VsockDriver` is a :class:`~vhostkit.virtio.guest.VirtioGuest` with the two rings the
+* :class:`VsockDriver` is a :class:`~vhostkit.guest.rings.VirtioGuest` with the two rings the
   kernel serves (RX 0, TX 1; the event queue stays with the VMM): it posts receive buffers,
   feeds what the device puts in them to the endpoint, and puts the endpoint's packets into
   transmit buffers. On :class:`~vhostkit.kernel.VhostVsock` it sets the guest CID and
@@ -28,7 +28,7 @@ fewer payload bytes than ``len`` says.
 
 Script use (inside a machine with ``/dev/vhost-vsock``)::
 
-    python3 -m vhostkit.virtio.vsockdriver --cid 3 --port 1234 --echo
+    python3 -m vhostkit.guest.vsock --cid 3 --port 1234 --echo
 
 then on the same machine ``socat - VSOCK-CONNECT:3:1234`` talks to it; SIGINT or SIGTERM
 stops it (SET_RUNNING 0, rings stopped, everything closed).
@@ -52,14 +52,14 @@ import numpy as np
 
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import InvalidOperation, InvalidParam
-from vhostkit.virtio.features import VirtioFeature
-from vhostkit.virtio.guest import (
+from vhostkit.guest.rings import (
     VirtioGuest,
     drain_eventfd,
     kick_eventfd,
     new_eventfd,
     wait_readable,
 )
+from vhostkit.virtio.features import VirtioFeature
 
 __all__ = [
     "HDR_SIZE",
@@ -728,7 +728,7 @@ class VsockDriver(VirtioGuest):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m vhostkit.virtio.vsockdriver``: a vsock guest on /dev/vhost-vsock."""
+    """``python3 -m vhostkit.guest.vsock``: a vsock guest on /dev/vhost-vsock."""
     from vhostkit.kernel import VhostVsock
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 
 from vhostkit.devices.echo import EchoDevice
 from vhostkit.errors import InvalidOperation, InvalidParam
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.user import Frontend
-from vhostkit.user.listener import BackendListener
+from vhostkit.user.backend.listener import BackendListener
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
 from vhostkit.virtio.memory import GuestMemory
@@ -32,7 +33,6 @@ from vhostkit.virtio.net import (
     NetHdrFlag,
     VirtioNetHdr,
 )
-from vhostkit.virtio.netdriver import VirtioNetDriver
 from vhostkit.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from vhostkit.virtio.split import SplitDeviceQueue, SplitDriverQueue
 

@@ -39,7 +39,7 @@ Quirks (QEMU 7.2, Linux 6.1, Debian 12):
   have 1024 descriptors; but vhost-user-blk sizes the inflight area (GET_INFLIGHT_FD) for
   ``queue-size``. vhostkit refused to start such a ring (the guest hung at boot, on its
   first read); it now runs it without inflight tracking (see
-  :meth:`vhostkit.user.daemon.RingDevice._track_inflight`). On q35 both are 128.
+  :meth:`vhostkit.user.backend.ring_device.RingDevice._track_inflight`). On q35 both are 128.
 * Quirk: unlike virtio-net, ``vhost-user-blk-pci`` on q35 under TCG does not crash QEMU 7.2
   with MSI-X enabled, so it keeps its vectors there (one per queue plus config).
 * Quirk: with ``VIRTIO_BLK_F_RO`` Linux marks the disk read-only and refuses writes itself
@@ -60,11 +60,9 @@ from __future__ import annotations
 
 import collections
 import errno
-import hashlib
 import json
 import logging
 import os
-import random
 import struct
 import tempfile
 import threading
@@ -75,7 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_guest_kernel_netbackend import guest_steps
+from helpers.guest_output import HELPERS, KiB, MiB, guest_steps, seeded, sha
 
 from vhostkit.devices.blk import (
     SECTOR_SIZE,
@@ -95,9 +93,7 @@ pytestmark = pytest.mark.peer
 
 log = logging.getLogger(__name__)
 
-GUEST_SCRIPT = Path(__file__).resolve().parent / "helpers" / "guest_blkcheck.py"
-MiB = 1 << 20
-KiB = 1 << 10
+GUEST_SCRIPT = HELPERS / "guest_blkcheck.py"
 IMAGE_SIZE = 64 * MiB
 QUEUES = 2
 SERIAL = "vhostkit-guest-disk1"  # exactly 20 bytes: GET_ID without a NUL
@@ -136,15 +132,6 @@ REQUIRED_FEATURES = int(
     | BlkFeature.MQ
 )
 _SEGMENT = struct.Struct("<QII")
-
-
-def seeded(seed: int, length: int) -> bytes:
-    """The bytes ``guest_blkcheck.py`` writes for ``seed`` (same generator)."""
-    return random.Random(seed).randbytes(length)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def punch_hole_works(directory: Path) -> bool:

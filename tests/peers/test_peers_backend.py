@@ -27,7 +27,7 @@ import pytest
 from vhostkit.backend import MemoryRegion
 from vhostkit.testing.peers import QemuVirtioNet, Testpmd, which_or_skip
 from vhostkit.user import BackendDevice, BackendListener, ProtocolFeature, serve_client
-from vhostkit.user.device import DEFAULT_PROTOCOL_FEATURES
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature
 
 pytestmark = pytest.mark.peer

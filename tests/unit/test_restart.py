@@ -27,7 +27,7 @@ from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.split import SplitDriverQueue
 
-HELPER = Path(__file__).parent / "helpers" / "stall_blk_backend.py"
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "stall_blk_backend.py"
 NUM = 128  # three descriptors per request
 STREAM = 40
 STALL_AFTER = 12

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vhostkit.errors import InvalidParam
-from vhostkit.user.inflight import (
+from vhostkit.user.backend.inflight import (
     PACKED_HEADER_DTYPE,
     PACKED_STATE_DTYPE,
     RING_DESC_DTYPE,

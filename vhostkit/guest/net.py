@@ -61,8 +61,8 @@ import numpy.typing as npt
 
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import InvalidOperation, InvalidParam
+from vhostkit.guest.rings import DriverQueue, GuestRing, VirtioGuest
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
-from vhostkit.virtio.guest import DriverQueue, GuestRing, VirtioGuest
 from vhostkit.virtio.net import VirtioNetHdr, header_size
 
 __all__ = [
@@ -157,7 +157,7 @@ class VirtioNetDriver(VirtioGuest):
 
     :meth:`start` sets everything up; the constructor does not touch the backend. The ring
     plumbing (memory, eventfds, start-up order, :meth:`stop`, :meth:`close`) is
-    :class:`~vhostkit.virtio.guest.VirtioGuest`'s.
+    :class:`~vhostkit.guest.rings.VirtioGuest`'s.
     """
 
     def __init__(

@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.backend import MemoryRegion, VringAddr
 from vhostkit.errors import InvalidOperation, VhostError, VirtqueueError
-from vhostkit.user.backend_req_handler import InflightArea
-from vhostkit.user.device import BackendDevice, VringInfo
-from vhostkit.user.inflight import (
+from vhostkit.types import MemoryRegion, VringAddr
+from vhostkit.user.backend.device import BackendDevice, VringInfo
+from vhostkit.user.backend.inflight import (
     PackedInflight,
     SplitInflight,
     packed_queue_region_size,
     split_queue_region_size,
 )
+from vhostkit.user.backend_req_handler import InflightArea
 from vhostkit.user.message import InflightDesc, ProtocolFeature
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDeviceQueue

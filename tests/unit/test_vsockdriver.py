@@ -1,4 +1,4 @@
-"""The sans-I/O virtio-vsock endpoint (vhostkit.virtio.vsockdriver.VsockEndpoint).
+"""The sans-I/O virtio-vsock endpoint (vhostkit.guest.vsock.VsockEndpoint).
 
 The kernel end-to-end tests are in ``tests/kernel/test_kernel_vsockdriver.py``; here every
 protocol rule is checked packet by packet: the handshake, RST for strangers, echo, credit in
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from vhostkit.errors import InvalidParam
-from vhostkit.virtio.vsockdriver import (
+from vhostkit.guest.vsock import (
     HDR_SIZE,
     Connected,
     ConnectionClosed,

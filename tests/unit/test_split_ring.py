@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.ring_harness import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ring_harness import run
 
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.features import VirtioFeature as F

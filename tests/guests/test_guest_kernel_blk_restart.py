@@ -63,11 +63,9 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
-from test_guest_kernel_blkbackend import GUEST_SCRIPT, KiB, MiB, seeded, sha
-from test_guest_kernel_netbackend import guest_steps
+from helpers.guest_output import HELPERS, KiB, MiB, guest_steps, seeded, sha
 
 from vhostkit.testing import kernel_vm
 from vhostkit.testing.peers import PeerProcess, PeerTimeout, which_or_skip
@@ -77,7 +75,8 @@ pytestmark = pytest.mark.peer
 
 log = logging.getLogger(__name__)
 
-HELPER = Path(__file__).resolve().parent / "helpers" / "stall_blk_backend.py"
+HELPER = HELPERS / "stall_blk_backend.py"
+GUEST_SCRIPT = HELPERS / "guest_blkcheck.py"
 IMAGE_SIZE = 16 * MiB
 #: the guest's writers: (offset, length, seed, cpu); 1 MiB each, every other MiB of the disk
 WRITERS = [((2 * i + 1) * MiB, MiB, 100 + i, i % 2) for i in range(8)]

@@ -22,7 +22,7 @@ from vhostkit.testing.swap import (
     tx_across_swaps,
 )
 from vhostkit.user import BackendListener, Frontend
-from vhostkit.user.daemon import RingDevice
+from vhostkit.user.backend.ring_device import RingDevice
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.vmm import LocalNetPlane, VhostUserNetPlane, VirtioNetDevice
 

@@ -17,8 +17,8 @@ vhost-user with STATUS negotiated ``SET_STATUS`` DRIVER_OK. :meth:`VirtioGuest.s
 rings and returns their positions (``get_vring_base``); :meth:`VirtioGuest.close` closes the
 eventfds and the guest memory (the backend is borrowed and stays open).
 
-Device drivers (:class:`~vhostkit.virtio.netdriver.VirtioNetDriver`,
-:class:`~vhostkit.virtio.vsockdriver.VsockDriver`) subclass it and fill in the hooks:
+Device drivers (:class:`~vhostkit.guest.net.VirtioNetDriver`,
+:class:`~vhostkit.guest.vsock.VsockDriver`) subclass it and fill in the hooks:
 
 * :meth:`~VirtioGuest._buffer_bytes`: how much buffer memory to reserve after the rings;
 * :meth:`~VirtioGuest._on_negotiated`: check the acked features, derive header sizes;

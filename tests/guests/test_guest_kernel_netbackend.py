@@ -52,7 +52,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
@@ -65,14 +64,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_net_backend_e2e import SO_RCVBUFFORCE, NetNs
-from test_peers_netbackend import net_backend
+from helpers.guest_output import HELPERS, guest_steps
+from helpers.net_backend import net_backend
+from helpers.netns import SO_RCVBUFFORCE, NetNs
 
 from vhostkit.devices.net import NetDevice
 from vhostkit.testing import kernel_vm
 from vhostkit.testing.peers import which_or_skip
-from vhostkit.user.daemon import ActiveRing
-from vhostkit.user.device import VringInfo
+from vhostkit.user.backend.device import VringInfo
+from vhostkit.user.backend.ring_device import ActiveRing
 from vhostkit.virtio.features import VirtioFeature as VF
 from vhostkit.virtio.features import VirtioNetFeature as NF
 from vhostkit.virtio.net import GsoType, NetHdrFlag, VirtioNetHdr
@@ -84,7 +84,7 @@ pytestmark = [
 
 log = logging.getLogger(__name__)
 
-GUEST_SCRIPT = Path(__file__).resolve().parent / "helpers" / "guest_netcheck.py"
+GUEST_SCRIPT = HELPERS / "guest_netcheck.py"
 HOST_IP = "10.203.0.1"
 GUEST_IP = "10.203.0.2"
 GUEST_MAC = "52:54:00:12:34:99"
@@ -450,16 +450,6 @@ class NamespaceUdpEcho:
 
 
 # --- the test ----------------------------------------------------------------------------------
-
-
-def guest_steps(output: str) -> dict[str, list[dict[str, object]]]:
-    """The guest script's JSON lines, by step."""
-    steps: dict[str, list[dict[str, object]]] = collections.defaultdict(list)
-    for line in output.splitlines():
-        if line.startswith("{"):
-            record = json.loads(line)
-            steps[record.pop("step")].append(record)
-    return steps
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
-from vhostkit.user.daemon import RingDevice, SinkDevice
+from vhostkit.user.backend.ring_device import RingDevice, SinkDevice
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDriverQueue, decode_base, encode_base
 from vhostkit.virtio.split import SplitDriverQueue

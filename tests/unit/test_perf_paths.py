@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vhostkit.errors import InvalidParam, VirtqueueError
-from vhostkit.user.daemon import SinkDevice
+from vhostkit.user.backend.ring_device import SinkDevice
 from vhostkit.virtio.features import VirtioFeature as F
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDeviceQueue, PackedDriverQueue
@@ -254,7 +254,7 @@ def _bench_module():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "ring_throughput.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "ring_throughput.py"
     spec = importlib.util.spec_from_file_location("_vhk_ring_throughput", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -264,8 +264,8 @@ def _bench_module():
 
 def test_netdriver_tx_layout_and_headers() -> None:
     """Frames land 64-byte aligned behind their header; a custom header is not kept."""
+    from vhostkit.guest.net import VirtioNetDriver
     from vhostkit.virtio.net import VirtioNetHdr
-    from vhostkit.virtio.netdriver import VirtioNetDriver
 
     loop = _bench_module()
     with loop.Loopback() as be, VirtioNetDriver(be, queue_size=8).start() as nic:
@@ -298,7 +298,7 @@ def test_netdriver_send_measures_frames_before_it_reaps() -> None:
     """send() measures and joins the frames before it reaps completions (so the device has
     longer to finish): what it queues is still exactly the first ``free`` frames, only those
     are length-checked, a longer list than the ring is fine, and a full ring queues none."""
-    from vhostkit.virtio.netdriver import VirtioNetDriver
+    from vhostkit.guest.net import VirtioNetDriver
 
     loop = _bench_module()
     with loop.Loopback() as be, VirtioNetDriver(be, queue_size=8).start() as nic:
