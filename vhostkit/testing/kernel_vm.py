@@ -108,6 +108,9 @@ GUEST_MODULES: tuple[str, ...] = (
     "virtio_net",
     # for a virtio-blk device given with extra_qemu_args (a module in Debian's kernel)
     "virtio_blk",
+    # for labs, whose networks are Linux bridges with veth pairs into namespaces
+    "bridge",
+    "veth",
 )
 
 #: Bumped whenever the layout of the cache or the initramfs changes.
