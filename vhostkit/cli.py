@@ -189,6 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="vhostkit front-end drives a vhostkit back-end over a socket")
     sub.add_parser("net-backend", add_help=False, help="tap-backed vhost-user net daemon")
     sub.add_parser("blk-backend", add_help=False, help="file-backed vhost-user blk daemon")
+    from vhostkit.lab import cli as lab_cli
+
+    lab_cli.add_arguments(
+        sub.add_parser(
+            "lab",
+            help="scripted VM networking labs: check and run lab files",
+            description="Scripted VM networking labs (see labs/README.md).",
+        )
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     # the daemons parse their own options
     for name, module in (("net-backend", "net"), ("blk-backend", "blk")):
@@ -201,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "demo":
         return run_demo()
+    if args.command == "lab":
+        return lab_cli.run(args)
     return 2  # pragma: no cover
 
 

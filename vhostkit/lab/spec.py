@@ -444,7 +444,10 @@ STEP_KEYS: Mapping[StepKind, tuple[tuple[tuple[str, Any, Any, Any], ...], tuple[
         ),
         ("lost_max", "duplicates_max", "reordered_max", "received_min"),
     ),
-    StepKind.STOP: ((("step", str, None, None),), ("lost_max", "duplicates_max", "reordered_max")),
+    StepKind.STOP: (
+        (("step", str, None, None),),
+        ("lost_max", "duplicates_max", "reordered_max", "received_min"),
+    ),
     StepKind.TCP: (
         (
             ("from", str, None, None),

@@ -1,0 +1,648 @@
+"""Running a lab: build its network, start its guests and back-ends, run its steps, tear down.
+
+:func:`run_lab` does the whole thing for a checked :class:`~vhostkit.lab.spec.Lab` and returns
+a :class:`LabResult`: every expectation with its measured value, the steps' timings, and what
+teardown removed. Teardown always happens (on success, a failed step, an exception, or
+:class:`KeyboardInterrupt`, which the command line raises for SIGINT and SIGTERM), and the
+runner then checks that none of the namespaces, processes or socket files it made is left.
+
+What this runner can do today is in :data:`SUPPORTED`; a lab that needs more is refused with
+:class:`~vhostkit.lab.errors.LabSetupError` before anything is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from vhostkit.lab.errors import LabError, LabSetupError
+from vhostkit.lab.iphost import STREAM_PORT, StreamCount, parse_stream_payload
+from vhostkit.lab.network import LabNetwork, leftover_namespaces
+from vhostkit.lab.spec import GuestKind, Lab, Plane, Step, StepKind
+
+__all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
+
+log = logging.getLogger(__name__)
+
+#: Step kinds, planes and guest kinds this runner carries out.
+SUPPORTED = {
+    "steps": frozenset(
+        {StepKind.PING, StepKind.STREAM, StepKind.STOP, StepKind.LINK, StepKind.WAIT}
+    ),
+    "planes": frozenset({Plane.KERNEL, Plane.VHOSTKIT}),
+    "guests": frozenset({GuestKind.VIRTUAL}),
+}
+_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One expectation: what was measured against its limit."""
+
+    step: str
+    key: str
+    value: float
+    limit: float
+    passed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One step: when it ran, how long it took, what it measured (``values``)."""
+
+    name: str
+    kind: str
+    started: float
+    seconds: float
+    values: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LabResult:
+    """What a lab run did and found."""
+
+    lab: str
+    steps: tuple[StepResult, ...]
+    outcomes: tuple[Outcome, ...]
+    seconds: float
+    setup_seconds: float
+    removed: tuple[str, ...] = ()
+    leftovers: tuple[str, ...] = ()
+    error: str = ""
+    #: True when the error came while the lab was being set up (not a failed step)
+    setup_failed: bool = False
+
+    @property
+    def passed(self) -> bool:
+        """Every expectation held, every step ran, nothing was left behind."""
+        return (
+            not self.error
+            and not self.leftovers
+            and all(o.passed for o in self.outcomes)
+            and not any(s.error for s in self.steps)
+        )
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LabResult:
+        """The result :meth:`to_json` wrote (e.g. by a run inside the kernel VM)."""
+        return cls(
+            lab=data["lab"],
+            steps=tuple(
+                StepResult(s["name"], s["do"], s["started"], s["seconds"], s["values"], s["error"])
+                for s in data["steps"]
+            ),
+            outcomes=tuple(
+                Outcome(o["step"], o["key"], o["value"], o["limit"], o["passed"])
+                for o in data["expectations"]
+            ),
+            seconds=data["seconds"],
+            setup_seconds=data["setup_seconds"],
+            removed=tuple(data["removed"]),
+            leftovers=tuple(data["leftovers"]),
+            error=data["error"],
+            setup_failed=data["setup_failed"],
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lab": self.lab,
+            "passed": self.passed,
+            "error": self.error,
+            "setup_failed": self.setup_failed,
+            "seconds": round(self.seconds, 3),
+            "setup_seconds": round(self.setup_seconds, 3),
+            "steps": [
+                {
+                    "name": s.name,
+                    "do": s.kind,
+                    "started": round(s.started, 3),
+                    "seconds": round(s.seconds, 3),
+                    "values": s.values,
+                    "error": s.error,
+                }
+                for s in self.steps
+            ],
+            "expectations": [
+                {
+                    "step": o.step,
+                    "key": o.key,
+                    "value": o.value,
+                    "limit": o.limit,
+                    "passed": o.passed,
+                }
+                for o in self.outcomes
+            ],
+            "removed": list(self.removed),
+            "leftovers": list(self.leftovers),
+        }
+
+
+def unsupported(lab: Lab) -> list[str]:
+    """What ``lab`` asks for that this runner cannot do yet (empty when it can run it)."""
+    found = []
+    for guest in lab.guests:
+        if guest.kind not in SUPPORTED["guests"]:
+            found.append(f"guest {guest.name}: {guest.kind.value} guests")
+        for j, nic in enumerate(guest.nics):
+            if nic.plane not in SUPPORTED["planes"]:
+                found.append(f"guest {guest.name} nic {j}: the {nic.plane.value} plane")
+            if nic.queues != 1:
+                found.append(f"guest {guest.name} nic {j}: more than one queue pair")
+    for step in lab.steps:
+        if step.kind not in SUPPORTED["steps"]:
+            found.append(f"step {step.name}: '{step.kind.value}' steps")
+    for ns in lab.namespaces:
+        if any(link.dhcp for link in ns.links):
+            found.append(f"namespace {ns.name}: DHCP")
+    return found
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+class _Process:
+    """A child process the lab started: its name, its Popen, how to stop it."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[str]) -> None:
+        self.name = name
+        self.popen = popen
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+class _GuestProcess(_Process):
+    """A virtual guest (:mod:`vhostkit.lab.guest`), talked to in JSON lines."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[str]) -> None:
+        super().__init__(name, popen)
+        self.lock = threading.Lock()
+        self.addresses: list[ipaddress.IPv4Interface] = []
+
+    def wait_ready(self, timeout: float) -> None:
+        line = _read_line(self.popen.stdout, timeout)
+        if line is None:
+            raise LabSetupError(f"guest {self.name} did not start: {self._stderr_tail()}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise LabSetupError(f"guest {self.name} did not start: {answer['error']}")
+
+    def request(self, op: str, *, wait: float = 60.0, **params: Any) -> dict[str, Any]:
+        """Send request ``op`` with ``params``; its answer (``wait`` seconds at most)."""
+        req = {"op": op, **params}
+        with self.lock:
+            assert self.popen.stdin is not None
+            try:
+                self.popen.stdin.write(json.dumps(req) + "\n")
+                self.popen.stdin.flush()
+            except BrokenPipeError:
+                raise LabError(f"guest {self.name} is gone: {self._stderr_tail()}") from None
+            line = _read_line(self.popen.stdout, wait)
+        if line is None:
+            raise LabError(f"guest {self.name} did not answer {op}")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise LabError(f"guest {self.name}: {answer['error']}")
+        return answer
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(LabError, OSError, ValueError):
+                self.request("quit", wait=timeout)
+        super().stop(timeout)
+
+    def _stderr_tail(self) -> str:
+        if self.popen.poll() is None or self.popen.stderr is None:
+            return "still running"
+        return self.popen.stderr.read()[-2000:].strip() or f"exit code {self.popen.returncode}"
+
+
+def _read_line(stream: IO[str] | None, timeout: float) -> str | None:
+    """One line from a child's stdout within ``timeout`` (None at EOF or time-out)."""
+    import select
+
+    if stream is None:
+        return None
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        return None
+    line = stream.readline()
+    return line or None
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, lab: Lab, progress: Callable[[str], None], keep_going: bool) -> None:
+        self.lab = lab
+        self.progress = progress
+        self.keep_going = keep_going
+        self.prefix = f"vhk{os.getpid() % 100000}"
+        self.workdir = Path(tempfile.mkdtemp(prefix="vhk-lab-", dir="/tmp"))
+        self.network = LabNetwork(lab, self.prefix)
+        self.processes: list[_Process] = []
+        self.guests: dict[str, _GuestProcess] = {}
+        self.receivers: dict[str, _NamespaceCounter] = {}
+        self.background: dict[str, tuple[Step, str, int]] = {}
+        self.steps: list[StepResult] = []
+        self.outcomes: list[Outcome] = []
+        self.t0 = time.monotonic()
+        self.stream_ids = iter(range(1, 1 << 30))
+
+    # -- set-up --
+
+    def setup(self) -> None:
+        self.progress(f"network: {len(self.lab.bridges)} bridge(s), "
+                      f"{len(self.lab.namespaces)} namespace(s)")  # fmt: skip
+        self.network.build()
+        for guest in self.lab.guests:
+            self.progress(f"guest {guest.name}: starting")
+            nics = []
+            for j, nic in enumerate(guest.nics):
+                tap = self.network.tap_name(guest.name, j)
+                mac = nic.mac or _mac_for(guest.name, j)
+                address = str(nic.address) if nic.address else ""
+                spec = f"tap={tap},plane={nic.plane.value},mac={mac},address={address}"
+                if nic.plane is Plane.VHOSTKIT:
+                    sock = self.workdir / f"{guest.name}-{j}.sock"
+                    self._start_backend(f"{guest.name}.nic{j}", tap, sock, nic.offloads)
+                    spec += f",socket={sock}"
+                nics.append(spec)
+            argv = [sys.executable, "-m", "vhostkit.lab.guest"]
+            for spec in nics:
+                argv += ["--nic", spec]
+            proc = _GuestProcess(guest.name, self._spawn(argv, stdin=True))
+            self.processes.append(proc)
+            proc.addresses = [n.address for n in guest.nics if n.address]
+            proc.wait_ready(_START_TIMEOUT)
+            self.guests[guest.name] = proc
+
+    def _spawn(self, argv: list[str], *, stdin: bool = False) -> subprocess.Popen[str]:
+        def start() -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # a ^C at the terminal reaches the runner only
+            )
+
+        return self.network.call(start)
+
+    def _start_backend(self, name: str, tap: str, sock: Path, offloads: bool) -> None:
+        argv = [sys.executable, "-m", "vhostkit", "net-backend", "--socket", str(sock)]
+        argv += ["--tap", tap]
+        self.processes.append(_Process(f"back-end {name}", self._spawn(argv)))
+
+    # -- steps --
+
+    def run_steps(self) -> None:
+        for step in self.lab.steps:
+            if step.at is not None:
+                delay = self.t0 + step.at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            self.progress(f"step {step.name}: {step.kind.value}")
+            started = time.monotonic()
+            values: dict[str, Any] = {}
+            error = ""
+            try:
+                values = self._do(step)
+            except LabError as exc:
+                error = str(exc)
+            self.steps.append(
+                StepResult(
+                    step.name,
+                    step.kind.value,
+                    started - self.t0,
+                    time.monotonic() - started,
+                    values,
+                    error,
+                )
+            )
+            if not error:
+                self._judge(step, values)
+            failed = error or any(not o.passed for o in self.outcomes if o.step == step.name)
+            if failed and not self.keep_going:
+                self.progress(f"step {step.name}: failed, stopping (--keep-going goes on)")
+                return
+
+    def _judge(self, step: Step, values: dict[str, Any]) -> None:
+        for key, limit in step.expect.items():
+            if key.endswith("_max"):
+                measured = float(values[key.removesuffix("_max")])
+                passed = measured <= limit
+            elif key.endswith("_min"):
+                measured = float(values[key.removesuffix("_min")])
+                passed = measured >= limit
+            else:
+                continue
+            self.outcomes.append(Outcome(step.name, key, measured, float(limit), passed))
+
+    def _do(self, step: Step) -> dict[str, Any]:
+        p = step.params
+        if step.kind is StepKind.PING:
+            return self._ping(p["from"], p["to"], p["count"], p["interval"], p["timeout"])
+        if step.kind is StepKind.STREAM:
+            return self._stream(step)
+        if step.kind is StepKind.STOP:
+            return self._stop(p["step"])
+        if step.kind is StepKind.WAIT:
+            time.sleep(p["seconds"])
+            return {"seconds": p["seconds"]}
+        if step.kind is StepKind.LINK:
+            up = p["state"] == "up"
+            if p.get("guest"):
+                self.network.set_link(self.network.tap_name(p["guest"], p["nic"]), up)
+            else:
+                self.network.set_link(p["bridge"], up)
+            return {"state": p["state"]}
+        raise LabSetupError(f"'{step.kind.value}' steps are not supported by this runner yet")
+
+    def _address_of(self, name: str, source: str) -> ipaddress.IPv4Address:
+        if name in self.guests:
+            guest = self.lab.guest(name)
+            for nic in guest.nics:
+                if nic.address is not None:
+                    return nic.address.ip
+            raise LabError(f"guest {name} has no address to reach")
+        for ns in self.lab.namespaces:
+            if ns.name == name:
+                for link in ns.links:
+                    if link.address is not None:
+                        return link.address.ip
+                raise LabError(f"namespace {name} has no address to reach")
+        return ipaddress.IPv4Address(name)
+
+    def _ping(
+        self, src: str, dst: str, count: int, interval: float, timeout: float
+    ) -> dict[str, Any]:
+        target = self._address_of(dst, src)
+        if src in self.guests:
+            answer = self.guests[src].request(
+                "ping", wait=count * interval + timeout + 30, to=str(target),
+                count=count, interval=interval, timeout=timeout,
+            )  # fmt: skip
+        else:
+            answer = self.network.call(
+                lambda: _icmp_ping(target, count, interval, timeout),
+                self.network.host_ns(src),
+            )
+        sent, received = answer["sent"], answer["received"]
+        rtts = answer["rtt_ms"]
+        return {
+            "sent": sent,
+            "received": received,
+            "loss": round(100.0 * (sent - received) / sent, 3) if sent else 100.0,
+            "rtt_ms_avg": round(sum(rtts) / len(rtts), 3) if rtts else None,
+        }
+
+    def _stream(self, step: Step) -> dict[str, Any]:
+        p = step.params
+        ident = next(self.stream_ids)
+        target = self._address_of(p["to"], p["from"])
+        if p["to"] not in self.guests and p["to"] not in self.receivers:
+            counter = _NamespaceCounter(self.network, self.network.host_ns(p["to"]))
+            self.receivers[p["to"]] = counter
+        self.guests[p["from"]].request(
+            "stream", to=str(target), stream=ident, rate=p["rate"], frames=p["frames"],
+            duration=p["duration"], size=p["size"],
+        )  # fmt: skip
+        self.background[step.name] = (step, p["to"], ident)
+        if step.background:
+            return {"stream": ident}
+        if p["frames"] is None and p["duration"] is None:
+            raise LabError("a stream in the foreground needs 'frames' or 'duration'")
+        length = p["duration"] or p["frames"] / p["rate"]
+        time.sleep(length)
+        return self._stop(step.name)
+
+    def _stop(self, name: str) -> dict[str, Any]:
+        step, receiver, ident = self.background.pop(name)
+        sent = self.guests[step.params["from"]].request("stream-stop", stream=ident)["sent"]
+        deadline = time.monotonic() + 2.0
+        while True:  # frames still in flight: wait until all arrived, or 2 s
+            count = self._count(receiver, ident)
+            if count.received >= sent or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return {
+            "sent": sent,
+            "received": count.received,
+            "lost": count.lost(sent),
+            "duplicates": count.duplicates,
+            "reordered": count.reordered,
+        }
+
+    def _count(self, receiver: str, ident: int) -> StreamCount:
+        if receiver in self.guests:
+            answer = self.guests[receiver].request("count", stream=ident)
+            count = StreamCount(answer["received"], answer["duplicates"], answer["reordered"])
+            count.seen = set(answer["seen"])
+            return count
+        return self.receivers[receiver].count(ident)
+
+    # -- teardown --
+
+    def teardown(self) -> tuple[list[str], list[str]]:
+        removed: list[str] = []
+        for counter in self.receivers.values():
+            counter.close()
+        for proc in reversed(self.processes):
+            if proc.popen.poll() is None:
+                removed.append(f"process {proc.name} (pid {proc.popen.pid})")
+            proc.stop()
+        removed += self.network.close()
+        sockets = sorted(self.workdir.glob("*.sock"))
+        removed += [f"socket {s}" for s in sockets]
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        left = [f"netns {n}" for n in leftover_namespaces(self.prefix)]
+        left += [f"process {p.name}" for p in self.processes if p.popen.poll() is None]
+        if self.workdir.exists():
+            left.append(f"directory {self.workdir}")
+        return removed, left
+
+
+class _NamespaceCounter:
+    """A UDP socket on :data:`STREAM_PORT` inside a namespace, counting numbered streams."""
+
+    def __init__(self, network: LabNetwork, netns: str) -> None:
+        self.sock = network.call(lambda: _udp_socket(), netns)
+        self.counts: dict[int, StreamCount] = {}
+        self.lock = threading.Lock()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name=f"count-{netns}", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            try:
+                data = self.sock.recv(2048)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            numbered = parse_stream_payload(data)
+            if numbered is not None:
+                with self.lock:
+                    self.counts.setdefault(numbered[0], StreamCount()).add(numbered[1])
+
+    def count(self, ident: int) -> StreamCount:
+        with self.lock:
+            found = self.counts.get(ident, StreamCount())
+            copy = StreamCount(found.received, found.duplicates, found.reordered, found.highest)
+            copy.seen = set(found.seen)
+            return copy
+
+    def close(self) -> None:
+        self.stopping = True
+        self.thread.join(2)
+        self.sock.close()
+
+
+def _udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    sock.bind(("0.0.0.0", STREAM_PORT))
+    sock.settimeout(0.2)
+    return sock
+
+
+def _icmp_ping(
+    target: ipaddress.IPv4Address, count: int, interval: float, timeout: float
+) -> dict[str, Any]:
+    """Ping ``target`` from the calling thread's namespace with a raw ICMP socket."""
+    from vhostkit.testing.packets import checksum
+
+    ident = os.getpid() & 0xFFFF
+    rtts: list[float] = []
+    with socket.socket(
+        socket.AF_INET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP
+    ) as s:
+        for seq in range(1, count + 1):
+            body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(56)
+            body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+            sent = time.monotonic()
+            s.sendto(body, (str(target), 0))
+            deadline = sent + (timeout if seq == count else max(interval, timeout))
+            while (left := deadline - time.monotonic()) > 0:
+                s.settimeout(left)
+                try:
+                    packet, (source, _) = s.recvfrom(2048)
+                except TimeoutError:
+                    break
+                ihl = (packet[0] & 0xF) * 4
+                kind, _code, _c, rid, rseq = struct.unpack_from("!BBHHH", packet, ihl)
+                if kind == 0 and rid == ident and rseq == seq and source == str(target):
+                    rtts.append(round((time.monotonic() - sent) * 1000, 3))
+                    break
+            pause = sent + interval - time.monotonic()
+            if pause > 0 and seq < count:
+                time.sleep(pause)
+    return {"sent": count, "received": len(rtts), "rtt_ms": rtts}
+
+
+def _mac_for(guest: str, nic: int) -> str:
+    digest = sum(guest.encode()) * 31 + len(guest)
+    return f"02:76:68:{digest >> 8 & 0xFF:02x}:{digest & 0xFF:02x}:{nic:02x}"
+
+
+def run_lab(
+    lab: Lab,
+    *,
+    progress: Callable[[str], None] | None = None,
+    keep_going: bool = False,
+) -> LabResult:
+    """Run ``lab`` on this host (it must have what the lab needs) and return what happened."""
+    missing = unsupported(lab)
+    if missing:
+        raise LabSetupError("this lab needs what the runner cannot do yet: " + "; ".join(missing))
+    _check_host(lab)
+    say = progress or (lambda text: None)
+    run = _Run(lab, say, keep_going)
+    error = ""
+    setup_seconds = 0.0
+    in_setup = True
+    try:
+        run.setup()
+        setup_seconds = time.monotonic() - run.t0
+        in_setup = False
+        run.run_steps()
+    except (LabError, OSError) as exc:
+        error = str(exc)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    finally:
+        say("teardown")
+        removed, left = run.teardown()
+    return LabResult(
+        lab.name,
+        tuple(run.steps),
+        tuple(run.outcomes),
+        time.monotonic() - run.t0,
+        setup_seconds,
+        tuple(removed),
+        tuple(left),
+        error,
+        bool(error) and in_setup,
+    )
+
+
+def _check_host(lab: Lab) -> None:
+    if os.geteuid() != 0:
+        raise LabSetupError("a lab builds namespaces and taps", hint="run it as root")
+    if not Path("/dev/net/tun").exists():
+        raise LabSetupError("/dev/net/tun is missing", hint="modprobe tun")
+    if lab.needs_kernel_vhost and not Path("/dev/vhost-net").exists():
+        raise LabSetupError(
+            "this lab needs kernel vhost-net and /dev/vhost-net is missing",
+            hint="modprobe vhost_net, or run the lab in the kernel VM (--vm auto)",
+        )
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`KeyboardInterrupt` while a lab runs (SIGINT already is)."""
+
+    owner = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # a forked helper (pyroute2 forks to make namespaces) must not unwind our stack
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
