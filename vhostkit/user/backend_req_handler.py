@@ -33,7 +33,6 @@ from dataclasses import replace
 
 from vhostkit.errors import (
     Disconnected,
-    FeatureNotNegotiated,
     InvalidOperation,
     ProtocolError,
     Unsupported,
@@ -44,7 +43,6 @@ from vhostkit.user.codec import Channel, Message, close_fds
 from vhostkit.user.connection import Connection
 from vhostkit.user.message import (
     U64,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     ConfigPayload,
@@ -58,14 +56,15 @@ from vhostkit.user.message import (
     MemRegionMsg,
     MigrationPhase,
     Payload,
+    ProtocolBitRule,
     ProtocolFeature,
     RawPayload,
-    ReplyRule,
     SharedObject,
     TransferDirection,
     VringAddrPayload,
     VringStatePayload,
 )
+from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 
 __all__ = ["BackendHandler", "BackendReqServer", "InflightArea"]
 
@@ -258,8 +257,9 @@ class BackendReqServer:
     """Serves one front-end connection with a :class:`BackendHandler`.
 
     Call :meth:`handle_request` per message, or :meth:`serve` to loop until the front-end
-    disconnects. Negotiated state lives here: :attr:`acked_features`,
-    :attr:`acked_protocol_features`.
+    disconnects. Negotiated state lives in :attr:`negotiation` (a
+    :class:`~vhostkit.user.negotiation.Negotiation`); :attr:`acked_features`,
+    :attr:`acked_protocol_features` and :attr:`protocol_negotiated` read it.
     """
 
     def __init__(self, conn: Connection, handler: BackendHandler) -> None:
@@ -267,37 +267,31 @@ class BackendReqServer:
             raise InvalidOperation("a back-end serves the main channel")
         self.conn = conn
         self.handler = handler
-        self.acked_features = 0
-        self.acked_protocol_features = ProtocolFeature(0)
-        self.protocol_negotiated = False
+        #: what was offered and acked on this connection, and what that allows
+        self.negotiation = Negotiation(Role.BACKEND)
         self.last_error: VhostError | None = None
         self.handled = 0
         self._stop = threading.Event()
 
-    # -- gating --
+    # -- negotiated state --
 
-    def _offered_features(self) -> int:
-        return self.handler.get_features()
+    @property
+    def acked_features(self) -> int:
+        return self.negotiation.acked_features
+
+    @property
+    def acked_protocol_features(self) -> ProtocolFeature:
+        return self.negotiation.acked_protocol_features
+
+    @property
+    def protocol_negotiated(self) -> bool:
+        return self.negotiation.protocol_negotiated
 
     def _check_allowed(self, msg: Message) -> None:
-        rule = msg.rule
-        if rule.feature is not None and not (
-            self.protocol_negotiated and self.acked_protocol_features & rule.feature
-        ):
-            raise FeatureNotNegotiated(
-                f"{msg.request.name} needs protocol feature {rule.feature.name}, not negotiated"
-            )
-        if rule.needs_protocol_features:
-            if msg.request is _R.SET_VRING_ENABLE:
-                ok = self.protocol_negotiated or bool(
-                    self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES
-                )
-            else:
-                ok = bool(self._offered_features() & VHOST_USER_F_PROTOCOL_FEATURES)
-            if not ok:
-                raise FeatureNotNegotiated(
-                    f"{msg.request.name} needs VHOST_USER_F_PROTOCOL_FEATURES"
-                )
+        if msg.rule.protocol_bit is ProtocolBitRule.OFFERED:
+            # The back-end's offer is whatever its handler offers, asked when it matters.
+            self.negotiation.features_offered(self.handler.get_features())
+        self.negotiation.may_accept(msg.request)
 
     # -- serving --
 
@@ -337,7 +331,7 @@ class BackendReqServer:
             msg.close_fds()
             raise ProtocolError(f"front-end sent a reply ({msg.request.name}) as a request")
         self.handled += 1
-        rule = msg.rule
+        owed = self.negotiation.reply_owed(msg.request, need_reply=msg.need_reply)
         try:
             self._check_allowed(msg)
             reply_payload, reply_fds = self._dispatch(msg)
@@ -347,36 +341,33 @@ class BackendReqServer:
             log.warning("%s failed: %s", msg.request.name, exc)
             if r := _STATUS_REPLIES.get(msg.request):
                 self.conn.send(msg.reply(U64(r(_errno_of(exc)))))
-            elif rule.reply is ReplyRule.ALWAYS:
+            elif owed is ReplyKind.PAYLOAD:
                 self.conn.send(msg.reply(Empty()))
-            elif msg.need_reply or (rule.reply is ReplyRule.LOG_SHMFD):
+            elif owed is ReplyKind.ACK:
                 self.conn.send(msg.reply(U64(_errno_of(exc))))
             return msg
         except BaseException:
             msg.close_fds()
             raise
         try:
-            if rule.reply is ReplyRule.ALWAYS:
+            if owed is ReplyKind.PAYLOAD:
                 assert reply_payload is not None
                 self.conn.send(msg.reply(reply_payload, reply_fds))
-            elif msg.need_reply or rule.reply is ReplyRule.LOG_SHMFD:
+            elif owed is ReplyKind.ACK:
                 self.conn.send(msg.reply(U64(0)))
         finally:
             # Sent fds were duplicated into the peer by the kernel; ours are closed.
             close_fds(reply_fds)
         if msg.request is _R.SET_PROTOCOL_FEATURES:
-            self._check_inband()
+            self._check_consistent()
         return msg
 
-    def _check_inband(self) -> None:
-        need = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-        if (
-            self.acked_protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS
-            and self.acked_protocol_features & need != need
-        ):
-            # The spec: the only way to signal this is to close the connection.
-            self.conn.close()
-            raise ProtocolError("INBAND_NOTIFICATIONS negotiated without BACKEND_REQ and REPLY_ACK")
+    def _check_consistent(self) -> None:
+        try:
+            self.negotiation.check_consistent()
+        except ProtocolError:
+            self.conn.close()  # the spec: the only way to signal this is to close the connection
+            raise
 
     def _dispatch(self, msg: Message) -> tuple[Payload | None, tuple[int, ...]]:
         h = self.handler
@@ -385,11 +376,13 @@ class BackendReqServer:
         r = msg.request
         match r:
             case _R.GET_FEATURES:
-                return U64(h.get_features()), ()
+                offered = h.get_features()
+                self.negotiation.features_offered(offered)
+                return U64(offered), ()
             case _R.SET_FEATURES:
                 assert isinstance(p, U64)
                 h.set_features(p.value)
-                self.acked_features = p.value
+                self.negotiation.features_acked(p.value)
             case _R.SET_OWNER:
                 h.set_owner()
             case _R.RESET_OWNER:
@@ -427,17 +420,14 @@ class BackendReqServer:
                 }[r]
                 setter(index, fd)
             case _R.GET_PROTOCOL_FEATURES:
-                return U64(h.get_protocol_features()), ()
+                offered = h.get_protocol_features()
+                self.negotiation.protocol_features_offered(offered)
+                return U64(offered), ()
             case _R.SET_PROTOCOL_FEATURES:
                 assert isinstance(p, U64)
-                offered = h.get_protocol_features()
-                if p.value & ~offered:
-                    raise FeatureNotNegotiated(
-                        f"protocol features {p.value & ~offered:#x} were not offered"
-                    )
-                self.acked_protocol_features = ProtocolFeature(p.value)
-                self.protocol_negotiated = True
-                h.set_protocol_features(self.acked_protocol_features)
+                self.negotiation.protocol_features_offered(h.get_protocol_features())
+                self.negotiation.check_protocol_features_ack(p.value)
+                h.set_protocol_features(self.negotiation.protocol_features_acked(p.value))
             case _R.GET_QUEUE_NUM:
                 return U64(h.get_queue_num()), ()
             case _R.SET_VRING_ENABLE:

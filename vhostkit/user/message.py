@@ -9,7 +9,11 @@ specification (``docs/interop/vhost-user.rst`` in QEMU):
   :data:`BACKEND_RULES`);
 * how many file descriptors travel with it;
 * whether it always gets a reply, or only with ``NEED_REPLY`` once ``REPLY_ACK`` is negotiated;
-* which protocol feature gates it.
+* which protocol feature gates it, and what it needs of virtio bit 30
+  (``VHOST_USER_F_PROTOCOL_FEATURES``).
+
+The rules are data; :class:`vhostkit.user.negotiation.Negotiation` applies them to the state of
+one connection.
 
 Older texts call the front-end "master" and the back-end "slave"; the names here follow the
 current specification.
@@ -59,6 +63,7 @@ __all__ = [
     "MemoryTable",
     "MigrationPhase",
     "Payload",
+    "ProtocolBitRule",
     "ProtocolFeature",
     "RawPayload",
     "ReplyRule",
@@ -652,6 +657,17 @@ class ReplyRule(enum.Enum):
     LOG_SHMFD = "log-shmfd"  #: SET_LOG_BASE: a reply when LOG_SHMFD is negotiated
 
 
+class ProtocolBitRule(enum.Enum):
+    """What a request needs of virtio bit 30, ``VHOST_USER_F_PROTOCOL_FEATURES``."""
+
+    NONE = "none"  #: nothing
+    #: the back-end offered bit 30 (GET/SET_PROTOCOL_FEATURES: protocol features exist at all)
+    OFFERED = "offered"
+    #: bit 30 acked, or protocol features negotiated (SET_VRING_ENABLE; the spec allows
+    #: protocol features to be negotiated before SET_FEATURES)
+    ACKED = "acked"
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRule:
     """What the protocol says about one request."""
@@ -662,13 +678,13 @@ class RequestRule:
     reply_payload: type[Payload] = U64
     reply_fds: FdRule = FdRule.NONE
     feature: ProtocolFeature | None = None
-    #: needs VHOST_USER_F_PROTOCOL_FEATURES offered (GET/SET_PROTOCOL_FEATURES) or acked
-    needs_protocol_features: bool = False
+    protocol_bit: ProtocolBitRule = ProtocolBitRule.NONE
 
 
 _F = FrontendReq
 _P = ProtocolFeature
 _A = ReplyRule.ALWAYS
+_OFFERED = ProtocolBitRule.OFFERED
 
 FRONTEND_RULES: dict[FrontendReq, RequestRule] = {
     _F.GET_FEATURES: RequestRule(Empty, reply=_A),
@@ -687,10 +703,10 @@ FRONTEND_RULES: dict[FrontendReq, RequestRule] = {
     _F.SET_VRING_KICK: RequestRule(U64, fds=FdRule.VRING_FLAG),
     _F.SET_VRING_CALL: RequestRule(U64, fds=FdRule.VRING_FLAG),
     _F.SET_VRING_ERR: RequestRule(U64, fds=FdRule.VRING_FLAG),
-    _F.GET_PROTOCOL_FEATURES: RequestRule(Empty, reply=_A, needs_protocol_features=True),
-    _F.SET_PROTOCOL_FEATURES: RequestRule(U64, needs_protocol_features=True),
+    _F.GET_PROTOCOL_FEATURES: RequestRule(Empty, reply=_A, protocol_bit=_OFFERED),
+    _F.SET_PROTOCOL_FEATURES: RequestRule(U64, protocol_bit=_OFFERED),
     _F.GET_QUEUE_NUM: RequestRule(Empty, reply=_A, feature=_P.MQ),
-    _F.SET_VRING_ENABLE: RequestRule(VringStatePayload, needs_protocol_features=True),
+    _F.SET_VRING_ENABLE: RequestRule(VringStatePayload, protocol_bit=ProtocolBitRule.ACKED),
     _F.SEND_RARP: RequestRule(U64, feature=_P.RARP),
     _F.NET_SET_MTU: RequestRule(U64, feature=_P.MTU),
     _F.SET_BACKEND_REQ_FD: RequestRule(Empty, fds=FdRule.ONE, feature=_P.BACKEND_REQ),
