@@ -20,6 +20,7 @@ import uuid
 from vhostkit.errors import (
     Disconnected,
     InvalidOperation,
+    InvalidPayload,
     ProtocolError,
     TransportError,
     Unsupported,
@@ -129,31 +130,26 @@ class FrontendReqServer:
 
     def _dispatch(self, msg: Message) -> tuple[int, ...]:
         h = self.handler
-        p = msg.payload
-        match msg.request:
-            case _B.CONFIG_CHANGE_MSG:
+        # Class patterns narrow the payload to the type the codec decoded for that request.
+        match msg.request, msg.payload:
+            case _B.CONFIG_CHANGE_MSG, _:
                 h.config_change()
-            case _B.VRING_CALL:
-                assert isinstance(p, VringStatePayload)
+            case _B.VRING_CALL, VringStatePayload() as p:
                 h.vring_call(p.index)
-            case _B.VRING_ERR:
-                assert isinstance(p, VringStatePayload)
+            case _B.VRING_ERR, VringStatePayload() as p:
                 h.vring_err(p.index)
-            case _B.VRING_HOST_NOTIFIER_MSG:
-                assert isinstance(p, VringAreaDesc)
-                h.host_notifier(p, msg.fds[0] if msg.fds else None)
-            case _B.IOTLB_MSG:
-                assert isinstance(p, IotlbMsg)
-                h.iotlb_msg(p)
-            case _B.SHARED_OBJECT_ADD:
-                assert isinstance(p, SharedObject)
-                h.shared_object_add(p.uuid)
-            case _B.SHARED_OBJECT_REMOVE:
-                assert isinstance(p, SharedObject)
-                h.shared_object_remove(p.uuid)
-            case _B.SHARED_OBJECT_LOOKUP:
-                assert isinstance(p, SharedObject)
-                return (h.shared_object_lookup(p.uuid),)
+            case _B.VRING_HOST_NOTIFIER_MSG, VringAreaDesc() as area:
+                h.host_notifier(area, msg.fds[0] if msg.fds else None)
+            case _B.IOTLB_MSG, IotlbMsg() as iotlb:
+                h.iotlb_msg(iotlb)
+            case _B.SHARED_OBJECT_ADD, SharedObject() as obj:
+                h.shared_object_add(obj.uuid)
+            case _B.SHARED_OBJECT_REMOVE, SharedObject() as obj:
+                h.shared_object_remove(obj.uuid)
+            case _B.SHARED_OBJECT_LOOKUP, SharedObject() as obj:
+                return (h.shared_object_lookup(obj.uuid),)
+            case request, payload:
+                raise InvalidPayload(f"{request.name} with a {type(payload).__name__} payload")
         return ()
 
     def serve(self) -> None:
