@@ -60,8 +60,8 @@ from vhostkit.user.message import (
     InflightDesc,
     IotlbMsg,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     Payload,
     ProtocolBitRule,
@@ -472,8 +472,8 @@ class BackendReqServer:
 
     # memory and log
 
-    @_route(_R.SET_MEM_TABLE, MemoryTable)
-    def _set_mem_table(self, p: MemoryTable, fds: _Fds) -> None:
+    @_route(_R.SET_MEM_TABLE, MemTablePayload)
+    def _set_mem_table(self, p: MemTablePayload, fds: _Fds) -> None:
         self.handler.set_mem_table(p.regions)  # the codec put each region's fd in it
 
     @_route(_R.SET_LOG_BASE, LogDesc)

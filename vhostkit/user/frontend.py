@@ -51,8 +51,8 @@ from vhostkit.user.message import (
     InflightDesc,
     IotlbMsg,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     Payload,
     ProtocolFeature,
@@ -199,7 +199,7 @@ class Frontend(VhostBackend):
         if len(regions) > MAX_MEM_REGIONS:
             raise InvalidParam(f"{len(regions)} regions, vhost-user takes {MAX_MEM_REGIONS}")
         fds = _region_fds(regions)
-        self._request(_R.SET_MEM_TABLE, MemoryTable(tuple(regions)), fds)
+        self._request(_R.SET_MEM_TABLE, MemTablePayload(tuple(regions)), fds)
 
     def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
         if region is None:

@@ -60,7 +60,7 @@ __all__ = [
     "IotlbType",
     "LogDesc",
     "MemRegionMsg",
-    "MemoryTable",
+    "MemTablePayload",
     "MigrationPhase",
     "Payload",
     "ProtocolBitRule",
@@ -356,10 +356,12 @@ def _pack_region(region: MemoryRegion) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class MemoryTable(Payload):
-    """Memory regions description: up to :data:`MAX_MEM_REGIONS` regions, one fd each.
+class MemTablePayload(Payload):
+    """The SET_MEM_TABLE payload: up to :data:`MAX_MEM_REGIONS` regions, one fd each.
 
-    Decoded regions carry their fd in :attr:`MemoryRegion.fd` (attached by the codec).
+    Decoded regions carry their fd in :attr:`MemoryRegion.fd` (attached by the codec). This is
+    the wire layout only; the table that translates addresses in mapped guest memory is
+    :class:`vhostkit.virtio.memory.MemoryTable`.
     """
 
     regions: tuple[MemoryRegion, ...]
@@ -372,7 +374,7 @@ class MemoryTable(Payload):
             )
 
     @classmethod
-    def unpack(cls, data: bytes) -> MemoryTable:
+    def unpack(cls, data: bytes) -> MemTablePayload:
         if len(data) < cls._H.size:
             raise PayloadSizeError(f"memory table payload is {len(data)} bytes, too short")
         num, _padding = cls._H.unpack_from(data)
@@ -691,7 +693,7 @@ FRONTEND_RULES: dict[FrontendReq, RequestRule] = {
     _F.SET_FEATURES: RequestRule(U64),
     _F.SET_OWNER: RequestRule(Empty),
     _F.RESET_OWNER: RequestRule(Empty),
-    _F.SET_MEM_TABLE: RequestRule(MemoryTable, fds=FdRule.PER_REGION),
+    _F.SET_MEM_TABLE: RequestRule(MemTablePayload, fds=FdRule.PER_REGION),
     _F.SET_LOG_BASE: RequestRule(
         LogDesc, fds=FdRule.ONE, reply=ReplyRule.LOG_SHMFD, feature=_P.LOG_SHMFD
     ),
