@@ -43,8 +43,8 @@ from vhostkit.user.message import (
     IotlbPerm,
     IotlbType,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     ProtocolFeature,
     RawPayload,
@@ -65,7 +65,9 @@ SAMPLES = {
     U64: U64(0x1234_5678_9ABC),
     VringStatePayload: VringStatePayload(1, 256),
     VringAddrPayload: VringAddrPayload(VringAddr(1, 0x1000, 0x3000, 0x2000, 0x4000, 1)),
-    MemoryTable: MemoryTable((REGION, MemoryRegion(0xC0000, 0x1000, 0x7F00000C0000, 0xC0000))),
+    MemTablePayload: MemTablePayload(
+        (REGION, MemoryRegion(0xC0000, 0x1000, 0x7F00000C0000, 0xC0000))
+    ),
     MemRegionMsg: MemRegionMsg(REGION),
     LogDesc: LogDesc(0x2000, 0x100),
     IotlbMsg: IotlbMsg(0x1000, 0x2000, 0x7F00, IotlbPerm.RW, IotlbType.UPDATE),
@@ -117,7 +119,7 @@ def test_every_request_and_reply_round_trips(fd_check, request_, rule, reply) ->
     header = parse_header(data[:12], channel)
     assert header.request is request_ and header.is_reply == reply
     got = decode(header, data[12:], sent_fds)
-    if isinstance(payload, MemoryTable):
+    if isinstance(payload, MemTablePayload):
         assert [r.fd for r in got.payload.regions] == fds
         assert [
             (r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
@@ -140,7 +142,7 @@ def test_wire_layouts_match_the_spec() -> None:
     data, _ = encode(Message(R.SET_VRING_ADDR, SAMPLES[VringAddrPayload]))
     assert data[12:] == struct.pack("<IIQQQQ", 1, 1, 0x1000, 0x3000, 0x2000, 0x4000)
     # memory table: num, padding, then (gpa, size, uaddr, offset) per region
-    data, _ = encode(Message(R.SET_MEM_TABLE, MemoryTable((REGION,)), (5,)))
+    data, _ = encode(Message(R.SET_MEM_TABLE, MemTablePayload((REGION,)), (5,)))
     assert data[12:] == struct.pack("<IIQQQQ", 1, 0, 0, 0xA0000, 0x7F0000000000, 0)
     # single region: 8 bytes of padding first
     data, _ = encode(Message(R.ADD_MEM_REG, MemRegionMsg(REGION), (5,)))
@@ -253,7 +255,7 @@ def test_too_many_regions_is_an_error(fd_check) -> None:
     with pytest.raises(TooManyRegions):
         decode(parse_header(header(R.SET_MEM_TABLE, 1, len(body))), body, fds)
     with pytest.raises(TooManyRegions):
-        MemoryTable(tuple([REGION] * 9))
+        MemTablePayload(tuple([REGION] * 9))
 
 
 @pytest.mark.parametrize(
@@ -264,7 +266,7 @@ def test_too_many_regions_is_an_error(fd_check) -> None:
         (R.SET_LOG_FD, Empty(), 2),
         (R.SET_VRING_KICK, U64(0), 0),  # fd expected: no NOFD flag
         (R.SET_VRING_KICK, U64(VRING_NOFD_MASK), 1),  # NOFD flag but an fd came
-        (R.SET_MEM_TABLE, MemoryTable((REGION, REGION)), 1),  # one fd per region
+        (R.SET_MEM_TABLE, MemTablePayload((REGION, REGION)), 1),  # one fd per region
         (R.GET_FEATURES, Empty(), 9),  # more than any message may carry
     ],
 )

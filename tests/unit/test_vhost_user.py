@@ -40,6 +40,7 @@ from vhostkit.user import (
 )
 from vhostkit.user.codec import Message, encode
 from vhostkit.user.message import (
+    FRONTEND_RULES,
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
     DeviceStateParams,
@@ -47,6 +48,7 @@ from vhostkit.user.message import (
     FrontendReq,
     MigrationPhase,
     ProtocolFeature,
+    ReplyRule,
     SharedObject,
     TransferDirection,
 )
@@ -179,6 +181,17 @@ def test_requests_gated_by_protocol_features_are_refused(peer: Peer) -> None:
     reply = fe.conn.recv(timeout=5)
     assert reply.payload == U64(errno.EOPNOTSUPP)
     assert isinstance(peer.listener.servers[0].last_error, FeatureNotNegotiated)
+
+
+def test_every_request_is_routed_with_the_payload_the_codec_decodes() -> None:
+    from vhostkit.user.backend_req_handler import _ROUTES
+
+    assert set(_ROUTES) == set(FrontendReq)
+    for request, route in _ROUTES.items():
+        rule = FRONTEND_RULES[request]
+        assert route.payload is rule.payload, request.name
+        if route.failure_status is not None:  # a status word is only where a reply always is
+            assert rule.reply is ReplyRule.ALWAYS and rule.reply_payload is U64, request.name
 
 
 # --- ownership, queues, config --------------------------------------------------------------

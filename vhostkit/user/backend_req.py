@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Sequence
 
 from vhostkit.errors import (
-    FeatureNotNegotiated,
     IncorrectFds,
     InvalidOperation,
     RequestFailed,
@@ -25,20 +24,18 @@ from vhostkit.user.codec import Channel, Message
 from vhostkit.user.connection import Connection
 from vhostkit.user.message import (
     U64,
-    VHOST_USER_VERSION,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     BackendReq,
     Empty,
-    HeaderFlags,
     IotlbMsg,
     Payload,
     ProtocolFeature,
-    ReplyRule,
     SharedObject,
     VringAreaDesc,
     VringStatePayload,
 )
+from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 
 __all__ = ["BackendChannel"]
 
@@ -58,36 +55,35 @@ class BackendChannel:
         if conn.channel is not Channel.BACKEND:
             raise InvalidOperation("BackendChannel needs a BACKEND-channel connection")
         self.conn = conn
-        self.protocol_features = ProtocolFeature(protocol_features)
+        #: the protocol features the main channel settled, and what they allow here
+        self.negotiation = Negotiation.settled(Role.BACKEND, protocol_features)
         self.reply_timeout = reply_timeout
         self._lock = threading.Lock()
 
-    def _has(self, feature: ProtocolFeature) -> bool:
-        return bool(self.protocol_features & feature)
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        """The protocol features this channel runs with."""
+        return self.negotiation.acked_protocol_features
+
+    @protocol_features.setter
+    def protocol_features(self, features: int) -> None:
+        self.negotiation = Negotiation.settled(Role.BACKEND, features)
 
     def _request(
         self, request: BackendReq, payload: Payload | None = None, fds: Sequence[int] = ()
     ) -> Message | None:
-        rule = Message(request).rule
-        if rule.feature is not None and not self._has(rule.feature):
-            raise FeatureNotNegotiated(f"{request.name} needs {rule.feature.name}")
-        if fds and not self._has(ProtocolFeature.BACKEND_SEND_FD):
-            raise FeatureNotNegotiated(f"{request.name} with an fd needs BACKEND_SEND_FD")
-        flags = VHOST_USER_VERSION
-        always = rule.reply is ReplyRule.ALWAYS
-        ack = not always and self._has(ProtocolFeature.REPLY_ACK)
-        if ack:
-            flags |= HeaderFlags.NEED_REPLY
-        msg = Message(request, Empty() if payload is None else payload, tuple(fds), flags)
+        exchange = self.negotiation.may_send(request, carries_fds=bool(fds))
+        payload = Empty() if payload is None else payload
+        msg = Message(request, payload, tuple(fds), exchange.flags)
         with self._lock:
             self.conn.send(msg)
-            if not (ack or always):
+            if exchange.reply is ReplyKind.NONE:
                 return None
             reply = self.conn.recv(timeout=self.reply_timeout)
         if not reply.is_reply or reply.request != request:
             reply.close_fds()
             raise UnexpectedReply(f"sent {request.name}, got {reply.request.name}")
-        if ack:
+        if exchange.reply is ReplyKind.ACK:
             reply.close_fds()
             status = reply.payload.value if isinstance(reply.payload, U64) else None
             if status != 0:

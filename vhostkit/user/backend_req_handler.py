@@ -17,6 +17,11 @@ Two pieces:
   - without ``NEED_REPLY`` a failure cannot be reported on the wire: it is logged, and the
     error is kept in :attr:`BackendReqServer.last_error`.
 
+Each request's handling is one small method of :class:`BackendReqServer`, registered for its
+request number with the payload type the codec decodes it to (``@_route``); the server checks
+the request against its :class:`~vhostkit.user.negotiation.Negotiation`, looks up the route and
+calls it with the payload already typed.
+
 Fds that arrive with a request are handed to the handler. If the handler method returns, they
 are the handler's; if it raises, the server closes them (a handler must not keep an fd from a
 call that fails).
@@ -29,12 +34,14 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from vhostkit.errors import (
     Disconnected,
-    FeatureNotNegotiated,
+    IncorrectFds,
     InvalidOperation,
+    InvalidPayload,
     ProtocolError,
     Unsupported,
     VhostError,
@@ -44,7 +51,6 @@ from vhostkit.user.codec import Channel, Message, close_fds
 from vhostkit.user.connection import Connection
 from vhostkit.user.message import (
     U64,
-    VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     ConfigPayload,
@@ -54,18 +60,19 @@ from vhostkit.user.message import (
     InflightDesc,
     IotlbMsg,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     Payload,
+    ProtocolBitRule,
     ProtocolFeature,
     RawPayload,
-    ReplyRule,
     SharedObject,
     TransferDirection,
     VringAddrPayload,
     VringStatePayload,
 )
+from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 
 __all__ = ["BackendHandler", "BackendReqServer", "InflightArea"]
 
@@ -238,12 +245,66 @@ class BackendHandler:
         """The front-end went away; release per-connection resources."""
 
 
-#: Requests whose reply is a status word: a failure is that word, not an empty reply.
-_STATUS_REPLIES: dict[FrontendReq, Callable[[int], int]] = {
-    _R.CHECK_DEVICE_STATE: lambda err: err,
-    _R.SET_DEVICE_STATE_FD: lambda err: (err & 0xFF or 1) | VRING_NOFD_MASK,
-    _R.GET_SHARED_OBJECT: lambda err: err,
-}
+_Fds = tuple[int, ...]
+#: What a request's handling returns: the reply payload and the fds to send with it, or
+#: ``None`` for a request that is only ever acknowledged (status 0, when an ack is owed).
+_Answer = tuple[Payload, _Fds] | None
+_P = TypeVar("_P", bound=Payload)
+_Handling: TypeAlias = Callable[["BackendReqServer", _P, _Fds], _Answer]
+
+
+@dataclass(frozen=True, slots=True)
+class _Route(Generic[_P]):
+    """How the server handles one request: its payload type, and the method that handles it."""
+
+    payload: type[_P]
+    handling: _Handling[_P]
+    #: for requests whose reply is a status word: the word that reports a failure with this
+    #: errno (instead of the usual empty reply)
+    failure_status: Callable[[int], int] | None = None
+
+    def __call__(self, server: BackendReqServer, msg: Message) -> _Answer:
+        payload = msg.payload
+        if not isinstance(payload, self.payload):  # the codec decodes with the same rules
+            raise InvalidPayload(f"{msg.request.name} with a {type(payload).__name__} payload")
+        return self.handling(server, payload, msg.fds)
+
+
+#: Every front-end request, and how :class:`BackendReqServer` handles it (filled by @_route).
+_ROUTES: dict[FrontendReq, _Route[Any]] = {}
+
+
+def _route(
+    request: FrontendReq,
+    payload: type[_P],
+    *,
+    failure_status: Callable[[int], int] | None = None,
+) -> Callable[[_Handling[_P]], _Handling[_P]]:
+    """Make the decorated :class:`BackendReqServer` method the handling of ``request``."""
+
+    def register(handling: _Handling[_P]) -> _Handling[_P]:
+        assert request not in _ROUTES, f"{request.name} routed twice"
+        _ROUTES[request] = _Route(payload, handling, failure_status)
+        return handling
+
+    return register
+
+
+def _one_fd(request: FrontendReq, fds: _Fds) -> int:
+    if len(fds) != 1:  # the codec already checked; a hand-built message may not be
+        raise IncorrectFds(f"{request.name} takes one fd, got {len(fds)}")
+    return fds[0]
+
+
+def _optional_fd(fds: _Fds) -> int | None:
+    return fds[0] if fds else None
+
+
+def _vring_index(request: FrontendReq, value: U64) -> int:
+    """The ring index of SET_VRING_KICK/CALL/ERR (bit 8, no fd, is the codec's business)."""
+    if value.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
+        raise ProtocolError(f"{request.name}: reserved bits set in {value.value:#x}")
+    return value.value & VRING_IDX_MASK
 
 
 def _errno_of(exc: BaseException) -> int:
@@ -258,8 +319,9 @@ class BackendReqServer:
     """Serves one front-end connection with a :class:`BackendHandler`.
 
     Call :meth:`handle_request` per message, or :meth:`serve` to loop until the front-end
-    disconnects. Negotiated state lives here: :attr:`acked_features`,
-    :attr:`acked_protocol_features`.
+    disconnects. Negotiated state lives in :attr:`negotiation` (a
+    :class:`~vhostkit.user.negotiation.Negotiation`); :attr:`acked_features`,
+    :attr:`acked_protocol_features` and :attr:`protocol_negotiated` read it.
     """
 
     def __init__(self, conn: Connection, handler: BackendHandler) -> None:
@@ -267,37 +329,31 @@ class BackendReqServer:
             raise InvalidOperation("a back-end serves the main channel")
         self.conn = conn
         self.handler = handler
-        self.acked_features = 0
-        self.acked_protocol_features = ProtocolFeature(0)
-        self.protocol_negotiated = False
+        #: what was offered and acked on this connection, and what that allows
+        self.negotiation = Negotiation(Role.BACKEND)
         self.last_error: VhostError | None = None
         self.handled = 0
         self._stop = threading.Event()
 
-    # -- gating --
+    # -- negotiated state --
 
-    def _offered_features(self) -> int:
-        return self.handler.get_features()
+    @property
+    def acked_features(self) -> int:
+        return self.negotiation.acked_features
+
+    @property
+    def acked_protocol_features(self) -> ProtocolFeature:
+        return self.negotiation.acked_protocol_features
+
+    @property
+    def protocol_negotiated(self) -> bool:
+        return self.negotiation.protocol_negotiated
 
     def _check_allowed(self, msg: Message) -> None:
-        rule = msg.rule
-        if rule.feature is not None and not (
-            self.protocol_negotiated and self.acked_protocol_features & rule.feature
-        ):
-            raise FeatureNotNegotiated(
-                f"{msg.request.name} needs protocol feature {rule.feature.name}, not negotiated"
-            )
-        if rule.needs_protocol_features:
-            if msg.request is _R.SET_VRING_ENABLE:
-                ok = self.protocol_negotiated or bool(
-                    self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES
-                )
-            else:
-                ok = bool(self._offered_features() & VHOST_USER_F_PROTOCOL_FEATURES)
-            if not ok:
-                raise FeatureNotNegotiated(
-                    f"{msg.request.name} needs VHOST_USER_F_PROTOCOL_FEATURES"
-                )
+        if msg.rule.protocol_bit is ProtocolBitRule.OFFERED:
+            # The back-end's offer is whatever its handler offers, asked when it matters.
+            self.negotiation.features_offered(self.handler.get_features())
+        self.negotiation.may_accept(msg.request)
 
     # -- serving --
 
@@ -337,192 +393,255 @@ class BackendReqServer:
             msg.close_fds()
             raise ProtocolError(f"front-end sent a reply ({msg.request.name}) as a request")
         self.handled += 1
-        rule = msg.rule
+        request = msg.request
+        if not isinstance(request, FrontendReq):  # the main channel's parser decodes no other
+            msg.close_fds()
+            raise ProtocolError(f"back-end request {request.name} on the main channel")
+        route = _ROUTES[request]
+        owed = self.negotiation.reply_owed(request, need_reply=msg.need_reply)
         try:
             self._check_allowed(msg)
-            reply_payload, reply_fds = self._dispatch(msg)
+            answer = route(self, msg)
         except VhostError as exc:
             msg.close_fds()
             self.last_error = exc
             log.warning("%s failed: %s", msg.request.name, exc)
-            if r := _STATUS_REPLIES.get(msg.request):
-                self.conn.send(msg.reply(U64(r(_errno_of(exc)))))
-            elif rule.reply is ReplyRule.ALWAYS:
+            if route.failure_status is not None:
+                self.conn.send(msg.reply(U64(route.failure_status(_errno_of(exc)))))
+            elif owed is ReplyKind.PAYLOAD:
                 self.conn.send(msg.reply(Empty()))
-            elif msg.need_reply or (rule.reply is ReplyRule.LOG_SHMFD):
+            elif owed is ReplyKind.ACK:
                 self.conn.send(msg.reply(U64(_errno_of(exc))))
             return msg
         except BaseException:
             msg.close_fds()
             raise
+        reply_payload, reply_fds = answer if answer is not None else (U64(0), ())
         try:
-            if rule.reply is ReplyRule.ALWAYS:
-                assert reply_payload is not None
+            if owed is ReplyKind.PAYLOAD:
                 self.conn.send(msg.reply(reply_payload, reply_fds))
-            elif msg.need_reply or rule.reply is ReplyRule.LOG_SHMFD:
+            elif owed is ReplyKind.ACK:
                 self.conn.send(msg.reply(U64(0)))
         finally:
             # Sent fds were duplicated into the peer by the kernel; ours are closed.
             close_fds(reply_fds)
         if msg.request is _R.SET_PROTOCOL_FEATURES:
-            self._check_inband()
+            self._check_consistent()
         return msg
 
-    def _check_inband(self) -> None:
-        need = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-        if (
-            self.acked_protocol_features & ProtocolFeature.INBAND_NOTIFICATIONS
-            and self.acked_protocol_features & need != need
-        ):
-            # The spec: the only way to signal this is to close the connection.
-            self.conn.close()
-            raise ProtocolError("INBAND_NOTIFICATIONS negotiated without BACKEND_REQ and REPLY_ACK")
+    def _check_consistent(self) -> None:
+        try:
+            self.negotiation.check_consistent()
+        except ProtocolError:
+            self.conn.close()  # the spec: the only way to signal this is to close the connection
+            raise
 
-    def _dispatch(self, msg: Message) -> tuple[Payload | None, tuple[int, ...]]:
-        h = self.handler
-        p = msg.payload
-        fd = msg.fds[0] if msg.fds else None
-        r = msg.request
-        match r:
-            case _R.GET_FEATURES:
-                return U64(h.get_features()), ()
-            case _R.SET_FEATURES:
-                assert isinstance(p, U64)
-                h.set_features(p.value)
-                self.acked_features = p.value
-            case _R.SET_OWNER:
-                h.set_owner()
-            case _R.RESET_OWNER:
-                h.reset_owner()
-            case _R.SET_MEM_TABLE:
-                assert isinstance(p, MemoryTable)
-                h.set_mem_table(p.regions)
-            case _R.SET_LOG_BASE:
-                assert isinstance(p, LogDesc) and fd is not None
-                h.set_log_base(p, fd)
-            case _R.SET_LOG_FD:
-                assert fd is not None
-                h.set_log_fd(fd)
-            case _R.SET_VRING_NUM:
-                assert isinstance(p, VringStatePayload)
-                h.set_vring_num(p.index, p.num)
-            case _R.SET_VRING_ADDR:
-                assert isinstance(p, VringAddrPayload)
-                h.set_vring_addr(p.addr)
-            case _R.SET_VRING_BASE:
-                assert isinstance(p, VringStatePayload)
-                h.set_vring_base(p.index, p.num)
-            case _R.GET_VRING_BASE:
-                assert isinstance(p, VringStatePayload)
-                return VringStatePayload(p.index, h.get_vring_base(p.index)), ()
-            case _R.SET_VRING_KICK | _R.SET_VRING_CALL | _R.SET_VRING_ERR:
-                assert isinstance(p, U64)
-                if p.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
-                    raise ProtocolError(f"{r.name}: reserved bits set in {p.value:#x}")
-                index = p.value & VRING_IDX_MASK
-                setter = {
-                    _R.SET_VRING_KICK: h.set_vring_kick,
-                    _R.SET_VRING_CALL: h.set_vring_call,
-                    _R.SET_VRING_ERR: h.set_vring_err,
-                }[r]
-                setter(index, fd)
-            case _R.GET_PROTOCOL_FEATURES:
-                return U64(h.get_protocol_features()), ()
-            case _R.SET_PROTOCOL_FEATURES:
-                assert isinstance(p, U64)
-                offered = h.get_protocol_features()
-                if p.value & ~offered:
-                    raise FeatureNotNegotiated(
-                        f"protocol features {p.value & ~offered:#x} were not offered"
-                    )
-                self.acked_protocol_features = ProtocolFeature(p.value)
-                self.protocol_negotiated = True
-                h.set_protocol_features(self.acked_protocol_features)
-            case _R.GET_QUEUE_NUM:
-                return U64(h.get_queue_num()), ()
-            case _R.SET_VRING_ENABLE:
-                assert isinstance(p, VringStatePayload)
-                if p.num > 1:
-                    raise ProtocolError(f"SET_VRING_ENABLE with num={p.num}")
-                h.set_vring_enable(p.index, bool(p.num))
-            case _R.SEND_RARP:
-                assert isinstance(p, U64)
-                h.send_rarp(p.value.to_bytes(8, "little")[:6])
-            case _R.NET_SET_MTU:
-                assert isinstance(p, U64)
-                h.net_set_mtu(p.value)
-            case _R.SET_BACKEND_REQ_FD:
-                assert fd is not None
-                h.set_backend_req_fd(Connection.from_fd(fd, Channel.BACKEND))
-            case _R.IOTLB_MSG:
-                assert isinstance(p, IotlbMsg)
-                h.iotlb_msg(p)
-            case _R.SET_VRING_ENDIAN:
-                assert isinstance(p, VringStatePayload)
-                h.set_vring_endian(p.index, bool(p.num))
-            case _R.GET_CONFIG:
-                assert isinstance(p, ConfigPayload)
-                data = h.get_config(p.offset, p.size, p.flags)
-                if len(data) != p.size:
-                    raise InvalidOperation(
-                        f"GET_CONFIG: handler returned {len(data)} bytes for {p.size}"
-                    )
-                return ConfigPayload(p.offset, p.flags, bytes(data)), ()
-            case _R.SET_CONFIG:
-                assert isinstance(p, ConfigPayload)
-                h.set_config(p.offset, p.data, p.flags)
-            case _R.CREATE_CRYPTO_SESSION:
-                assert isinstance(p, RawPayload)
-                return RawPayload(h.create_crypto_session(p.data)), ()
-            case _R.CLOSE_CRYPTO_SESSION:
-                assert isinstance(p, U64)
-                h.close_crypto_session(p.value)
-            case _R.POSTCOPY_ADVISE:
-                return Empty(), (h.postcopy_advise(),)
-            case _R.POSTCOPY_LISTEN:
-                h.postcopy_listen()
-            case _R.POSTCOPY_END:
-                h.postcopy_end()
-            case _R.GET_INFLIGHT_FD:
-                assert isinstance(p, InflightDesc)
-                area = h.get_inflight_fd(p.num_queues, p.queue_size)
-                desc = InflightDesc(area.mmap_size, area.mmap_offset, p.num_queues, p.queue_size)
-                return desc, (area.fd,)
-            case _R.SET_INFLIGHT_FD:
-                assert isinstance(p, InflightDesc) and fd is not None
-                h.set_inflight_fd(p, fd)
-            case _R.GPU_SET_SOCKET:
-                assert fd is not None
-                h.gpu_set_socket(fd)
-            case _R.RESET_DEVICE:
-                h.reset_device()
-            case _R.VRING_KICK:
-                assert isinstance(p, VringStatePayload)
-                h.vring_kick(p.index)
-            case _R.GET_MAX_MEM_SLOTS:
-                return U64(h.get_max_mem_slots()), ()
-            case _R.ADD_MEM_REG:
-                assert isinstance(p, MemRegionMsg) and fd is not None
-                h.add_mem_region(replace(p.region, fd=fd))
-            case _R.REM_MEM_REG:
-                assert isinstance(p, MemRegionMsg)
-                h.remove_mem_region(p.region)
-            case _R.SET_STATUS:
-                assert isinstance(p, U64)
-                h.set_status(p.value)
-            case _R.GET_STATUS:
-                return U64(h.get_status()), ()
-            case _R.GET_SHARED_OBJECT:
-                assert isinstance(p, SharedObject)
-                got = h.get_shared_object(p.uuid)
-                return (U64(0), (got,)) if got is not None else (U64(1), ())
-            case _R.SET_DEVICE_STATE_FD:
-                assert isinstance(p, DeviceStateParams) and fd is not None
-                theirs = h.set_device_state_fd(p.direction, p.phase, fd)
-                if theirs is None:
-                    return U64(VRING_NOFD_MASK), ()
-                return U64(0), (theirs,)
-            case _R.CHECK_DEVICE_STATE:
-                h.check_device_state()
-                return U64(0), ()
-        return None, ()
+    # -- the handling of each request (see _route) --
+
+    @_route(_R.GET_FEATURES, Empty)
+    def _get_features(self, _: Empty, fds: _Fds) -> _Answer:
+        offered = self.handler.get_features()
+        self.negotiation.features_offered(offered)
+        return U64(offered), ()
+
+    @_route(_R.SET_FEATURES, U64)
+    def _set_features(self, p: U64, fds: _Fds) -> None:
+        self.handler.set_features(p.value)
+        self.negotiation.features_acked(p.value)
+
+    @_route(_R.SET_OWNER, Empty)
+    def _set_owner(self, _: Empty, fds: _Fds) -> None:
+        self.handler.set_owner()
+
+    @_route(_R.RESET_OWNER, Empty)
+    def _reset_owner(self, _: Empty, fds: _Fds) -> None:
+        self.handler.reset_owner()
+
+    @_route(_R.GET_PROTOCOL_FEATURES, Empty)
+    def _get_protocol_features(self, _: Empty, fds: _Fds) -> _Answer:
+        offered = self.handler.get_protocol_features()
+        self.negotiation.protocol_features_offered(offered)
+        return U64(offered), ()
+
+    @_route(_R.SET_PROTOCOL_FEATURES, U64)
+    def _set_protocol_features(self, p: U64, fds: _Fds) -> None:
+        # The offer is what the handler offers now (a front-end may skip the GET).
+        self.negotiation.protocol_features_offered(self.handler.get_protocol_features())
+        self.negotiation.check_protocol_features_ack(p.value)
+        self.handler.set_protocol_features(self.negotiation.protocol_features_acked(p.value))
+
+    # memory and log
+
+    @_route(_R.SET_MEM_TABLE, MemTablePayload)
+    def _set_mem_table(self, p: MemTablePayload, fds: _Fds) -> None:
+        self.handler.set_mem_table(p.regions)  # the codec put each region's fd in it
+
+    @_route(_R.SET_LOG_BASE, LogDesc)
+    def _set_log_base(self, p: LogDesc, fds: _Fds) -> None:
+        self.handler.set_log_base(p, _one_fd(_R.SET_LOG_BASE, fds))
+
+    @_route(_R.SET_LOG_FD, Empty)
+    def _set_log_fd(self, _: Empty, fds: _Fds) -> None:
+        self.handler.set_log_fd(_one_fd(_R.SET_LOG_FD, fds))
+
+    @_route(_R.GET_MAX_MEM_SLOTS, Empty)
+    def _get_max_mem_slots(self, _: Empty, fds: _Fds) -> _Answer:
+        return U64(self.handler.get_max_mem_slots()), ()
+
+    @_route(_R.ADD_MEM_REG, MemRegionMsg)
+    def _add_mem_reg(self, p: MemRegionMsg, fds: _Fds) -> None:
+        self.handler.add_mem_region(replace(p.region, fd=_one_fd(_R.ADD_MEM_REG, fds)))
+
+    @_route(_R.REM_MEM_REG, MemRegionMsg)
+    def _rem_mem_reg(self, p: MemRegionMsg, fds: _Fds) -> None:
+        self.handler.remove_mem_region(p.region)
+
+    # rings
+
+    @_route(_R.SET_VRING_NUM, VringStatePayload)
+    def _set_vring_num(self, p: VringStatePayload, fds: _Fds) -> None:
+        self.handler.set_vring_num(p.index, p.num)
+
+    @_route(_R.SET_VRING_ADDR, VringAddrPayload)
+    def _set_vring_addr(self, p: VringAddrPayload, fds: _Fds) -> None:
+        self.handler.set_vring_addr(p.addr)
+
+    @_route(_R.SET_VRING_BASE, VringStatePayload)
+    def _set_vring_base(self, p: VringStatePayload, fds: _Fds) -> None:
+        self.handler.set_vring_base(p.index, p.num)
+
+    @_route(_R.GET_VRING_BASE, VringStatePayload)
+    def _get_vring_base(self, p: VringStatePayload, fds: _Fds) -> _Answer:
+        return VringStatePayload(p.index, self.handler.get_vring_base(p.index)), ()
+
+    @_route(_R.SET_VRING_KICK, U64)
+    def _set_vring_kick(self, p: U64, fds: _Fds) -> None:
+        self.handler.set_vring_kick(_vring_index(_R.SET_VRING_KICK, p), _optional_fd(fds))
+
+    @_route(_R.SET_VRING_CALL, U64)
+    def _set_vring_call(self, p: U64, fds: _Fds) -> None:
+        self.handler.set_vring_call(_vring_index(_R.SET_VRING_CALL, p), _optional_fd(fds))
+
+    @_route(_R.SET_VRING_ERR, U64)
+    def _set_vring_err(self, p: U64, fds: _Fds) -> None:
+        self.handler.set_vring_err(_vring_index(_R.SET_VRING_ERR, p), _optional_fd(fds))
+
+    @_route(_R.SET_VRING_ENABLE, VringStatePayload)
+    def _set_vring_enable(self, p: VringStatePayload, fds: _Fds) -> None:
+        if p.num > 1:
+            raise ProtocolError(f"SET_VRING_ENABLE with num={p.num}")
+        self.handler.set_vring_enable(p.index, bool(p.num))
+
+    @_route(_R.SET_VRING_ENDIAN, VringStatePayload)
+    def _set_vring_endian(self, p: VringStatePayload, fds: _Fds) -> None:
+        self.handler.set_vring_endian(p.index, bool(p.num))
+
+    @_route(_R.VRING_KICK, VringStatePayload)
+    def _vring_kick(self, p: VringStatePayload, fds: _Fds) -> None:
+        self.handler.vring_kick(p.index)
+
+    @_route(_R.GET_QUEUE_NUM, Empty)
+    def _get_queue_num(self, _: Empty, fds: _Fds) -> _Answer:
+        return U64(self.handler.get_queue_num()), ()
+
+    # device
+
+    @_route(_R.GET_CONFIG, ConfigPayload)
+    def _get_config(self, p: ConfigPayload, fds: _Fds) -> _Answer:
+        data = self.handler.get_config(p.offset, p.size, p.flags)
+        if len(data) != p.size:
+            raise InvalidOperation(f"GET_CONFIG: handler returned {len(data)} bytes for {p.size}")
+        return ConfigPayload(p.offset, p.flags, bytes(data)), ()
+
+    @_route(_R.SET_CONFIG, ConfigPayload)
+    def _set_config(self, p: ConfigPayload, fds: _Fds) -> None:
+        self.handler.set_config(p.offset, p.data, p.flags)
+
+    @_route(_R.SET_STATUS, U64)
+    def _set_status(self, p: U64, fds: _Fds) -> None:
+        self.handler.set_status(p.value)
+
+    @_route(_R.GET_STATUS, Empty)
+    def _get_status(self, _: Empty, fds: _Fds) -> _Answer:
+        return U64(self.handler.get_status()), ()
+
+    @_route(_R.RESET_DEVICE, Empty)
+    def _reset_device(self, _: Empty, fds: _Fds) -> None:
+        self.handler.reset_device()
+
+    @_route(_R.SEND_RARP, U64)
+    def _send_rarp(self, p: U64, fds: _Fds) -> None:
+        self.handler.send_rarp(p.value.to_bytes(8, "little")[:6])
+
+    @_route(_R.NET_SET_MTU, U64)
+    def _net_set_mtu(self, p: U64, fds: _Fds) -> None:
+        self.handler.net_set_mtu(p.value)
+
+    @_route(_R.IOTLB_MSG, IotlbMsg)
+    def _iotlb_msg(self, p: IotlbMsg, fds: _Fds) -> None:
+        self.handler.iotlb_msg(p)
+
+    @_route(_R.SET_BACKEND_REQ_FD, Empty)
+    def _set_backend_req_fd(self, _: Empty, fds: _Fds) -> None:
+        fd = _one_fd(_R.SET_BACKEND_REQ_FD, fds)
+        self.handler.set_backend_req_fd(Connection.from_fd(fd, Channel.BACKEND))
+
+    @_route(_R.GET_INFLIGHT_FD, InflightDesc)
+    def _get_inflight_fd(self, p: InflightDesc, fds: _Fds) -> _Answer:
+        area = self.handler.get_inflight_fd(p.num_queues, p.queue_size)
+        return InflightDesc(area.mmap_size, area.mmap_offset, p.num_queues, p.queue_size), (
+            area.fd,
+        )
+
+    @_route(_R.SET_INFLIGHT_FD, InflightDesc)
+    def _set_inflight_fd(self, p: InflightDesc, fds: _Fds) -> None:
+        self.handler.set_inflight_fd(p, _one_fd(_R.SET_INFLIGHT_FD, fds))
+
+    @_route(_R.GPU_SET_SOCKET, Empty)
+    def _gpu_set_socket(self, _: Empty, fds: _Fds) -> None:
+        self.handler.gpu_set_socket(_one_fd(_R.GPU_SET_SOCKET, fds))
+
+    @_route(_R.CREATE_CRYPTO_SESSION, RawPayload)
+    def _create_crypto_session(self, p: RawPayload, fds: _Fds) -> _Answer:
+        return RawPayload(self.handler.create_crypto_session(p.data)), ()
+
+    @_route(_R.CLOSE_CRYPTO_SESSION, U64)
+    def _close_crypto_session(self, p: U64, fds: _Fds) -> None:
+        self.handler.close_crypto_session(p.value)
+
+    @_route(_R.POSTCOPY_ADVISE, Empty)
+    def _postcopy_advise(self, _: Empty, fds: _Fds) -> _Answer:
+        return Empty(), (self.handler.postcopy_advise(),)
+
+    @_route(_R.POSTCOPY_LISTEN, Empty)
+    def _postcopy_listen(self, _: Empty, fds: _Fds) -> None:
+        self.handler.postcopy_listen()
+
+    @_route(_R.POSTCOPY_END, Empty)
+    def _postcopy_end(self, _: Empty, fds: _Fds) -> None:
+        self.handler.postcopy_end()
+
+    @_route(_R.GET_SHARED_OBJECT, SharedObject, failure_status=lambda err: err)
+    def _get_shared_object(self, p: SharedObject, fds: _Fds) -> _Answer:
+        got = self.handler.get_shared_object(p.uuid)
+        return (U64(0), (got,)) if got is not None else (U64(1), ())
+
+    @_route(
+        _R.SET_DEVICE_STATE_FD,
+        DeviceStateParams,
+        failure_status=lambda err: (err & 0xFF or 1) | VRING_NOFD_MASK,
+    )
+    def _set_device_state_fd(self, p: DeviceStateParams, fds: _Fds) -> _Answer:
+        fd = _one_fd(_R.SET_DEVICE_STATE_FD, fds)
+        theirs = self.handler.set_device_state_fd(p.direction, p.phase, fd)
+        if theirs is None:
+            return U64(VRING_NOFD_MASK), ()
+        return U64(0), (theirs,)
+
+    @_route(_R.CHECK_DEVICE_STATE, Empty, failure_status=lambda err: err)
+    def _check_device_state(self, _: Empty, fds: _Fds) -> _Answer:
+        self.handler.check_device_state()
+        return U64(0), ()
+
+
+assert set(_ROUTES) == set(FrontendReq), set(FrontendReq) - set(_ROUTES)

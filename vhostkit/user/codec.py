@@ -43,7 +43,7 @@ from vhostkit.user.message import (
     FdRule,
     FrontendReq,
     HeaderFlags,
-    MemoryTable,
+    MemTablePayload,
     Payload,
     RequestRule,
     VringAreaDesc,
@@ -158,7 +158,7 @@ def _fd_bounds(rule: FdRule, payload: Payload) -> tuple[int, int]:
         case FdRule.OPTIONAL | FdRule.IGNORED:
             return 0, 1
         case FdRule.PER_REGION:
-            assert isinstance(payload, MemoryTable)
+            assert isinstance(payload, MemTablePayload)
             n = len(payload.regions)
             return n, n
         case FdRule.VRING_FLAG:
@@ -252,8 +252,8 @@ def decode(header: Header, payload: bytes | memoryview, fds: Sequence[int] = ())
         elif not lo <= len(kept) <= hi:
             want = str(lo) if lo == hi else f"{lo}..{hi}"
             raise IncorrectFds(f"{header.request.name} takes {want} fds, got {len(kept)}")
-        if isinstance(body, MemoryTable):
-            body = MemoryTable(
+        if isinstance(body, MemTablePayload):
+            body = MemTablePayload(
                 tuple(_with_fd(r, fd) for r, fd in zip(body.regions, kept, strict=True))
             )
         return Message(header.request, body, kept, header.flags)

@@ -7,6 +7,8 @@ plus every vhost-user-only request. It
   (:class:`FeatureNotNegotiated`), so a misuse never reaches the peer;
 * sets ``NEED_REPLY`` on requests that do not otherwise reply once ``REPLY_ACK`` is negotiated,
   and turns a non-zero ack into :class:`RequestFailed`;
+* (both of the above are answered by its :attr:`Frontend.negotiation`, a
+  :class:`~vhostkit.user.negotiation.Negotiation` that records what was offered and acked);
 * checks that every reply answers the request that was sent (:class:`UnexpectedReply`);
 * serialises each request/reply exchange under a lock, so it is safe to call from several
   threads.
@@ -27,7 +29,6 @@ from dataclasses import dataclass
 
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import (
-    FeatureNotNegotiated,
     IncorrectFds,
     InvalidOperation,
     InvalidParam,
@@ -41,29 +42,27 @@ from vhostkit.user.message import (
     MAX_MEM_REGIONS,
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
-    VHOST_USER_VERSION,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     ConfigPayload,
     DeviceStateParams,
     Empty,
     FrontendReq,
-    HeaderFlags,
     InflightDesc,
     IotlbMsg,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     Payload,
     ProtocolFeature,
     RawPayload,
-    ReplyRule,
     SharedObject,
     TransferDirection,
     VringAddrPayload,
     VringStatePayload,
 )
+from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 
 __all__ = ["Frontend", "InflightRegion"]
 
@@ -97,11 +96,8 @@ class Frontend(VhostBackend):
         self.conn = conn
         self.reply_timeout = reply_timeout
         self._lock = threading.RLock()
-        self._offered_features: int | None = None
-        self._acked_features = 0
-        self._offered_protocol: int | None = None
-        self._acked_protocol = ProtocolFeature(0)
-        self._protocol_negotiated = False
+        #: what was offered and acked on this connection, and what that allows
+        self.negotiation = Negotiation(Role.FRONTEND)
         self._closed = False
 
     # -- construction --
@@ -121,38 +117,16 @@ class Frontend(VhostBackend):
 
     @property
     def acked_features(self) -> int:
-        return self._acked_features
+        return self.negotiation.acked_features
 
     @property
     def acked_protocol_features(self) -> ProtocolFeature:
-        return self._acked_protocol
+        return self.negotiation.acked_protocol_features
 
     def has_protocol_feature(self, feature: ProtocolFeature) -> bool:
-        return bool(self._acked_protocol & feature) and self._protocol_negotiated
+        return self.negotiation.has(feature)
 
     # -- the exchange --
-
-    def _check_allowed(self, request: FrontendReq) -> None:
-        if self._closed:
-            raise InvalidOperation("the front-end is closed")
-        rule = Message(request).rule
-        if rule.feature is not None and not self.has_protocol_feature(rule.feature):
-            raise FeatureNotNegotiated(
-                f"{request.name} needs protocol feature {rule.feature.name}, not negotiated"
-            )
-        if rule.needs_protocol_features:
-            if request is _R.SET_VRING_ENABLE:
-                ok = self._protocol_negotiated or bool(
-                    self._acked_features & VHOST_USER_F_PROTOCOL_FEATURES
-                )
-            else:
-                ok = self._offered_features is None or bool(
-                    self._offered_features & VHOST_USER_F_PROTOCOL_FEATURES
-                )
-            if not ok:
-                raise FeatureNotNegotiated(
-                    f"{request.name} needs VHOST_USER_F_PROTOCOL_FEATURES (virtio bit 30)"
-                )
 
     def _request(
         self,
@@ -161,24 +135,14 @@ class Frontend(VhostBackend):
         fds: Sequence[int] = (),
     ) -> Message | None:
         """Send a request; return the reply if one is expected (its fds are the caller's)."""
-        self._check_allowed(request)
+        if self._closed:
+            raise InvalidOperation("the front-end is closed")
+        exchange = self.negotiation.may_send(request)
         payload = Empty() if payload is None else payload
-        rule = Message(request).rule
-        flags = VHOST_USER_VERSION
-        expects: str
-        if rule.reply is ReplyRule.ALWAYS:
-            expects = "reply"
-        elif rule.reply is ReplyRule.LOG_SHMFD:
-            expects = "ack"
-        elif self.has_protocol_feature(ProtocolFeature.REPLY_ACK):
-            flags |= HeaderFlags.NEED_REPLY
-            expects = "ack"
-        else:
-            expects = "none"
-        msg = Message(request, payload, tuple(fds), flags)
+        msg = Message(request, payload, tuple(fds), exchange.flags)
         with self._lock:
             self.conn.send(msg)
-            if expects == "none":
+            if exchange.reply is ReplyKind.NONE:
                 return None
             reply = self.conn.recv(timeout=self.reply_timeout)
         if not reply.is_reply or reply.request != request:
@@ -187,7 +151,7 @@ class Frontend(VhostBackend):
                 f"sent {request.name}, got {reply.request.name}"
                 f"{' reply' if reply.is_reply else ' request'}"
             )
-        if expects == "ack":
+        if exchange.reply is ReplyKind.ACK:
             reply.close_fds()
             status = reply.payload.value if isinstance(reply.payload, U64) else None
             if status is None:
@@ -199,7 +163,7 @@ class Frontend(VhostBackend):
                     errno=status if 0 < status < 4096 else None,
                 )
             return None
-        if isinstance(reply.payload, Empty) and rule.reply_payload is not Empty:
+        if isinstance(reply.payload, Empty) and msg.rule.reply_payload is not Empty:
             reply.close_fds()
             raise RequestFailed(f"back-end failed {request.name} (empty reply)", status=-1)
         return reply
@@ -222,20 +186,20 @@ class Frontend(VhostBackend):
         self._request(_R.RESET_OWNER)
 
     def get_features(self) -> int:
-        self._offered_features = self._get_u64(_R.GET_FEATURES)
-        return self._offered_features
+        offered = self._get_u64(_R.GET_FEATURES)
+        self.negotiation.features_offered(offered)
+        return offered
 
     def set_features(self, features: int) -> None:
-        if self._offered_features is not None and features & ~self._offered_features:
-            raise InvalidParam(f"features {features & ~self._offered_features:#x} were not offered")
+        self.negotiation.check_features_ack(features)
         self._u64(_R.SET_FEATURES, features)
-        self._acked_features = features
+        self.negotiation.features_acked(features)
 
     def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
         if len(regions) > MAX_MEM_REGIONS:
             raise InvalidParam(f"{len(regions)} regions, vhost-user takes {MAX_MEM_REGIONS}")
         fds = _region_fds(regions)
-        self._request(_R.SET_MEM_TABLE, MemoryTable(tuple(regions)), fds)
+        self._request(_R.SET_MEM_TABLE, MemTablePayload(tuple(regions)), fds)
 
     def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
         if region is None:
@@ -283,17 +247,13 @@ class Frontend(VhostBackend):
 
     def get_protocol_features(self) -> ProtocolFeature:
         value = self._get_u64(_R.GET_PROTOCOL_FEATURES)
-        self._offered_protocol = value
+        self.negotiation.protocol_features_offered(value)
         return ProtocolFeature(value)
 
     def set_protocol_features(self, features: int) -> None:
-        if self._offered_protocol is not None and features & ~self._offered_protocol:
-            raise InvalidParam(
-                f"protocol features {features & ~self._offered_protocol:#x} were not offered"
-            )
+        self.negotiation.check_protocol_features_ack(features)
         self._u64(_R.SET_PROTOCOL_FEATURES, features)
-        self._acked_protocol = ProtocolFeature(features)
-        self._protocol_negotiated = True
+        self.negotiation.protocol_features_acked(features)
 
     def negotiate(self, features: int, protocol_features: int = 0) -> tuple[int, ProtocolFeature]:
         """Offer-and-accept in one call: ack what both sides want; return what was acked.

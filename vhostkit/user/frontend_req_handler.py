@@ -19,8 +19,8 @@ import uuid
 
 from vhostkit.errors import (
     Disconnected,
-    FeatureNotNegotiated,
     InvalidOperation,
+    InvalidPayload,
     ProtocolError,
     TransportError,
     Unsupported,
@@ -37,6 +37,7 @@ from vhostkit.user.message import (
     VringAreaDesc,
     VringStatePayload,
 )
+from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 
 __all__ = ["FrontendReqHandler", "FrontendReqServer"]
 
@@ -84,24 +85,31 @@ class FrontendReqServer:
             raise InvalidOperation("FrontendReqServer needs a BACKEND-channel connection")
         self.conn = conn
         self.handler = handler
-        self.protocol_features = ProtocolFeature(protocol_features)
+        #: the protocol features the main channel settled, and what they allow here
+        self.negotiation = Negotiation.settled(Role.FRONTEND, protocol_features)
         self.last_error: VhostError | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        """The protocol features this channel runs with."""
+        return self.negotiation.acked_protocol_features
+
+    @protocol_features.setter
+    def protocol_features(self, features: int) -> None:
+        self.negotiation = Negotiation.settled(Role.FRONTEND, features)
 
     def handle_request(self, timeout: float | None = None) -> Message:
         msg = self.conn.recv(timeout=timeout)
         if msg.is_reply:
             msg.close_fds()
             raise ProtocolError(f"back-end sent a reply ({msg.request.name}) as a request")
-        rule = msg.rule
+        owed = self.negotiation.reply_owed(msg.request, need_reply=msg.need_reply)
         reply_fds: tuple[int, ...] = ()
         status = 0
         try:
-            if rule.feature is not None and not self.protocol_features & rule.feature:
-                raise FeatureNotNegotiated(f"{msg.request.name} needs {rule.feature.name}")
-            if msg.fds and not self.protocol_features & ProtocolFeature.BACKEND_SEND_FD:
-                raise FeatureNotNegotiated(f"{msg.request.name} sent an fd without BACKEND_SEND_FD")
+            self.negotiation.may_accept(msg.request, carries_fds=bool(msg.fds))
             reply_fds = self._dispatch(msg)
         except VhostError as exc:
             msg.close_fds()
@@ -112,9 +120,9 @@ class FrontendReqServer:
             msg.close_fds()
             raise
         try:
-            if msg.request is _B.SHARED_OBJECT_LOOKUP:
+            if owed is ReplyKind.PAYLOAD:  # SHARED_OBJECT_LOOKUP: a status, and the fd
                 self.conn.send(msg.reply(U64(status), reply_fds if not status else ()))
-            elif msg.need_reply:
+            elif owed is ReplyKind.ACK:
                 self.conn.send(msg.reply(U64(status)))
         finally:
             close_fds(reply_fds)
@@ -122,31 +130,26 @@ class FrontendReqServer:
 
     def _dispatch(self, msg: Message) -> tuple[int, ...]:
         h = self.handler
-        p = msg.payload
-        match msg.request:
-            case _B.CONFIG_CHANGE_MSG:
+        # Class patterns narrow the payload to the type the codec decoded for that request.
+        match msg.request, msg.payload:
+            case _B.CONFIG_CHANGE_MSG, _:
                 h.config_change()
-            case _B.VRING_CALL:
-                assert isinstance(p, VringStatePayload)
+            case _B.VRING_CALL, VringStatePayload() as p:
                 h.vring_call(p.index)
-            case _B.VRING_ERR:
-                assert isinstance(p, VringStatePayload)
+            case _B.VRING_ERR, VringStatePayload() as p:
                 h.vring_err(p.index)
-            case _B.VRING_HOST_NOTIFIER_MSG:
-                assert isinstance(p, VringAreaDesc)
-                h.host_notifier(p, msg.fds[0] if msg.fds else None)
-            case _B.IOTLB_MSG:
-                assert isinstance(p, IotlbMsg)
-                h.iotlb_msg(p)
-            case _B.SHARED_OBJECT_ADD:
-                assert isinstance(p, SharedObject)
-                h.shared_object_add(p.uuid)
-            case _B.SHARED_OBJECT_REMOVE:
-                assert isinstance(p, SharedObject)
-                h.shared_object_remove(p.uuid)
-            case _B.SHARED_OBJECT_LOOKUP:
-                assert isinstance(p, SharedObject)
-                return (h.shared_object_lookup(p.uuid),)
+            case _B.VRING_HOST_NOTIFIER_MSG, VringAreaDesc() as area:
+                h.host_notifier(area, msg.fds[0] if msg.fds else None)
+            case _B.IOTLB_MSG, IotlbMsg() as iotlb:
+                h.iotlb_msg(iotlb)
+            case _B.SHARED_OBJECT_ADD, SharedObject() as obj:
+                h.shared_object_add(obj.uuid)
+            case _B.SHARED_OBJECT_REMOVE, SharedObject() as obj:
+                h.shared_object_remove(obj.uuid)
+            case _B.SHARED_OBJECT_LOOKUP, SharedObject() as obj:
+                return (h.shared_object_lookup(obj.uuid),)
+            case request, payload:
+                raise InvalidPayload(f"{request.name} with a {type(payload).__name__} payload")
         return ()
 
     def serve(self) -> None:

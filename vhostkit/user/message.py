@@ -9,7 +9,11 @@ specification (``docs/interop/vhost-user.rst`` in QEMU):
   :data:`BACKEND_RULES`);
 * how many file descriptors travel with it;
 * whether it always gets a reply, or only with ``NEED_REPLY`` once ``REPLY_ACK`` is negotiated;
-* which protocol feature gates it.
+* which protocol feature gates it, and what it needs of virtio bit 30
+  (``VHOST_USER_F_PROTOCOL_FEATURES``).
+
+The rules are data; :class:`vhostkit.user.negotiation.Negotiation` applies them to the state of
+one connection.
 
 Older texts call the front-end "master" and the back-end "slave"; the names here follow the
 current specification.
@@ -56,9 +60,10 @@ __all__ = [
     "IotlbType",
     "LogDesc",
     "MemRegionMsg",
-    "MemoryTable",
+    "MemTablePayload",
     "MigrationPhase",
     "Payload",
+    "ProtocolBitRule",
     "ProtocolFeature",
     "RawPayload",
     "ReplyRule",
@@ -351,10 +356,12 @@ def _pack_region(region: MemoryRegion) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class MemoryTable(Payload):
-    """Memory regions description: up to :data:`MAX_MEM_REGIONS` regions, one fd each.
+class MemTablePayload(Payload):
+    """The SET_MEM_TABLE payload: up to :data:`MAX_MEM_REGIONS` regions, one fd each.
 
-    Decoded regions carry their fd in :attr:`MemoryRegion.fd` (attached by the codec).
+    Decoded regions carry their fd in :attr:`MemoryRegion.fd` (attached by the codec). This is
+    the wire layout only; the table that translates addresses in mapped guest memory is
+    :class:`vhostkit.virtio.memory.MemoryTable`.
     """
 
     regions: tuple[MemoryRegion, ...]
@@ -367,7 +374,7 @@ class MemoryTable(Payload):
             )
 
     @classmethod
-    def unpack(cls, data: bytes) -> MemoryTable:
+    def unpack(cls, data: bytes) -> MemTablePayload:
         if len(data) < cls._H.size:
             raise PayloadSizeError(f"memory table payload is {len(data)} bytes, too short")
         num, _padding = cls._H.unpack_from(data)
@@ -652,6 +659,17 @@ class ReplyRule(enum.Enum):
     LOG_SHMFD = "log-shmfd"  #: SET_LOG_BASE: a reply when LOG_SHMFD is negotiated
 
 
+class ProtocolBitRule(enum.Enum):
+    """What a request needs of virtio bit 30, ``VHOST_USER_F_PROTOCOL_FEATURES``."""
+
+    NONE = "none"  #: nothing
+    #: the back-end offered bit 30 (GET/SET_PROTOCOL_FEATURES: protocol features exist at all)
+    OFFERED = "offered"
+    #: bit 30 acked, or protocol features negotiated (SET_VRING_ENABLE; the spec allows
+    #: protocol features to be negotiated before SET_FEATURES)
+    ACKED = "acked"
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRule:
     """What the protocol says about one request."""
@@ -662,20 +680,20 @@ class RequestRule:
     reply_payload: type[Payload] = U64
     reply_fds: FdRule = FdRule.NONE
     feature: ProtocolFeature | None = None
-    #: needs VHOST_USER_F_PROTOCOL_FEATURES offered (GET/SET_PROTOCOL_FEATURES) or acked
-    needs_protocol_features: bool = False
+    protocol_bit: ProtocolBitRule = ProtocolBitRule.NONE
 
 
 _F = FrontendReq
 _P = ProtocolFeature
 _A = ReplyRule.ALWAYS
+_OFFERED = ProtocolBitRule.OFFERED
 
 FRONTEND_RULES: dict[FrontendReq, RequestRule] = {
     _F.GET_FEATURES: RequestRule(Empty, reply=_A),
     _F.SET_FEATURES: RequestRule(U64),
     _F.SET_OWNER: RequestRule(Empty),
     _F.RESET_OWNER: RequestRule(Empty),
-    _F.SET_MEM_TABLE: RequestRule(MemoryTable, fds=FdRule.PER_REGION),
+    _F.SET_MEM_TABLE: RequestRule(MemTablePayload, fds=FdRule.PER_REGION),
     _F.SET_LOG_BASE: RequestRule(
         LogDesc, fds=FdRule.ONE, reply=ReplyRule.LOG_SHMFD, feature=_P.LOG_SHMFD
     ),
@@ -687,10 +705,10 @@ FRONTEND_RULES: dict[FrontendReq, RequestRule] = {
     _F.SET_VRING_KICK: RequestRule(U64, fds=FdRule.VRING_FLAG),
     _F.SET_VRING_CALL: RequestRule(U64, fds=FdRule.VRING_FLAG),
     _F.SET_VRING_ERR: RequestRule(U64, fds=FdRule.VRING_FLAG),
-    _F.GET_PROTOCOL_FEATURES: RequestRule(Empty, reply=_A, needs_protocol_features=True),
-    _F.SET_PROTOCOL_FEATURES: RequestRule(U64, needs_protocol_features=True),
+    _F.GET_PROTOCOL_FEATURES: RequestRule(Empty, reply=_A, protocol_bit=_OFFERED),
+    _F.SET_PROTOCOL_FEATURES: RequestRule(U64, protocol_bit=_OFFERED),
     _F.GET_QUEUE_NUM: RequestRule(Empty, reply=_A, feature=_P.MQ),
-    _F.SET_VRING_ENABLE: RequestRule(VringStatePayload, needs_protocol_features=True),
+    _F.SET_VRING_ENABLE: RequestRule(VringStatePayload, protocol_bit=ProtocolBitRule.ACKED),
     _F.SEND_RARP: RequestRule(U64, feature=_P.RARP),
     _F.NET_SET_MTU: RequestRule(U64, feature=_P.MTU),
     _F.SET_BACKEND_REQ_FD: RequestRule(Empty, fds=FdRule.ONE, feature=_P.BACKEND_REQ),
