@@ -23,7 +23,7 @@ fi
 echo "setup: installing vhostkit with its test extra"
 python3 -m pip install -q --disable-pip-version-check -e "$root[test]"
 
-if [ -f "$root/vhostkit/testing/kernel_vm.py" ]; then
+if [ -d "$root/vhostkit/testing/kernel_vm" ]; then
     echo "setup: preparing the kernel VM (Debian kernel with vhost_net and vhost_vsock)"
     python3 -m vhostkit.testing.kernel_vm prepare
 fi

@@ -355,7 +355,15 @@ def guest_memory() -> Iterator[GuestMemory]:
         os.close(fd)
 
 
-# --- a split virtqueue written by hand (the team's driver will replace this) ------------------
+# --- a split virtqueue written by hand, on purpose ---------------------------------------------
+#
+# The library's rings and drivers (vhostkit.virtio.split, vhostkit.guest) have their own kernel
+# tests (test_kernel_netdriver.py, test_kernel_vsockdriver.py). The ioctl tests here
+# (test_kernel_net.py, test_kernel_vsock.py, test_kernel_errors.py) instead place individual
+# descriptors by index and read raw used elements, byte by byte with struct, so that what they
+# check about the kernel does not depend on vhostkit's ring code, and a bug there cannot hide
+# or fake a kernel behaviour. SplitDriverQueue manages its own free list and tokens, so it is
+# not a drop-in for that; keep this small.
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2

@@ -5,8 +5,9 @@
   the boot sector from our back-end and runs it. The boot sector (hand-assembled here) writes
   a marker to QEMU's debug console (port 0x402), which is where SeaBIOS logs as well.
 * qemu-storage-daemon as the reference back-end: the same requests through the vhostkit
-  front-end and the same driver (:class:`test_blk.BlkDriver`) against two copies of one image,
-  one served by qemu-storage-daemon and one by vhostkit; what the spec fixes must match.
+  front-end and the same driver (:class:`vhostkit.guest.blk.BlkDriver`) against two copies
+  of one image, one served by qemu-storage-daemon and one by vhostkit; what the spec fixes
+  must match.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from helpers.blk_driver import BlkDriver, pattern
+from helpers.blk_driver import pattern
 
 from vhostkit.devices.blk import (
     ID_BYTES,
@@ -28,6 +29,7 @@ from vhostkit.devices.blk import (
     BlkStatus,
     segment,
 )
+from vhostkit.guest.blk import BlkDriver
 from vhostkit.testing.peers import QemuStorageDaemon, QemuVirtioNet, which_or_skip
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
 from vhostkit.virtio.features import DeviceStatus

@@ -1,7 +1,7 @@
 """The file-backed virtio-blk back-end (:class:`BlkDevice`) over a real vhost-user socket.
 
 The vhostkit :class:`Frontend` plays the VMM and a driver-role split queue in memfd guest
-memory plays the guest's virtio-blk driver (:class:`helpers.blk_driver.BlkDriver`, also used
+memory plays the guest's virtio-blk driver (:class:`vhostkit.guest.blk.BlkDriver`, also used
 against qemu-storage-daemon). Every request goes through the ring and
 the device's worker thread, exactly as a guest's would.
 """
@@ -23,15 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.blk_driver import (
-    DATA_BASE,
-    DRIVER_PROTOCOL,
-    IMAGE_SIZE,
-    QUEUE_SIZE,
-    BlkDriver,
-    pattern,
-    wait_readable,
-)
+from helpers.blk_driver import IMAGE_SIZE, pattern, wait_readable
 
 from vhostkit.devices import blk
 from vhostkit.devices.blk import (
@@ -49,6 +41,7 @@ from vhostkit.devices.blk import (
     segment,
 )
 from vhostkit.errors import RequestFailed
+from vhostkit.guest.blk import DATA_BASE, DRIVER_PROTOCOL, QUEUE_SIZE, BlkDriver
 from vhostkit.user import BackendListener, Frontend, FrontendReqHandler, FrontendReqServer
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature

@@ -7,9 +7,12 @@ real traffic through kernel vhost or a vhost-user back-end without booting a gue
   driver shares (memory, feature negotiation, ring set-up, kicks and interrupts).
 * :mod:`~vhostkit.guest.net`: :class:`VirtioNetDriver`, a virtual NIC.
 * :mod:`~vhostkit.guest.vsock`: a virtio-vsock driver.
+* :mod:`~vhostkit.guest.blk`: :class:`BlkDriver`, a virtio-blk driver over a vhost-user
+  :class:`~vhostkit.user.Frontend` (one request at a time, for tests and labs).
 """
 
+from vhostkit.guest.blk import BlkDriver
 from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.guest.rings import GuestRing, VirtioGuest
 
-__all__ = ["GuestRing", "VirtioGuest", "VirtioNetDriver"]
+__all__ = ["BlkDriver", "GuestRing", "VirtioGuest", "VirtioNetDriver"]
