@@ -189,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="vhostkit front-end drives a vhostkit back-end over a socket")
     sub.add_parser("net-backend", add_help=False, help="tap-backed vhost-user net daemon")
     sub.add_parser("blk-backend", add_help=False, help="file-backed vhost-user blk daemon")
+    from vhostkit.trace import cli as trace_cli
+
+    trace_cli.add_arguments(sub.add_parser("trace", help="trace a vhost-user connection"))
     argv = list(sys.argv[1:] if argv is None else argv)
     # the daemons parse their own options
     for name, module in (("net-backend", "net"), ("blk-backend", "blk")):
@@ -201,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "demo":
         return run_demo()
+    if args.command == "trace":
+        return trace_cli.run(args)
     return 2  # pragma: no cover
 
 
