@@ -579,7 +579,8 @@ class TraceDecoder:
                   if a.flags else None)  # fmt: skip
         elif isinstance(p, MemoryTable):
             total = sum(r.memory_size for r in p.regions)
-            d.add("nregions", len(p.regions), f"{len(p.regions)} regions ({human_size(total)}):")
+            n = len(p.regions)
+            d.add("nregions", n, f"{n} region{'s' if n != 1 else ''} ({human_size(total)}):")
             regions = []
             for i, r in enumerate(p.regions):
                 sub = _Described()
