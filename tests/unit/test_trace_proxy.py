@@ -92,7 +92,7 @@ def recv_exact(conn: socket.socket, n: int) -> tuple[bytes, list[int]]:
     """``n`` bytes (or fewer at EOF) and the fds that came with them."""
     data, fds = b"", []
     while len(data) < n:
-        chunk, anc, _, _ = conn.recvmsg(n - len(data), socket.CMSG_SPACE(16 * 4))
+        chunk, anc, _, _ = conn.recvmsg(n - len(data), socket.CMSG_SPACE(64 * 4))
         for level, kind, raw in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
@@ -401,3 +401,35 @@ def test_max_sessions_ends_serve(fd_check, sock_dir):
         listener.stop()
         device.close()
     assert not (sock_dir / "fe.sock").exists()
+
+
+def test_more_fds_than_the_proxy_takes(fd_check, sock_dir):
+    msg = header(R.SET_LOG_FD, 1, 0)
+    got: list[tuple[bytes, list[int]]] = []
+
+    def record(conn: socket.socket) -> None:
+        got.append(recv_exact(conn, len(msg)))
+        recv_exact(conn, 1)
+
+    fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(40)]
+    try:
+        with (
+            FakeBackend(sock_dir / "be.sock", record) as be,
+            proxy_between(sock_dir / "fe.sock", sock_dir / "be.sock") as (_, log),
+        ):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+                raw.connect(os.fspath(sock_dir / "fe.sock"))
+                raw.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                log.wait_for(lambda rs: any(r.kind is RecordKind.MESSAGE for r in rs))
+            be.thread.join(10)
+        data, relayed = got[0]
+        for fd in relayed:
+            os.close(fd)
+        assert data == msg and len(relayed) == 32
+        (rec,) = log.messages()
+        assert rec.fds == 32 and "32 fds in one message, at most 8" in rec.malformed
+        events = [r.summary for r in log.records if r.kind is RecordKind.EVENT]
+        assert any("more than 32 fds in one message" in e for e in events)
+    finally:
+        for fd in fds:
+            os.close(fd)

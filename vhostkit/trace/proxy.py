@@ -375,7 +375,14 @@ class TraceProxy:
             raise _PeerGone(stream.channel, f"{sender} socket failed: {exc}") from None
         fds = _fds_from_ancillary(anc)
         if flags & socket.MSG_CTRUNC:
-            log.warning("more than %d fds in one read: the kernel dropped some", RELAY_FDS)
+            self._emit(
+                session.decoder.event(
+                    session.now(),
+                    f"the {sender} sent more than {RELAY_FDS} fds in one message: the kernel "
+                    "dropped the rest (the message is forwarded with the fds that arrived)",
+                    channel=stream.channel,
+                )
+            )
         if not data:
             close_fds(fds)
             partial = stream.framer.take_partial()
