@@ -13,8 +13,8 @@ back-end request channel, which the proxy interposes on at ``SET_BACKEND_REQ_FD`
 regions with sizes, ring addresses and states) and, for a reply, the request it answers and the
 round-trip time::
 
-      0.000164 #1    main  F>B GET_FEATURES
-      0.000457 #2    main  B>F GET_FEATURES [REPLY] features 0x140000000 <...> (reply to #1, 0.2 ms)
+      0.003978 #17   main  F>B SET_VRING_NUM [NEED_REPLY] ring 0 num 256
+      0.004140 #18   main  B>F SET_VRING_NUM [REPLY] ok (reply to #17, 0.162 ms)
 
 ``--json`` prints one JSON object per line instead; ``--save FILE`` writes the JSON lines to a
 file, and ``vhostkit trace show FILE [--filter REQ]`` prints them again. Malformed messages are
