@@ -112,10 +112,16 @@ class _Session:
     """One front-end connection and the back-end connection made for it (owns both, and the
     back-end channel's two sockets once interposed)."""
 
-    def __init__(self, number: int, fe: socket.socket, be: socket.socket, device: object) -> None:
+    def __init__(
+        self,
+        number: int,
+        fe: socket.socket,
+        be: socket.socket,
+        device: type[IntFlag] | None,
+    ) -> None:
         self.number = number
         self.t0 = time.monotonic()
-        self.decoder = TraceDecoder(number, device)  # type: ignore[arg-type]
+        self.decoder = TraceDecoder(number, device)
         self.fe = fe
         self.be = be
         self.main = [
