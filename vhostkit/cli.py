@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             description="Scripted VM networking labs (see labs/README.md).",
         )
     )
+    from vhostkit.trace import cli as trace_cli
+
+    trace_cli.add_arguments(sub.add_parser("trace", help="trace a vhost-user connection"))
     argv = list(sys.argv[1:] if argv is None else argv)
     # the daemons parse their own options
     for name, module in (("net-backend", "net"), ("blk-backend", "blk")):
@@ -212,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo()
     if args.command == "lab":
         return lab_cli.run(args)
+    if args.command == "trace":
+        return trace_cli.run(args)
     return 2  # pragma: no cover
 
 
