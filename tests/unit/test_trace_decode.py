@@ -38,8 +38,8 @@ from vhostkit.user.message import (
     IotlbPerm,
     IotlbType,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     MigrationPhase,
     Payload,
     RawPayload,
@@ -63,7 +63,7 @@ SAMPLES: dict[type[Payload], Payload] = {
     U64: U64(3),
     VringStatePayload: VringStatePayload(1, 256),
     VringAddrPayload: VringAddrPayload(VringAddr(1, desc=0x1000, used=0x3000, avail=0x2000)),
-    MemoryTable: MemoryTable((REGION, REGION2)),
+    MemTablePayload: MemTablePayload((REGION, REGION2)),
     MemRegionMsg: MemRegionMsg(REGION),
     LogDesc: LogDesc(0x4000, 0),
     IotlbMsg: IotlbMsg(0x1000, 0x2000, 0x7F00, IotlbPerm.RW, IotlbType.UPDATE),
@@ -78,7 +78,7 @@ SAMPLES: dict[type[Payload], Payload] = {
 
 def nfds_for(rule: FdRule, payload: Payload) -> int:
     if rule is FdRule.PER_REGION:
-        assert isinstance(payload, MemoryTable)
+        assert isinstance(payload, MemTablePayload)
         return len(payload.regions)
     if rule is FdRule.VRING_FLAG:
         return 1
@@ -138,7 +138,7 @@ def test_bring_up_lines_name_features_regions_and_rings():
         (TO_BE, Message(R.GET_FEATURES), 0),
         (TO_FE, Message(R.GET_FEATURES).reply(U64(features)), 0),
         (TO_BE, Message(R.SET_FEATURES, U64(features)), 0),
-        (TO_BE, Message(R.SET_MEM_TABLE, MemoryTable((REGION, REGION2))), 2),
+        (TO_BE, Message(R.SET_MEM_TABLE, MemTablePayload((REGION, REGION2))), 2),
         (TO_BE, Message(R.SET_VRING_NUM, VringStatePayload(0, 256)), 0),
         (TO_BE, Message(R.SET_VRING_BASE, VringStatePayload(0, 0x8005)), 0),
         (TO_BE, Message(R.SET_VRING_ADDR, SAMPLES[VringAddrPayload]), 0),

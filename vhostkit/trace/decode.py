@@ -46,8 +46,8 @@ from vhostkit.user.message import (
     InflightDesc,
     IotlbMsg,
     LogDesc,
-    MemoryTable,
     MemRegionMsg,
+    MemTablePayload,
     Payload,
     ProtocolFeature,
     RawPayload,
@@ -577,7 +577,7 @@ class TraceDecoder:
             d.add("log", a.log, f"log {a.log:#x}" if a.log or a.flags & VHOST_VRING_F_LOG else None)
             d.add("flags", a.flags, ("flags LOG" if a.flags == 1 else f"flags {a.flags:#x}")
                   if a.flags else None)  # fmt: skip
-        elif isinstance(p, MemoryTable):
+        elif isinstance(p, MemTablePayload):
             total = sum(r.memory_size for r in p.regions)
             n = len(p.regions)
             d.add("nregions", n, f"{n} region{'s' if n != 1 else ''} ({human_size(total)}):")
