@@ -249,3 +249,17 @@ def test_sizes() -> None:
     assert parse_size(4096) == 4096
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_the_annotated_example_in_the_labs_readme_is_a_valid_lab() -> None:
+    text = (LABS / "README.md").read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    lab = parse_lab(example, "labs/README.md")
+    assert [s.kind for s in lab.steps] == [
+        StepKind.PING,
+        StepKind.STREAM,
+        StepKind.LINK,
+        StepKind.WAIT,
+        StepKind.LINK,
+        StepKind.STOP,
+    ]
