@@ -344,7 +344,7 @@ class VirtioNetDriver(VirtioGuest):
                 lengths.flags.writeable = False
             lengths = lengths[:k]
         else:
-            flat = memoryview(pool.reshape(-1))
+            flat = pool.reshape(-1).data
             for s, f, ln in zip(slots.tolist(), batch, lens, strict=True):
                 o = s * bs + start
                 flat[o : o + ln] = f

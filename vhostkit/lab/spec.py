@@ -843,6 +843,8 @@ def _check_restart(c: _Checker, at: KeyPath, params: Mapping[str, Any], guest: G
         if disk_index >= len(guest.disks):
             c.issue((*at, "disk"), f"'{guest.name}' has {len(guest.disks)} disk(s)")
         return
+    if nic_index is None:
+        return
     if nic_index >= len(guest.nics):
         c.issue((*at, "nic"), f"'{guest.name}' has {len(guest.nics)} NIC(s)")
     elif guest.nics[nic_index].plane is Plane.KERNEL:

@@ -87,10 +87,10 @@ def resolve_module_order(modules_dep: str, wanted: Sequence[str]) -> list[str]:
         order.append(path)
 
     for name in wanted:
-        path = by_name.get(name.replace("-", "_"))
-        if path is None:
+        found = by_name.get(name.replace("-", "_"))
+        if found is None:
             raise VmPrepareError(f"module {name} is not in modules.dep")
-        visit(path, ())
+        visit(found, ())
     return order
 
 

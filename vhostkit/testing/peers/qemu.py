@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vhostkit.testing.peers.process import PathLike, PeerError, PeerProcess, is_socket
@@ -21,7 +21,13 @@ class QmpError(PeerError):
     """A QMP command failed."""
 
 
-def qmp_command(path: PathLike, command: str, timeout: float = 10.0, **arguments: object) -> object:
+def qmp_command(
+    path: PathLike,
+    command: str,
+    *,
+    arguments: Mapping[str, object] | None = None,
+    timeout: float = 10.0,
+) -> object:
     """Run one QMP command on the QMP socket at ``path`` and return its ``return`` value.
 
     A minimal client (one connection per command): greeting, ``qmp_capabilities``, the
@@ -56,7 +62,7 @@ def qmp_command(path: PathLike, command: str, timeout: float = 10.0, **arguments
             if "QMP" not in greeting:
                 raise QmpError(f"not a QMP greeting: {greeting}")
             execute("qmp_capabilities", {})
-            return execute(command, dict(arguments))
+            return execute(command, dict(arguments or {}))
 
 
 class QemuVirtioNet(PeerProcess):
@@ -169,7 +175,7 @@ class QemuVirtioNet(PeerProcess):
         """Run a QMP command (needs a QMP socket)."""
         if self.qmp_path is None:
             raise RuntimeError("QEMU was started without a QMP socket")
-        return qmp_command(self.qmp_path, command, **arguments)
+        return qmp_command(self.qmp_path, command, arguments=arguments)
 
     def _cleanup(self) -> None:
         if self.qmp_path is not None:
