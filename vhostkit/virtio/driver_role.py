@@ -2,7 +2,8 @@
 
 :class:`DriverRole` is the base of :class:`~vhostkit.virtio.split.SplitDriverQueue` and
 :class:`~vhostkit.virtio.packed.PackedDriverQueue`: the checks of ``add``'s and
-``add_batch``'s arguments and what the driver keeps per chain.
+``add_batch``'s arguments, the free chain ids and what the driver keeps per chain until the
+device has used it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from vhostkit.errors import InvalidParam
+from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.ring import Buffer, RingBase, int_array
 
 __all__ = ["DriverRole", "as_sequence_pairs", "batch_buffers"]
@@ -22,17 +23,35 @@ _count = np.count_nonzero
 
 
 class DriverRole(RingBase):
-    """What the driver-role queues (split and packed) share besides :class:`RingBase`."""
+    """What the driver-role queues (split and packed) share besides :class:`RingBase`: the
+    free chain ids and what the driver keeps per chain in flight.
 
-    #: device-writable bytes of each chain, by buffer id (0: nothing writable)
-    _cap_arr: np.ndarray
-    #: single-descriptor chains in flight that have a device-writable buffer
-    _n_single_w: int
+    A chain's *id* is what the device hands back when it has used the chain: the head
+    descriptor's index in a split ring, the buffer id in a packed one; either way
+    ``0 <= id < num``. Free ids go out first in first out (:meth:`_take_ids`,
+    :meth:`_give_ids`): ids come back in used order and go out again in that order, so a
+    device that uses buffers in order sees ids (and buffers indexed by id) in ascending runs,
+    not scattered.
+
+    Per chain the driver keeps its token and its device-writable bytes (the most the device
+    may report as written). Chains from ``add`` keep them in lists (any token); chains from
+    ``add_batch`` (one descriptor, an integer token) in NumPy arrays, so that ``reap_batch``
+    handles a batch of them with a few array operations.
+    """
+
+    #: what a chain id is called in error messages
+    _id_word = "id"
     #: descriptors per indirect table (0: no indirect descriptors)
     max_indirect: int
 
     def _init_chain_state(self, num: int) -> None:
-        """What the driver keeps per chain (by head or buffer id) for ``num`` entries."""
+        """What the driver keeps per chain id for ``num`` ids; every id is free."""
+        # the free ids, first in first out: _n_free_ids of them in the ring _free_ids from
+        # _free_pos on
+        self._free_ids = np.arange(num, dtype=np.intp)
+        self._free_pos = 0
+        self._n_free_ids = num
+        # chains added by add: any token, their writable bytes
         self._tokens: list[Any] = [None] * num
         self._capacity = [0] * num
         # chains added by add_batch: one descriptor each, an integer token, in NumPy arrays
@@ -40,11 +59,64 @@ class DriverRole(RingBase):
         self._n_single = 0
         #: how many of those have a device-writable buffer
         self._n_single_w = 0
+        #: whether the token of a chain from add_batch is its id (no token given)
+        self._tok_is_id = np.zeros(num, dtype=np.bool_)
         self._tok_arr = np.zeros(num, dtype=np.int64)
+        #: device-writable bytes of each chain from add_batch (0: nothing writable)
         self._cap_arr = np.zeros(num, dtype=np.int64)
         #: zero used lengths, for batches in which no chain has a device-writable buffer
         self._lens0 = np.zeros(num, dtype=np.int64)
         self._lens0.flags.writeable = False
+
+    # -- free ids ---------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """How many descriptors an ``add`` may use now."""
+        raise NotImplementedError
+
+    def next_heads(self, n: int) -> npt.NDArray[np.intp]:
+        """The chain ids (split: heads, packed: buffer ids) the next ``add_batch`` of ``n``
+        chains will use; nothing is taken.
+
+        Lets a driver whose buffer pool is indexed by id fill the buffers first.
+        """
+        if not 0 <= n <= self.num_free:
+            raise InvalidOperation(f"queue full: {n} descriptors needed, {self.num_free} free")
+        return self._peek_ids(n)
+
+    def _peek_ids(self, n: int) -> npt.NDArray[np.intp]:
+        """The next ``n`` free ids (a copy), ``n`` at most the free ones."""
+        pos = self._free_pos
+        end = pos + n
+        if end <= self.num:
+            return self._free_ids[pos:end].copy()
+        return np.concatenate((self._free_ids[pos:], self._free_ids[: end - self.num]))
+
+    def _take_ids(self, n: int) -> npt.NDArray[np.intp]:
+        """Take the next ``n`` free ids (the caller has checked that there are as many)."""
+        ids = self._peek_ids(n)
+        pos = self._free_pos + n
+        self._free_pos = pos - self.num if pos >= self.num else pos
+        self._n_free_ids -= n
+        return ids
+
+    def _give_ids(self, ids: list[int] | npt.NDArray[np.intp]) -> None:
+        """Put ``ids`` back at the end of the free ring."""
+        k = len(ids)
+        at = self._free_pos + self._n_free_ids
+        if at >= self.num:
+            at -= self.num
+        end = at + k
+        if end <= self.num:
+            self._free_ids[at:end] = ids
+        else:
+            cut = self.num - at
+            self._free_ids[at:] = ids[:cut]
+            self._free_ids[: end - self.num] = ids[cut:]
+        self._n_free_ids += k
+
+    # -- adding -----------------------------------------------------------------------------
 
     def _plan_chain(
         self, out: Sequence[Buffer], in_: Sequence[Buffer], indirect: bool | None
@@ -66,6 +138,110 @@ class DriverRole(RingBase):
                 f"{total} buffers do not fit an indirect table of {self.max_indirect}"
             )
         return outs, ins, indirect, 1 if indirect else total
+
+    def _record_chain(self, cid: int, token: Any, ins: list[Buffer]) -> None:
+        """Keep what ``add`` owes chain ``cid``: its token, the bytes of its ``ins``."""
+        self._tokens[cid] = token
+        self._capacity[cid] = sum(n for _, n in ins)
+
+    def _record_batch(
+        self,
+        at: slice | npt.NDArray[np.intp],
+        n: int,
+        tokens: np.ndarray | None,
+        lens: np.ndarray,
+        writable: bool,
+    ) -> None:
+        """Keep what ``add_batch`` owes its ``n`` chains, whose ids are ``at`` (an index array
+        or, when they are consecutive, a slice): ``tokens`` (``None``: the ids) and, when
+        ``writable``, the buffer lengths ``lens``."""
+        self._single[at] = True
+        self._n_single += n
+        if tokens is None:
+            self._tok_is_id[at] = True
+        else:
+            self._tok_is_id[at] = False
+            self._tok_arr[at] = tokens
+        if writable:
+            self._cap_arr[at] = lens
+            self._n_single_w += _count(lens)
+        else:
+            self._cap_arr[at] = 0
+
+    # -- reaping ----------------------------------------------------------------------------
+
+    def _reap_single(self, cid: int, length: int) -> tuple[int, int]:
+        """Chain ``cid`` from ``add_batch`` is used, ``length`` bytes written:
+        ``(token, length)``, its id freed. The length of a chain with nothing device-writable
+        is 0 whatever the device wrote; one beyond the chain's writable bytes breaks the
+        queue (nothing changed)."""
+        cap = self._cap_arr[cid]
+        if not cap:
+            length = 0  # no device-writable buffer: the used length means nothing
+        elif length > cap:
+            self._fail(f"device wrote {length} bytes into a {int(cap)}-byte buffer")
+        else:
+            self._n_single_w -= 1
+        token = cid if self._tok_is_id[cid] else int(self._tok_arr[cid])
+        self._single[cid] = False
+        self._n_single -= 1
+        self._give_ids([cid])
+        return token, length
+
+    def _reap_chain(self, cid: int, length: int) -> tuple[Any, int]:
+        """Chain ``cid`` from ``add`` is used: ``(token, length)`` as :meth:`_reap_single`;
+        the caller frees its descriptors and id."""
+        cap = self._capacity[cid]
+        if not cap:
+            length = 0  # no device-writable buffer: the used length means nothing
+        elif length > cap:
+            self._fail(f"device wrote {length} bytes into a {cap}-byte buffer")
+        token = self._tokens[cid]
+        self._tokens[cid] = None
+        return token, length
+
+    def _reap_singles(
+        self,
+        ids: npt.NDArray[np.intp],
+        at: slice | npt.NDArray[np.intp],
+        lens: npt.NDArray[np.int64] | None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``reap_batch`` of chains that all came from ``add_batch``: ``(tokens, lengths)``,
+        their ids freed.
+
+        ``ids`` are the used ids in used order, ``at`` the same as a slice when they are
+        consecutive (else ``ids`` again), ``lens`` a copy of the used lengths (this changes
+        it), ``None`` when no chain in flight has a device-writable buffer. The same id used
+        twice, or a length beyond a chain's writable bytes, breaks the queue.
+        """
+        n = ids.shape[0]
+        single = self._single
+        single[at] = False
+        count = _count(single)
+        if count != self._n_single - n:
+            single[ids] = True
+            self._fail(f"device used the same {self._id_word} twice")
+        if lens is None:  # no chain with a device-writable buffer: the used lengths mean nothing
+            lens = self._lens0[:n]
+        else:
+            lens = self._checked_lengths(lens, self._cap_arr[at], ids, single)
+        self._n_single = count
+        is_id = self._tok_is_id[at]
+        tokens = ids.astype(np.int64)
+        if _count(is_id) != n:
+            tokens = np.where(is_id, tokens, self._tok_arr[at])
+        self._give_ids(ids)
+        return tokens, lens
+
+    @staticmethod
+    def _item_arrays(
+        items: list[tuple[Any, int]],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """``reap``'s ``[(token, length), ...]`` as ``reap_batch``'s two arrays."""
+        return (
+            np.array([t for t, _ in items], dtype=np.int64),
+            np.array([ln for _, ln in items], dtype=np.int64),
+        )
 
     def _checked_lengths(
         self,

@@ -56,6 +56,8 @@ class PackedDriverQueue(DriverRole, PackedRing):
     zeroed. Buffer ids come from a free list of ``num`` ids.
     """
 
+    _id_word = "buffer id"
+
     def __init__(
         self,
         mem: GuestMemory,
@@ -73,17 +75,11 @@ class PackedDriverQueue(DriverRole, PackedRing):
         super().__init__(mem, num, gpa, gpa + 16 * num, gpa + 16 * num + 4, "gpa", features, index)
         self.max_indirect = max_indirect if self.indirect else 0
         self._indirect_gpa = gpa + align_up(packed_ring_size(num), PACKED_RING_ALIGN)
-        # the free buffer ids, first in first out: _n_free_ids of them in the ring _free_ids
-        # from _free_pos on (ids, and buffers indexed by id, go out in the order they came
-        # back)
-        self._free_ids = np.arange(num, dtype=np.intp)
-        self._free_pos = 0
-        self._n_free_ids = num
-        self._free_descs = num
-        self._count = [0] * num
+        # chain ids are buffer ids (DriverRole); descriptor slots are counted apart
         self._init_chain_state(num)
-        #: whether the token of a chain from add_batch is its buffer id (no token given)
-        self._tok_is_id = np.zeros(num, dtype=np.bool_)
+        self._free_descs = num
+        #: ring slots of each chain from add in flight, by buffer id (0: not in flight)
+        self._count = [0] * num
         # _used_bits[wrap][next + i]: AVAIL/USED bits of a used descriptor i slots on
         self._used_bits = lap_pattern(num, _BOTH, 0)
         self._next_avail, self._avail_wrap = 0, 1
@@ -105,41 +101,6 @@ class PackedDriverQueue(DriverRole, PackedRing):
     def num_free(self) -> int:
         """Free descriptor slots."""
         return self._free_descs if self._n_free_ids else 0
-
-    def next_heads(self, n: int) -> npt.NDArray[np.intp]:
-        """The buffer ids the next :meth:`add_batch` of ``n`` chains will use (nothing is
-        taken); lets a driver whose buffer pool is indexed by id fill the buffers first."""
-        if not 0 <= n <= min(self._free_descs, self._n_free_ids):
-            raise InvalidOperation(f"queue full: {n} descriptors needed, {self.num_free} free")
-        return self._peek_ids(n)
-
-    def _peek_ids(self, n: int) -> npt.NDArray[np.intp]:
-        pos = self._free_pos
-        end = pos + n
-        if end <= self.num:
-            return self._free_ids[pos:end].copy()
-        return np.concatenate((self._free_ids[pos:], self._free_ids[: end - self.num]))
-
-    def _take_ids(self, n: int) -> npt.NDArray[np.intp]:
-        ids = self._peek_ids(n)
-        pos = self._free_pos + n
-        self._free_pos = pos - self.num if pos >= self.num else pos
-        self._n_free_ids -= n
-        return ids
-
-    def _give_ids(self, ids: list[int] | npt.NDArray[np.intp]) -> None:
-        k = len(ids)
-        at = self._free_pos + self._n_free_ids
-        if at >= self.num:
-            at -= self.num
-        end = at + k
-        if end <= self.num:
-            self._free_ids[at:end] = ids
-        else:
-            cut = self.num - at
-            self._free_ids[at:] = ids[:cut]
-            self._free_ids[: end - self.num] = ids[cut:]
-        self._n_free_ids += k
 
     def add(
         self,
@@ -200,8 +161,7 @@ class PackedDriverQueue(DriverRole, PackedRing):
         self._added += needed
         self._free_descs -= needed
         self._count[bid] = needed
-        self._tokens[bid] = token
-        self._capacity[bid] = sum(n for _, n in ins)
+        self._record_chain(bid, token, ins)
         return bid
 
     def add_batch(
@@ -267,18 +227,7 @@ class PackedDriverQueue(DriverRole, PackedRing):
         self._next_avail = end
         self._added += n
         self._free_descs -= n
-        self._single[bids] = True
-        self._n_single += n
-        if tokens is None:
-            self._tok_is_id[bids] = True
-        else:
-            self._tok_is_id[bids] = False
-            self._tok_arr[bids] = tok_a
-        if writable:
-            self._cap_arr[bids] = len_a
-            self._n_single_w += _count(len_a)
-        else:
-            self._cap_arr[bids] = 0
+        self._record_batch(bids, n, tok_a, len_a, writable)
         return bids
 
     def publish(self) -> bool:
@@ -323,19 +272,7 @@ class PackedDriverQueue(DriverRole, PackedRing):
             row = v.desc[self._next_used]
             bid, length = int(row["id"]), int(row["len"])
             if bid < num and self._single[bid]:  # a chain from add_batch
-                if not self._cap_arr[bid]:
-                    length = 0  # no device-writable buffer: the used length means nothing
-                elif length > self._cap_arr[bid]:
-                    self._fail(
-                        f"device wrote {length} bytes into a {int(self._cap_arr[bid])}-byte buffer"
-                    )
-                else:
-                    self._n_single_w -= 1
-                token = bid if self._tok_is_id[bid] else int(self._tok_arr[bid])
-                out.append((token, length))
-                self._single[bid] = False
-                self._n_single -= 1
-                self._give_ids([bid])
+                out.append(self._reap_single(bid, length))
                 self._free_descs += 1
                 nxt = self._next_used + 1
                 if nxt >= num:
@@ -345,14 +282,9 @@ class PackedDriverQueue(DriverRole, PackedRing):
                 continue
             if bid >= num or not self._count[bid]:
                 self._fail(f"device used buffer id {bid}, which is not in flight")
-            if not self._capacity[bid]:
-                length = 0  # no device-writable buffer: the used length means nothing
-            elif length > self._capacity[bid]:
-                self._fail(f"device wrote {length} bytes into a {self._capacity[bid]}-byte buffer")
-            out.append((self._tokens[bid], length))
+            out.append(self._reap_chain(bid, length))
             cnt = self._count[bid]
             self._count[bid] = 0
-            self._tokens[bid] = None
             self._give_ids([bid])
             self._free_descs += cnt
             nxt = self._next_used + cnt
@@ -403,33 +335,16 @@ class PackedDriverQueue(DriverRole, PackedRing):
                     ids = ids[:n]
                     cut = True
         if n == 0:
-            items = self.reap(max_items)
-            return (
-                np.array([t for t, _ in items], dtype=np.int64),
-                np.array([ln for _, ln in items], dtype=np.int64),
-            )
-        single = self._single
-        single[ids] = False
-        count = _count(single)
-        if count != self._n_single - n:
-            single[ids] = True
-            self._fail("device used the same buffer id twice")
+            return self._item_arrays(self.reap(max_items))
+        lens = None  # no chain with a device-writable buffer: the used lengths mean nothing
         if self._n_single_w:
             end = u + n
-            lens_v = v.desc["len"]
+            lens_v = v.desc["len"]  # read after the flags
             if end <= num:
                 lens = lens_v[u:end].astype(np.int64)
             else:
                 lens = np.concatenate((lens_v[u:], lens_v[: end - num])).astype(np.int64)
-            lens = self._checked_lengths(lens, self._cap_arr[ids], ids, single)
-        else:  # no chain with a device-writable buffer: the used lengths mean nothing
-            lens = self._lens0[:n]
-        self._n_single = count
-        is_id = self._tok_is_id[ids]
-        tokens = ids.astype(np.int64)
-        if _count(is_id) != n:
-            tokens = np.where(is_id, tokens, self._tok_arr[ids])
-        self._give_ids(ids)
+        tokens, lens = self._reap_singles(ids, ids, lens)
         self._free_descs += n
         nxt = u + n
         if nxt >= num:
@@ -442,8 +357,9 @@ class PackedDriverQueue(DriverRole, PackedRing):
             # the run stopped at a chain that add() made: the checked slow path for the rest
             # (buffers the device used meanwhile are left for the next call, as with split)
             items = self.reap(None if max_items is None else max_items - n)
-            tokens = np.concatenate((tokens, np.array([t for t, _ in items], dtype=np.int64)))
-            lens = np.concatenate((lens, np.array([ln for _, ln in items], dtype=np.int64)))
+            more_tokens, more_lens = self._item_arrays(items)
+            tokens = np.concatenate((tokens, more_tokens))
+            lens = np.concatenate((lens, more_lens))
         return tokens, lens
 
     def _write_irq_state(self, v: PackedViews) -> None:

@@ -86,19 +86,13 @@ class SplitDriverQueue(DriverRole, SplitRing):
         self.layout = layout
         self.max_indirect = max_indirect if self.indirect else 0
         self._indirect_gpa = gpa + align_up(layout.size, DESC_ALIGN)
-        # the free descriptors, first in first out: _n_free of them in the ring _free from
-        # _free_pos on. Heads come back in used order and go out again in that order, so a
-        # device that uses buffers in order sees heads (and buffers indexed by head) in
-        # ascending runs, not scattered.
-        self._free = np.arange(num, dtype=np.intp)
-        self._free_pos = 0
+        # chain ids are heads, and every free descriptor is a free id: the free ids are the
+        # free descriptors (DriverRole)
+        self._init_chain_state(num)
         self._arange = np.arange(num, dtype=np.intp)
         self._arange.flags.writeable = False
-        self._n_free = num
+        #: the descriptors of each chain from add, by head
         self._chain: list[list[int] | None] = [None] * num
-        self._init_chain_state(num)
-        #: whether the token of a chain from add_batch is its head (no token given)
-        self._tok_is_head = np.zeros(num, dtype=np.bool_)
         self._shadow = 0
         self._published = 0
         self._last_used = 0
@@ -115,41 +109,7 @@ class SplitDriverQueue(DriverRole, SplitRing):
     @property
     def num_free(self) -> int:
         """Free descriptors."""
-        return self._n_free
-
-    def next_heads(self, n: int) -> npt.NDArray[np.intp]:
-        """The heads the next :meth:`add_batch` of ``n`` chains will use (nothing is taken).
-
-        Lets a driver whose buffer pool is indexed by head fill the buffers first.
-        """
-        if not 0 <= n <= self._n_free:
-            raise InvalidOperation(f"queue full: {n} descriptors needed, {self._n_free} free")
-        pos = self._free_pos
-        end = pos + n
-        if end <= self.num:
-            return self._free[pos:end].copy()
-        return np.concatenate((self._free[pos:], self._free[: end - self.num]))
-
-    def _take_heads(self, n: int) -> npt.NDArray[np.intp]:
-        heads = self.next_heads(n)
-        self._free_pos = (self._free_pos + n) & self._mask
-        self._n_free -= n
-        return heads
-
-    def _take(self, n: int) -> list[int]:
-        return self._take_heads(n).tolist()
-
-    def _give(self, heads: list[int] | npt.NDArray[np.intp]) -> None:
-        k = len(heads)
-        at = (self._free_pos + self._n_free) & self._mask
-        end = at + k
-        if end <= self.num:
-            self._free[at:end] = heads
-        else:
-            cut = self.num - at
-            self._free[at:] = heads[:cut]
-            self._free[: end - self.num] = heads[cut:]
-        self._n_free += k
+        return self._n_free_ids
 
     @property
     def avail_idx(self) -> int:
@@ -179,8 +139,10 @@ class SplitDriverQueue(DriverRole, SplitRing):
         v = self._refresh()
         outs, ins, indirect, needed = self._plan_chain(out, in_, indirect)
         total = len(outs) + len(ins)
-        if needed > self._n_free:
-            raise InvalidOperation(f"queue full: {needed} descriptors needed, {self._n_free} free")
+        if needed > self._n_free_ids:
+            raise InvalidOperation(
+                f"queue full: {needed} descriptors needed, {self._n_free_ids} free"
+            )
         recs = np.zeros(total, SPLIT_DESC_DTYPE)
         bufs = outs + ins
         recs["addr"] = [a for a, _ in bufs]
@@ -189,7 +151,7 @@ class SplitDriverQueue(DriverRole, SplitRing):
         flags[:-1] |= _NEXT
         recs["flags"] = flags
         if indirect:
-            (head,) = self._take(1)
+            head = int(self._take_ids(1)[0])
             recs["next"] = np.arange(1, total + 1) % 0x10000
             recs["next"][-1] = 0
             table = self._indirect_gpa + head * self.max_indirect * 16
@@ -197,14 +159,13 @@ class SplitDriverQueue(DriverRole, SplitRing):
             v.desc[head] = (table, total * 16, _INDIRECT, 0)
             chain = [head]
         else:
-            chain = self._take(total)
+            chain = self._take_ids(total).tolist()
             nxt = [*chain[1:], 0]
             recs["next"] = nxt
             v.desc[chain] = recs
             head = chain[0]
-        self._tokens[head] = token
+        self._record_chain(head, token, ins)
         self._chain[head] = chain
-        self._capacity[head] = sum(n for _, n in ins)
         self._single[head] = False
         v.avail_ring[self._shadow & self._mask] = head
         self._shadow = (self._shadow + 1) & 0xFFFF
@@ -234,10 +195,10 @@ class SplitDriverQueue(DriverRole, SplitRing):
         n = addr_a.shape[0]
         if n == 0:
             return np.zeros(0, dtype=np.intp)
-        top = self._n_free
+        top = self._n_free_ids
         if n > top:
             raise InvalidOperation(f"queue full: {n} descriptors needed, {top} free")
-        heads = self._take_heads(n)
+        heads = self._take_ids(n)
         at = _run(heads, self._arange)  # a slice when the heads are consecutive
         if isinstance(at, slice):  # field by field into the ring: no record array to build
             d = v.desc[at]
@@ -252,18 +213,7 @@ class SplitDriverQueue(DriverRole, SplitRing):
             recs["flags"] = _WRITE if writable else 0
             recs["next"] = 0
             v.desc[at] = recs
-        self._single[at] = True
-        self._n_single += n
-        if tokens is None:
-            self._tok_is_head[at] = True
-        else:
-            self._tok_is_head[at] = False
-            self._tok_arr[at] = tok_a
-        if writable:
-            self._cap_arr[at] = len_a
-            self._n_single_w += _count(len_a)
-        else:
-            self._cap_arr[at] = 0
+        self._record_batch(at, n, tok_a, len_a, writable)
         start = self._shadow & self._mask
         end = start + n
         if end <= self.num:
@@ -294,7 +244,7 @@ class SplitDriverQueue(DriverRole, SplitRing):
             raise self._broken
         v = self._v if self._mem.generation == self._gen else self._refresh()
         n = (v.used_w[1] - self._last_used) & 0xFFFF
-        in_flight = self.num - self._n_free
+        in_flight = self.num - self._n_free_ids
         if n > in_flight:
             self._fail(f"used idx moved {n} entries ahead with {in_flight} descriptors out")
         return n
@@ -317,34 +267,13 @@ class SplitDriverQueue(DriverRole, SplitRing):
             for head, length in zip(entries["id"].tolist(), entries["len"].tolist(), strict=True):
                 chain = self._chain[head] if head < self.num else None
                 if chain is None and head < self.num and self._single[head]:
-                    # a chain from add_batch
-                    if not self._cap_arr[head]:
-                        length = 0  # no device-writable buffer: the used length means nothing
-                    elif length > self._cap_arr[head]:
-                        self._fail(
-                            f"device wrote {length} bytes into a "
-                            f"{int(self._cap_arr[head])}-byte buffer"
-                        )
-                    else:
-                        self._n_single_w -= 1
-                    token = head if self._tok_is_head[head] else int(self._tok_arr[head])
-                    out.append((token, length))
-                    self._single[head] = False
-                    self._n_single -= 1
-                    self._give([head])
+                    out.append(self._reap_single(head, length))  # a chain from add_batch
                     continue
                 if chain is None:
                     self._fail(f"device used id {head}, which is not in flight")
-                if not self._capacity[head]:
-                    length = 0  # no device-writable buffer: the used length means nothing
-                elif length > self._capacity[head]:
-                    self._fail(
-                        f"device wrote {length} bytes into a {self._capacity[head]}-byte buffer"
-                    )
-                out.append((self._tokens[head], length))
-                self._tokens[head] = None
+                out.append(self._reap_chain(head, length))
                 self._chain[head] = None
-                self._give(chain[::-1])
+                self._give_ids(chain[::-1])
             self._last_used = (self._last_used + n) & 0xFFFF
         if self.event_idx and self._irq:
             v.used_event_w[0] = self._last_used
@@ -375,36 +304,16 @@ class SplitDriverQueue(DriverRole, SplitRing):
         else:
             entries = np.concatenate((used[start:], used[: end - self.num])).astype(np.intp)
         ids = entries[:, 0]
-        single = self._single
         # ids from the ring are unsigned: OR-ing them shows any beyond the (power of 2) size
-        if int(_or_reduce(ids)) & ~self._mask:
-            ids = None
-        else:
+        fast = not int(_or_reduce(ids)) & ~self._mask
+        if fast:
             at = _run(ids, self._arange)  # a slice when the ids are consecutive
-            if _count(single[at]) != n:
-                ids = None
-        if ids is None:
-            items = self.reap(n)  # multi-descriptor chains or a bad id: the checked slow path
-            return (
-                np.array([t for t, _ in items], dtype=np.int64),
-                np.array([ln for _, ln in items], dtype=np.int64),
-            )
-        single[at] = False
-        count = _count(single)
-        if count != self._n_single - n:
-            single[ids] = True
-            self._fail("device used the same id twice")
-        if self._n_single_w:
-            lens = entries[:, 1].astype(np.int64)
-            lens = self._checked_lengths(lens, self._cap_arr[at], ids, single)
-        else:  # no chain with a device-writable buffer: the used lengths mean nothing
-            lens = self._lens0[:n]
-        self._n_single = count
-        is_head = self._tok_is_head[at]
-        tokens = ids.astype(np.int64)
-        if _count(is_head) != n:
-            tokens = np.where(is_head, tokens, self._tok_arr[at])
-        self._give(ids)
+            fast = _count(self._single[at]) == n
+        if not fast:
+            # multi-descriptor chains or a bad id: the checked slow path
+            return self._item_arrays(self.reap(n))
+        lens = entries[:, 1].astype(np.int64) if self._n_single_w else None
+        tokens, lens = self._reap_singles(ids, at, lens)
         self._last_used = (self._last_used + n) & 0xFFFF
         if self.event_idx and self._irq:
             v.used_event_w[0] = self._last_used
