@@ -22,6 +22,7 @@ from vhostkit.virtio.packed.layout import (
     WRAP_SHIFT,
     PackedRing,
     PackedViews,
+    advance,
     decode_base,
     encode_base,
     event_due,
@@ -186,10 +187,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             self._n_descs = total
             batch = chains
         self._used_idx, self._used_wrap = used_idx, used_wrap & 1
-        nxt, wrap = used_idx + total, used_wrap & 1
-        if nxt >= num:
-            nxt -= num
-            wrap ^= 1
+        nxt, wrap = advance(used_idx, used_wrap & 1, total, num)
         self._last_avail, self._avail_wrap = nxt, wrap
         if self.event_idx and self._notify:
             v.dev_evt[0] = nxt | wrap << WRAP_SHIFT
@@ -281,13 +279,10 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             self._ring_count[ids] = ring_count
             self._n_multi += _count(ring_count > 1)
         self._n_descs += used
-        nxt = last + used
-        if nxt >= num:
-            nxt -= num
-            self._avail_wrap ^= 1
-        self._last_avail = nxt
+        nxt, wrap = advance(last, self._avail_wrap, used, num)
+        self._last_avail, self._avail_wrap = nxt, wrap
         if self.event_idx and self._notify:
-            v.dev_evt[0] = nxt | self._avail_wrap << WRAP_SHIFT
+            v.dev_evt[0] = nxt | wrap << WRAP_SHIFT
             if self._dev_flags_written != _DESC:
                 v.dev_evt[1] = _DESC
                 self._dev_flags_written = _DESC
@@ -430,11 +425,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 v.flags[pos[1:]] = flags[1:]
             v.flags[pos[0]] = flags[0]  # publishes the whole batch
         self._n_descs -= total
-        nxt = u + total
-        if nxt >= num:
-            nxt -= num
-            self._used_wrap ^= 1
-        self._used_idx = nxt
+        self._used_idx, self._used_wrap = advance(u, w, total, num)
         return self._need_signal(v, total)
 
     def _need_signal(self, v: PackedViews, count: int) -> bool:

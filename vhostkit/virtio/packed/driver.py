@@ -21,6 +21,7 @@ from vhostkit.virtio.packed.layout import (
     WRAP_SHIFT,
     PackedRing,
     PackedViews,
+    advance,
     event_due,
     lap_pattern,
     packed_ring_size,
@@ -142,9 +143,7 @@ class PackedDriverQueue(DriverRole, PackedRing):
             f = wf | (_NEXT if i < needed - 1 else 0)
             flag_values.append(f | (_AVAIL if wrap else _USED))
             positions.append(pos)
-            pos += 1
-            if pos == num:
-                pos, wrap = 0, wrap ^ 1
+            pos, wrap = advance(pos, wrap, 1, num)
         # never write the flags with the body: a zero there could read as "used"
         desc = v.desc
         desc["addr"][positions] = [a for a, _ in bufs]
@@ -221,10 +220,7 @@ class PackedDriverQueue(DriverRole, PackedRing):
                 self._deferred = (pos, first)
             else:
                 v.flags[pos:] = first
-        if end >= num:
-            end -= num
-            self._avail_wrap ^= 1
-        self._next_avail = end
+        self._next_avail, self._avail_wrap = advance(pos, self._avail_wrap, n, num)
         self._added += n
         self._free_descs -= n
         self._record_batch(bids, n, tok_a, len_a, writable)
@@ -273,25 +269,16 @@ class PackedDriverQueue(DriverRole, PackedRing):
             bid, length = int(row["id"]), int(row["len"])
             if bid < num and self._single[bid]:  # a chain from add_batch
                 out.append(self._reap_single(bid, length))
-                self._free_descs += 1
-                nxt = self._next_used + 1
-                if nxt >= num:
-                    nxt -= num
-                    self._used_wrap ^= 1
-                self._next_used = nxt
-                continue
-            if bid >= num or not self._count[bid]:
-                self._fail(f"device used buffer id {bid}, which is not in flight")
-            out.append(self._reap_chain(bid, length))
-            cnt = self._count[bid]
-            self._count[bid] = 0
-            self._give_ids([bid])
+                cnt = 1
+            else:
+                if bid >= num or not self._count[bid]:
+                    self._fail(f"device used buffer id {bid}, which is not in flight")
+                out.append(self._reap_chain(bid, length))
+                cnt = self._count[bid]
+                self._count[bid] = 0
+                self._give_ids([bid])
             self._free_descs += cnt
-            nxt = self._next_used + cnt
-            if nxt >= num:
-                nxt -= num
-                self._used_wrap ^= 1
-            self._next_used = nxt
+            self._next_used, self._used_wrap = advance(self._next_used, self._used_wrap, cnt, num)
         if self.event_idx and self._irq:
             v.drv_evt[0] = self._next_used | self._used_wrap << WRAP_SHIFT
         return out
@@ -346,13 +333,10 @@ class PackedDriverQueue(DriverRole, PackedRing):
                 lens = np.concatenate((lens_v[u:], lens_v[: end - num])).astype(np.int64)
         tokens, lens = self._reap_singles(ids, ids, lens)
         self._free_descs += n
-        nxt = u + n
-        if nxt >= num:
-            nxt -= num
-            self._used_wrap ^= 1
-        self._next_used = nxt
+        nxt, wrap = advance(u, self._used_wrap, n, num)
+        self._next_used, self._used_wrap = nxt, wrap
         if self.event_idx and self._irq:
-            v.drv_evt[0] = nxt | self._used_wrap << WRAP_SHIFT
+            v.drv_evt[0] = nxt | wrap << WRAP_SHIFT
         if cut and (max_items is None or n < max_items) and self._used_at_head(v):
             # the run stopped at a chain that add() made: the checked slow path for the rest
             # (buffers the device used meanwhile are left for the next call, as with split)

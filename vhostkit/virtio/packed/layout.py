@@ -31,6 +31,7 @@ __all__ = [
     "WRAP_SHIFT",
     "PackedRing",
     "PackedViews",
+    "advance",
     "decode_base",
     "encode_base",
     "event_due",
@@ -58,6 +59,16 @@ def lap_pattern(num: int, first: int, second: int) -> tuple[np.ndarray, np.ndarr
     for a in (one, zero):
         a.flags.writeable = False
     return zero, one
+
+
+def advance(pos: int, wrap: int, count: int, num: int) -> tuple[int, int]:
+    """The ring position ``count`` slots (at most ``num``) after ``pos`` whose wrap counter is
+    ``wrap``, in a ring of ``num``: ``(position, wrap counter)``; the counter flips when the
+    position passes the ring's end."""
+    pos += count
+    if pos >= num:
+        return pos - num, wrap ^ 1
+    return pos, wrap
 
 
 def packed_ring_size(num: int) -> int:
