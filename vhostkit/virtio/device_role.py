@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from vhostkit.errors import GuestMemoryError, InvalidParam
 from vhostkit.types import VringAddr
+from vhostkit.virtio.chain import ChainBatch
 from vhostkit.virtio.memory import MemoryTable
 from vhostkit.virtio.ring import BrokenState, DescFlag, RingBase, int_array
 
@@ -29,12 +30,14 @@ __all__ = ["MAX_INDIRECT", "DeviceRole", "check_order", "locate_buffers", "looku
 #: itself is larger.
 MAX_INDIRECT = 1024
 
+_WRITE = int(DescFlag.WRITE)
 _or_reduce = np.bitwise_or.reduce
 
 
 class DeviceRole(RingBase):
     """What the device-role queues (split and packed) share besides :class:`RingBase`: their
-    two ways of being made, the argument checks of ``complete`` and indirect tables.
+    two ways of being made, the checks and the :class:`ChainBatch` of popped chains, the
+    argument checks of ``complete`` and indirect tables.
 
     A subclass names its descriptor layout in :attr:`_desc_dtype`, sets
     :attr:`_max_indirect` and reads one indirect table in :meth:`_read_indirect`.
@@ -80,6 +83,58 @@ class DeviceRole(RingBase):
             mem, num, addr.desc, addr.avail, addr.used, space="uva", features=features,
             base=base, index=addr.index,
         )  # fmt: skip
+
+    def _init_device_state(self, num: int) -> None:
+        """What both device queues keep besides their ring positions, for ``num`` entries."""
+        #: whether the device wants kicks (``disable_notifications`` clears it)
+        self._notify = True
+        self._max_indirect = max(MAX_INDIRECT, num)
+        #: 0, 1, 2, ...: the chain starts of a batch of single descriptors, slices of it
+        self._arange = np.arange(num + 1, dtype=np.intp)
+        self._arange.flags.writeable = False
+        #: "not writable" for every descriptor of a batch with no device-writable one
+        self._no_write = np.zeros(num, dtype=np.bool_)
+        self._no_write.flags.writeable = False
+
+    def _chain_batch(
+        self,
+        table: MemoryTable,
+        rec: np.ndarray,
+        flags: np.ndarray,
+        ids: npt.NDArray[np.intp],
+        starts: npt.NDArray[np.intp],
+        flags_or: int,
+        single: bool,
+    ) -> ChainBatch:
+        """The :class:`ChainBatch` of the chains ``rec[starts[i]:starts[i + 1]]`` (indirect
+        tables expanded; ``flags`` is ``rec["flags"]``, ``flags_or`` at least their OR;
+        ``single``: one descriptor per chain): the device-writable buffers must follow the
+        readable ones in each chain, and every buffer lie in guest memory. Changes nothing:
+        a bad chain fails before the caller marks the ids in flight."""
+        m = rec.shape[0]
+        if not flags_or & _WRITE:
+            writable, wflags = (self._no_write[:m] if m <= self.num else np.zeros(m, np.bool_)), 0
+        else:
+            writable = (flags & _WRITE) != 0
+            wflags = 2
+            if not single:  # some chain has several descriptors
+                check_order(self, writable, starts)
+        addr = rec["addr"]
+        length = rec["len"]
+        region, offset, base = locate_buffers(self, table, addr, length)
+        return ChainBatch(
+            table,
+            ids,
+            starts,
+            addr,
+            length,
+            writable,
+            region,
+            offset,
+            base=base,
+            single=single,
+            wflags=wflags,
+        )
 
     @staticmethod
     def _completion_arrays(

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.chain import ChainBatch
-from vhostkit.virtio.device_role import MAX_INDIRECT, DeviceRole, check_order, locate_buffers
+from vhostkit.virtio.device_role import DeviceRole
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.packed.layout import (
     PACKED_DESC_DTYPE,
@@ -33,7 +33,6 @@ from vhostkit.virtio.ring import DescFlag, PackedEventFlag, int_array
 __all__ = ["PackedDeviceQueue"]
 
 _NEXT = int(DescFlag.NEXT)
-_WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 _AVAIL = int(DescFlag.AVAIL)
 _USED = int(DescFlag.USED)
@@ -81,16 +80,12 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         self._n_multi = 0
         self._n_ids = 0
         self._n_descs = 0
-        self._notify = True
+        self._init_device_state(num)
+        #: the device event flags last written to the ring (None: not written yet)
         self._dev_flags_written: int | None = None
-        self._max_indirect = max(MAX_INDIRECT, num)
         # _avail_bits[wrap][last + i]: AVAIL/USED bits of an available descriptor i positions
         # after ``last``
         self._avail_bits = lap_pattern(num, _AVAIL, _USED)
-        self._arange = np.arange(num + 1, dtype=np.intp)
-        self._arange.flags.writeable = False
-        self._no_write = np.zeros(num, dtype=np.bool_)
-        self._no_write.flags.writeable = False
         #: the ring descriptors the last non-empty :meth:`pop_batch` took (copies, in ring
         #: order) and the descriptors of each chain (``None``: one each); for inflight tracking
         self.last_popped: tuple[np.ndarray, npt.NDArray[np.intp] | None] = (
@@ -174,7 +169,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 flags = rec["flags"]
                 flags_or = _or_reduce(flags)
             single = starts.shape[0] == rec.shape[0] + 1
-            chains = self._chain_batch(v, rec, ids, starts, int(flags_or), single)
+            chains = self._chain_batch(v.table, rec, flags, ids, starts, int(flags_or), single)
             if np.unique(ids).shape[0] != n:
                 self._fail("the same buffer id resubmitted twice")
             self._inflight[ids] = True
@@ -258,7 +253,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             single = True
             self.last_popped = (rec, None)
         n = ids.shape[0]
-        batch = self._chain_batch(v, rec, ids, starts, seen, single)
+        batch = self._chain_batch(v.table, rec, flags, ids, starts, seen, single)
 
         # in flight: none of the ids may be, and none may appear twice
         inflight = self._inflight
@@ -287,44 +282,6 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 v.dev_evt[1] = _DESC
                 self._dev_flags_written = _DESC
         return batch
-
-    def _chain_batch(
-        self,
-        v: PackedViews,
-        rec: np.ndarray,
-        ids: npt.NDArray[np.intp],
-        starts: npt.NDArray[np.intp],
-        flags_or: int,
-        single: bool,
-    ) -> ChainBatch:
-        """The :class:`ChainBatch` of the chains ``rec[starts[i]:starts[i + 1]]`` (indirect
-        tables expanded; ``flags_or``: at least the OR of their flags): the device-writable
-        buffers must follow the readable ones in each chain, and every buffer lie in guest
-        memory. Changes nothing: a bad chain fails before the caller takes the ids."""
-        m = rec.shape[0]
-        if not flags_or & _WRITE:
-            writable, wflags = (self._no_write[:m] if m <= self.num else np.zeros(m, np.bool_)), 0
-        else:
-            writable = (rec["flags"] & _WRITE) != 0
-            wflags = 2
-            if not single:
-                check_order(self, writable, starts)
-        addr = rec["addr"]
-        length = rec["len"]
-        region, offset, base = locate_buffers(self, v.table, addr, length)
-        return ChainBatch(
-            v.table,
-            ids,
-            starts,
-            addr,
-            length,
-            writable,
-            region,
-            offset,
-            base=base,
-            single=single,
-            wflags=wflags,
-        )
 
     def _chains(
         self,

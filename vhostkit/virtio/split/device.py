@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from vhostkit.errors import InvalidParam
 from vhostkit.virtio.chain import ChainBatch
-from vhostkit.virtio.device_role import MAX_INDIRECT, DeviceRole, check_order, locate_buffers
+from vhostkit.virtio.device_role import DeviceRole
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import DescFlag, need_event
 from vhostkit.virtio.split.layout import (
@@ -29,7 +29,6 @@ from vhostkit.virtio.split.layout import (
 __all__ = ["SplitDeviceQueue"]
 
 _NEXT = int(DescFlag.NEXT)
-_WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
 _CHAINED = _NEXT | _INDIRECT
 _or_reduce = np.bitwise_or.reduce
@@ -65,16 +64,9 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._used_idx = int(self._v.used_hdr[1])
         self._inflight = np.zeros(num, dtype=np.bool_)
         self._n_inflight = 0
-        self._notify = True
+        self._init_device_state(num)
         #: the notification state last written to the ring (None: not written yet)
         self._notify_written: bool | None = None
-        self._max_indirect = max(MAX_INDIRECT, num)
-        self._arange = np.arange(num + 1, dtype=np.intp)
-        self._arange.flags.writeable = False
-        self._no_write = np.zeros(num, dtype=np.bool_)
-        self._no_write.flags.writeable = False
-        self._all_write = np.ones(num, dtype=np.bool_)
-        self._all_write.flags.writeable = False
 
     # -- position ---------------------------------------------------------------------------
 
@@ -183,17 +175,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         else:
             starts = self._arange[: n + 1]
             single = True
-        m = rec.shape[0]
-        if not seen & _WRITE:
-            writable, wflags = (self._no_write[:m] if m <= num else np.zeros(m, np.bool_)), 0
-        else:
-            writable = (flags & _WRITE) != 0
-            wflags = 2
-            if not single:  # some chain has several descriptors
-                check_order(self, writable, starts)
-        addr = rec["addr"]
-        length = rec["len"]
-        region, offset, base = locate_buffers(self, v.table, addr, length)
+        batch = self._chain_batch(v.table, rec, flags, heads, starts, seen, single)
 
         # in flight: none of the heads may be, and none may appear twice
         inflight = self._inflight
@@ -207,19 +189,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             inflight[heads] = False
             self._fail("the same head appears twice in the avail ring")
         self._n_inflight = count
-        return ChainBatch(
-            v.table,
-            heads,
-            starts,
-            addr,
-            length,
-            writable,
-            region,
-            offset,
-            base=base,
-            single=single,
-            wflags=wflags,
-        )
+        return batch
 
     def _walk(
         self,
