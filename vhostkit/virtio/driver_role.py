@@ -164,7 +164,7 @@ class DriverRole(RingBase):
             self._tok_arr[at] = tokens
         if writable:
             self._cap_arr[at] = lens
-            self._n_single_w += _count(lens)
+            self._n_single_w += int(_count(lens))
         else:
             self._cap_arr[at] = 0
 
@@ -217,7 +217,7 @@ class DriverRole(RingBase):
         n = ids.shape[0]
         single = self._single
         single[at] = False
-        count = _count(single)
+        count = int(_count(single))
         if count != self._n_single - n:
             single[ids] = True
             self._fail(f"device used the same {self._id_word} twice")
@@ -260,7 +260,7 @@ class DriverRole(RingBase):
             single[ids] = True
             j = int(np.argmax(over))
             self._fail(f"device wrote {int(lens[j])} bytes into a {int(caps[j])}-byte buffer")
-        self._n_single_w -= _count(caps)
+        self._n_single_w -= int(_count(caps))
         return lens
 
 

@@ -178,7 +178,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             multi = c > 1
             if _count(multi):
                 self._ring_count[ids] = c
-                self._n_multi = _count(multi)
+                self._n_multi = int(_count(multi))
             self._n_descs = total
             batch = chains
         self._used_idx, self._used_wrap = used_idx, used_wrap & 1
@@ -262,7 +262,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             self._id_bound = top
         prev = inflight[ids]
         inflight[ids] = True
-        n_ids = _count(inflight[: self._id_bound])
+        n_ids = int(_count(inflight[: self._id_bound]))
         if n_ids != self._n_ids + n:
             if _count(prev):
                 inflight[ids[~prev]] = False
@@ -272,7 +272,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         self._n_ids = n_ids
         if ring_count is not None and used != n:  # some chain has several descriptors
             self._ring_count[ids] = ring_count
-            self._n_multi += _count(ring_count > 1)
+            self._n_multi += int(_count(ring_count > 1))
         self._n_descs += used
         nxt, wrap = advance(last, self._avail_wrap, used, num)
         self._last_avail, self._avail_wrap = nxt, wrap
@@ -337,7 +337,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a buffer id that is not in flight")
         inflight[ids_a] = False
-        n_ids = _count(inflight[: self._id_bound])
+        n_ids = int(_count(inflight[: self._id_bound]))
         if n_ids != self._n_ids - k:
             inflight[ids_a] = True
             raise InvalidParam("the same id completed twice in one batch")
@@ -366,7 +366,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             v.words[8 * u + 7] = first  # publishes the whole batch
         else:
             counts = self._ring_count[ids_a]
-            self._n_multi -= _count(counts > 1)
+            self._n_multi -= int(_count(counts > 1))
             self._ring_count[ids_a] = 1
             offs = np.zeros(k, dtype=np.int64)
             np.cumsum(counts[:-1], out=offs[1:])

@@ -181,7 +181,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         inflight = self._inflight
         prev = inflight[heads]
         inflight[heads] = True
-        count = _count(inflight)
+        count = int(_count(inflight))
         if count != self._n_inflight + n:
             if _count(prev):
                 inflight[heads[~prev]] = False
@@ -268,7 +268,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         if _count(inflight[ids_a]) != k:
             raise InvalidParam("completing a chain that is not in flight")
         inflight[ids_a] = False
-        count = _count(inflight)
+        count = int(_count(inflight))
         if count != self._n_inflight - k:
             inflight[ids_a] = True
             raise InvalidParam("the same id completed twice in one batch")
