@@ -3,7 +3,11 @@
 * :mod:`~vhostkit.virtio.features`: feature and device status bits.
 * :mod:`~vhostkit.virtio.memory`: :class:`GuestMemory`, memfd regions and address translation.
 * :mod:`~vhostkit.virtio.split` / :mod:`~vhostkit.virtio.packed`: virtqueues in the driver
-  and device roles.
+  and device roles, one package per ring format (``layout``, ``device``, ``driver``);
+  :mod:`~vhostkit.virtio.ring` (flags, index arithmetic, error policy),
+  :mod:`~vhostkit.virtio.chain` (the chains the device role pops),
+  :mod:`~vhostkit.virtio.device_role` / :mod:`~vhostkit.virtio.driver_role` (what each role
+  shares across the two formats).
 * :mod:`~vhostkit.virtio.net`: the virtio-net header.
 """
 
