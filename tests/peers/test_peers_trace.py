@@ -23,12 +23,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from helpers.blk_driver import IMAGE_SIZE, BlkDriver
+from helpers.blk_driver import IMAGE_SIZE
 from helpers.dnsmasq import Dnsmasq
 from helpers.net_backend import net_backend
 from helpers.trace_proxy import TraceProcess
 
 from vhostkit.backend import VringAddr
+from vhostkit.guest.blk import BlkDriver
 from vhostkit.testing.peers import PeerProcess, QemuVirtioNet, Testpmd, which_or_skip
 from vhostkit.trace import RecordKind, TraceRecord
 from vhostkit.user import Frontend, FrontendReqHandler, FrontendReqServer, ProtocolFeature
