@@ -41,7 +41,7 @@ from vhostkit.errors import (
 from vhostkit.user.codec import Channel, Message, MessageParser, close_fds, encode
 from vhostkit.user.message import HEADER_SIZE, MAX_FDS
 
-__all__ = ["DEFAULT_SOCKET_MODE", "Connection", "Listener", "connect"]
+__all__ = ["DEFAULT_SOCKET_MODE", "Connection", "Listener", "check_socket_path", "connect"]
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class Listener:
         if not 0 <= mode <= 0o777:
             raise InvalidParam(f"socket mode {mode:#o} is not a set of permission bits (0-0777)")
         self.mode = mode
-        stale = _check_socket_path(self.path)
+        stale = check_socket_path(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._identity = self._bind(backlog, stale, owner, group)
@@ -381,8 +381,9 @@ def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-def _check_socket_path(path: str) -> tuple[int, int] | None:
-    """Decide whether a socket may be created at ``path``.
+def check_socket_path(path: str) -> tuple[int, int] | None:
+    """Decide whether a socket may be created at ``path`` (what :class:`Listener` does first;
+    a program may call it before it opens anything else, to fail early).
 
     Returns ``None`` if nothing is there, the (device, inode) of a stale socket that may be
     replaced, or raises :class:`SocketInUse` / :class:`SocketPathTaken`.
