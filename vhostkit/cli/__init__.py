@@ -91,10 +91,26 @@ def _subparser_actions(parser: argparse.ArgumentParser) -> list[argparse._SubPar
     return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
 
 
+def _children(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [
+        child
+        for action in _subparser_actions(parser)
+        for child in dict.fromkeys(action.choices.values())  # an alias is the same parser
+    ]
+
+
+def _has_json(parser: argparse.ArgumentParser) -> bool:
+    return "--json" in parser._option_string_actions or any(
+        _has_json(child) for child in _children(parser)
+    )
+
+
 def _add_global_options(parser: argparse.ArgumentParser) -> None:
     """Give ``parser`` and every parser below it the global options (defaults suppressed, so
-    that a sub-command's parser does not reset what was given before it)."""
+    that a sub-command's parser does not reset what was given before it). ``--json`` goes on
+    the parsers on the way to a command that has it."""
     taken = parser._option_string_actions
+    data = "--json" in taken
     if "-v" not in taken and "--verbose" not in taken:
         parser.add_argument(
             "-v",
@@ -110,10 +126,16 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
             default=argparse.SUPPRESS,
             help="how much to log to stderr",
         )
-    parser.set_defaults(_prog=parser.prog, _json_ok="--json" in taken)
-    for action in _subparser_actions(parser):
-        for child in dict.fromkeys(action.choices.values()):
-            _add_global_options(child)
+    if not data and _has_json(parser):
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print data as JSON (for the sub-commands whose output is data)",
+        )
+    parser.set_defaults(_parser=parser, _json_ok=data)
+    for child in _children(parser):
+        _add_global_options(child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,12 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive Linux virtio data planes: kernel vhost and vhost-user, both sides.",
         epilog="Global options (-v, --log-level, --json) may also follow the command. Exit "
         "codes: 0 success, 1 the command failed, 2 bad arguments or an unusable path.",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS,
-        help="print data as JSON (commands whose output is data: probe, tap list)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
@@ -144,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit code."""
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    leaf: argparse.ArgumentParser = args._parser  # the innermost command's parser
+    if extra:
+        leaf.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "json", False) and not args._json_ok:
-        parser.exit(2, f"{args._prog}: error: --json: this command's output is not data\n")
+        leaf.error("--json: this command's output is not data")
     if not hasattr(args, "json"):
         args.json = False
     verbose = getattr(args, "verbose", False)
@@ -155,8 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args))
     except (VhostError, OSError) as exc:
-        log.debug("%s failed", args._prog, exc_info=True)
-        print(f"{args._prog}: error: {format_error(exc)}", file=sys.stderr, flush=True)
+        log.debug("%s failed", leaf.prog, exc_info=True)
+        print(f"{leaf.prog}: error: {format_error(exc)}", file=sys.stderr, flush=True)
         return exit_code(exc)
     except KeyboardInterrupt:
         return 130

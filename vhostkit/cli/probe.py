@@ -23,6 +23,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -106,7 +107,11 @@ def run(args: argparse.Namespace) -> int:
         _print_table(findings)
     missing = [f for f in findings if f.name in args.require and not f.ok]
     for f in missing:
-        print(f"vhostkit probe: required {f.name} is not available: {f.detail}", flush=True)
+        print(
+            f"vhostkit probe: required {f.name} is not available: {f.detail}",
+            file=sys.stderr,
+            flush=True,
+        )
     return EXIT_FAILURE if missing else EXIT_OK
 
 
@@ -346,8 +351,8 @@ def _net_admin() -> Finding:
         "permission",
         False,
         f"{who}: cannot create taps or change links",
-        "run as root, or have root create the tap for this user: "
-        "vhostkit tap create NAME --owner USER",
+        "run with CAP_NET_ADMIN (as root outside a restricted container), or have root "
+        "create the tap for this user: vhostkit tap create NAME --owner USER",
         data,
     )
 

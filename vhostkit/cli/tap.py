@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="delete persistent taps",
         description="Clear the persist flag of taps; each goes once nobody holds it open.",
     )
-    delete.add_argument("names", nargs="+", metavar="NAME")
+    delete.add_argument("names", nargs="+", metavar="NAME", help="the taps to delete")
     delete.set_defaults(_tap=_delete)
 
 
