@@ -19,6 +19,7 @@ import sys
 import pytest
 from helpers.cli_run import Daemon, vhostkit
 
+from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.user import Frontend, ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature
 
@@ -144,6 +145,31 @@ def test_user_drops_root_after_opening(sock_dir, image) -> None:
         assert_serves(path)  # the image and the socket were opened before the switch
         rc, out = d.stop()
     assert rc == 0, out
+    assert not os.path.lexists(path)
+
+
+def test_net_user_drops_root_and_still_configures_the_tap(sock_dir) -> None:
+    needs_net_admin()
+    if os.geteuid() != 0:
+        pytest.skip("switching user needs root")
+    os.chown(sock_dir, 65534, 65534)
+    path = sock_dir / "nu.sock"
+    tap = tap_name("u")
+    argv = [*NET_FORMS["backend net"], "--socket", str(path), "--tap", tap, "--queues", "2"]
+    with Daemon([*argv, "--user", "nobody", "--socket-owner", "root"]) as d:
+        d.wait_ready()
+        with open(f"/sys/class/net/{tap}/owner") as f:
+            assert int(f.read()) == 65534  # so that nobody may attach and detach its queues
+        with Frontend.connect(path, timeout=5) as fe, VirtioNetDriver(fe).start() as nic:
+            # features acked after the switch: the header size and offloads went to the tap
+            assert nic.header_size == 12
+            nic.stop()
+        with open(f"/proc/{d.pid}/status") as f:
+            assert next(line for line in f if line.startswith("Uid:")).split()[1:] == ["65534"] * 4
+        rc, out = d.stop()
+    assert rc == 0, out
+    assert "header 12 bytes" in out
+    assert "Traceback" not in out and "tap queue" not in out  # no TUNSETQUEUE refused
     assert not os.path.lexists(path)
 
 

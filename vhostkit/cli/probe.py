@@ -230,7 +230,7 @@ def _vhost_features(name: str, path: str, module: str, *, net: bool = False) -> 
     try:
         dev = KernelVhostDevice(path)
     except VhostError as exc:
-        return Finding(name, "features", False, f"not queried: {exc}", None)
+        return Finding(name, "features", False, f"not queried: {exc}", _device(path, module).fix)
     try:
         features = dev.get_features()
         try:
