@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
+_GLOBAL_DESTS = frozenset({"verbose", "log_level", "json"})
+
+
 def _subparser_actions(parser: argparse.ArgumentParser) -> list[argparse._SubParsersAction]:
     return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
 
@@ -111,6 +115,11 @@ def _add_global_options(parser: argparse.ArgumentParser) -> None:
     the parsers on the way to a command that has it."""
     taken = parser._option_string_actions
     data = "--json" in taken
+    for action in parser._actions:
+        # a command module that added one of these itself: a default there would overwrite
+        # what was given before the command
+        if action.dest in _GLOBAL_DESTS:
+            action.default = argparse.SUPPRESS
     if "-v" not in taken and "--verbose" not in taken:
         parser.add_argument(
             "-v",
@@ -173,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level.upper(), format="%(name)s: %(message)s")
     try:
         return int(args._run(args))
+    except BrokenPipeError:
+        # the reader went away (``vhostkit probe | head``): no error message, and no second
+        # one when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (VhostError, OSError) as exc:
         log.debug("%s failed", leaf.prog, exc_info=True)
         print(f"{leaf.prog}: error: {format_error(exc)}", file=sys.stderr, flush=True)

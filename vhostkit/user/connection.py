@@ -238,7 +238,8 @@ class Listener:
     ``path``: it is bound and chmod-ed inside a private (``0700``) directory next to ``path``
     and then hard-linked into place, which also fails rather than replace a path someone
     created in between. (When that private name would not fit ``sun_path``, the socket is
-    bound at ``path`` directly under a umask that yields ``mode``.)
+    bound at ``path`` directly under a umask that yields ``mode``; the umask is per process, so
+    a file another thread creates in that instant gets it too.)
 
     :meth:`close` unlinks ``path`` only if it is still the socket this listener created (same
     device and inode): a path another process has taken over since is left alone.
