@@ -13,8 +13,8 @@
     def add_arguments(parser: argparse.ArgumentParser) -> None: ...  # its own options
     def run(args: argparse.Namespace) -> int: ...                    # the exit code
 
-and one :class:`Command` line in :data:`COMMANDS` (the tracer, ``vhostkit trace``, plugs in
-there). The module adds only its own options (it may add its own sub-commands with
+and one :class:`Command` line in :data:`COMMANDS` (that is where the tracer, ``vhostkit
+trace``, plugs in). The module adds only its own options (it may add its own sub-commands with
 ``parser.add_subparsers``). It does not add the global options: after the tree is built,
 every parser in it gets ``-v/--verbose`` and ``--log-level``, so they work before and after
 any sub-command. A command whose output is data calls :func:`~vhostkit.cli.common.add_json_option`
@@ -83,8 +83,10 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("probe", "vhostkit.cli.probe", "what this host can do, and how to fix each 'no'"),
     Command("tap", "vhostkit.cli.tap", "create, list and delete tap devices"),
-    # The tracer: Command("trace", "vhostkit.cli.trace", "..."), its module exposing
-    # add_arguments(parser) and run(args) -> int.
+    # More commands plug in here, e.g. the tracer and the labs:
+    #   Command("trace", "vhostkit.trace.cli", "trace a vhost-user connection"),
+    #   Command("lab", "vhostkit.lab.cli", "scripted VM networking labs: check and run"),
+    # each module exposing add_arguments(parser) and run(args) -> int.
 )
 
 
