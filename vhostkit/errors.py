@@ -11,7 +11,9 @@ wrong in a way a caller can act on:
   :meth:`VhostError.should_reconnect` whether a new connection may help (the peer went away).
 * :class:`RequestFailed`: the peer understood the request and answered that it failed.
 * :class:`FeatureNotNegotiated`, :class:`InvalidOperation`, :class:`InvalidParam`: the caller
-  asked for something the current state does not allow.
+  asked for something the current state does not allow. :class:`SocketInUse` and
+  :class:`SocketPathTaken` (both :class:`InvalidOperation`) refuse a socket path that a live
+  peer listens on or that holds something other than a socket.
 * :class:`Unsupported`, :class:`DeviceUnavailable`: the running kernel or the peer cannot do it.
 * :class:`GuestMemoryError`, :class:`VirtqueueError`: guest-controlled data (an address, a ring)
   is out of bounds or malformed. These never read or write memory outside the guest's regions.
@@ -41,6 +43,8 @@ __all__ = [
     "SocketBroken",
     "SocketConnect",
     "SocketError",
+    "SocketInUse",
+    "SocketPathTaken",
     "SocketRetry",
     "TooManyRegions",
     "TransportError",
@@ -222,6 +226,19 @@ class InvalidParam(VhostError, ValueError):
     """An argument is out of range or inconsistent."""
 
     default_errno = _errno.EINVAL
+
+
+class SocketInUse(InvalidOperation):
+    """A live peer is listening on the socket path: it is not replaced."""
+
+    default_errno = _errno.EADDRINUSE
+
+
+class SocketPathTaken(InvalidOperation):
+    """Something other than a socket (a file, a directory, a symlink) is at the socket path:
+    it is left untouched."""
+
+    default_errno = _errno.EEXIST
 
 
 class Unsupported(VhostError):

@@ -57,10 +57,10 @@ Protocol features: the generic set of :class:`~vhostkit.user.backend.device.Back
 had taken and not completed (:mod:`vhostkit.user.backend.inflight`, split and packed rings). A ring
 larger than the inflight area allows runs untracked (QEMU's virtio-mmio makes such rings).
 
-Standalone daemon::
+Daemon (``python3 -m vhostkit.devices.blk`` is an alias; ``--help`` lists every option)::
 
-    python3 -m vhostkit.devices.blk --socket PATH --image FILE [--read-only] [--queues N]
-                                    [--client] [--serial ID] [--blk-size N]
+    vhostkit backend blk --socket PATH --image FILE [--read-only] [--queues N]
+                         [--client] [--serial ID] [--blk-size N]
 
 listens at ``PATH`` (or connects to a listening front-end with ``--client``, reconnecting when
 it goes away), serves until SIGINT/SIGTERM, and on SIGHUP re-reads the image size (after
@@ -69,13 +69,11 @@ it goes away), serves until SIGINT/SIGTERM, and on SIGHUP re-reads the image siz
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import ctypes.util
 import errno
 import logging
 import os
-import signal
 import stat
 import struct
 import sys
@@ -540,113 +538,12 @@ class BlkDevice(RingDevice):
 # --- the daemon -----------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python3 -m vhostkit.devices.blk",
-        description="vhostkit file-backed vhost-user virtio-blk back-end",
-    )
-    p.add_argument("--socket", required=True, help="vhost-user socket path")
-    p.add_argument("--image", required=True, help="disk image (regular file or block device)")
-    p.add_argument("--read-only", action="store_true", help="serve the image read-only")
-    p.add_argument("--queues", type=int, default=1, help="request queues (default 1)")
-    p.add_argument(
-        "--client", action="store_true", help="connect to a listening front-end (reconnect)"
-    )
-    p.add_argument("--serial", default="vhostkit-blk", help="GET_ID string (<= 20 bytes)")
-    p.add_argument("--blk-size", type=int, default=SECTOR_SIZE, help="logical block size")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve an image until SIGINT/SIGTERM; SIGHUP re-reads the image size. Returns 0."""
-    from vhostkit.user.backend.listener import BackendClient, BackendListener
+    """``python3 -m vhostkit.devices.blk ARGS``: the same as ``vhostkit backend blk ARGS``
+    (SIGINT/SIGTERM stop it, SIGHUP re-reads the image size)."""
+    from vhostkit.cli import main as cli_main  # the command line sits above the devices
 
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s"
-    )
-    with (
-        _SignalPipe((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) as signals,
-        BlkDevice(
-            args.image,
-            read_only=args.read_only,
-            num_queues=args.queues,
-            serial=args.serial,
-            blk_size=args.blk_size,
-        ) as device,
-    ):
-        if args.client:
-            with BackendClient(args.socket, device, reconnect=True).start():
-                print(
-                    f"vhostkit blk backend: {args.image}, connecting to {args.socket}", flush=True
-                )
-                _serve_signals(device, signals)
-        else:
-            with BackendListener(args.socket, lambda: device, max_connections=1).start():
-                print(f"vhostkit blk backend: {args.image}, listening on {args.socket}", flush=True)
-                _serve_signals(device, signals)
-    return 0
-
-
-class _SignalPipe:
-    """Signals as bytes on a pipe (``signal.set_wakeup_fd``), read by the main thread.
-
-    A signal may land on any thread (NumPy's BLAS threads exist before ``main`` runs, so
-    blocking signals with ``pthread_sigmask`` + ``sigwait`` is not reliable); the C-level
-    handler writes its number to the pipe whichever thread it interrupts.
-    """
-
-    def __init__(self, sigs: Sequence[signal.Signals]) -> None:
-        self.sigs = tuple(sigs)
-        self._r, self._w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self._r, True)
-        self._old_handlers: dict[signal.Signals, object] = {}
-        self._old_wakeup = -1
-
-    def __enter__(self) -> Self:
-        try:
-            self._old_wakeup = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-            for sig in self.sigs:
-                self._old_handlers[sig] = signal.signal(sig, _ignore_signal)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def wait(self) -> signal.Signals:
-        """Block until a signal arrives; return it."""
-        while True:
-            data = os.read(self._r, 1)
-            if data and data[0] in {int(s) for s in self.sigs}:
-                return signal.Signals(data[0])
-
-    def __exit__(self, *exc_info: object) -> None:
-        for sig, handler in self._old_handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._old_handlers.clear()
-        signal.set_wakeup_fd(self._old_wakeup)
-        for fd in (self._r, self._w):
-            if fd >= 0:
-                os.close(fd)
-        self._r = self._w = -1
-
-
-def _ignore_signal(signum: int, frame: object) -> None:
-    """The Python-level handler: the wakeup pipe carries the signal to :meth:`wait`."""
-
-
-def _serve_signals(device: BlkDevice, signals: _SignalPipe) -> None:
-    while True:
-        sig = signals.wait()
-        if sig != signal.SIGHUP:
-            log.info("stopping on %s", sig.name)
-            return
-        try:
-            told = device.resize()
-            log.info("image re-read: %d sectors (front-end told: %s)", device.capacity, told)
-        except Exception:
-            log.exception("resize failed")
+    return cli_main(["backend", "blk", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -23,16 +23,15 @@
   nothing (the spec's "no side effects" rule for net).
 * SEND_RARP writes a RARP announcement for the given MAC to the tap.
 
-Run it from the command line with ``python3 -m vhostkit.devices.net``.
+Run it from the command line with ``vhostkit backend net`` (:mod:`vhostkit.cli.backend`;
+``python3 -m vhostkit.devices.net`` is an alias).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import select
-import signal
 import struct
 import sys
 import threading
@@ -541,39 +540,10 @@ class NetDevice(RingDevice):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python3 -m vhostkit.devices.net --socket PATH --tap NAME``: serve until SIGINT/SIGTERM."""
-    from vhostkit.user.backend.listener import BackendClient, BackendListener
+    """``python3 -m vhostkit.devices.net ARGS``: the same as ``vhostkit backend net ARGS``."""
+    from vhostkit.cli import main as cli_main  # the command line sits above the devices
 
-    parser = argparse.ArgumentParser(description="vhostkit tap-backed vhost-user net backend")
-    parser.add_argument("--socket", required=True, help="vhost-user socket path")
-    parser.add_argument("--tap", default="vhk%d", help="tap name (created if absent)")
-    parser.add_argument("--mac", default="52:54:00:00:00:01")
-    parser.add_argument("--mtu", type=int, default=1500)
-    parser.add_argument("--queues", type=int, default=1, help="queue pairs")
-    parser.add_argument("--client", action="store_true", help="connect to a listening frontend")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(name)s: %(message)s"
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    mac = bytes.fromhex(args.mac.replace(":", ""))
-    with Tap(args.tap, queues=args.queues, nonblocking=True) as tap:
-        tap.up()
-        device = NetDevice(tap, mac=mac, mtu=args.mtu, queue_pairs=args.queues)
-        print(f"vhostkit net backend: tap {tap.name}, socket {args.socket}", flush=True)
-        try:
-            if args.client:
-                with BackendClient(args.socket, device, reconnect=True).start():
-                    stop.wait()
-            else:
-                with BackendListener(args.socket, lambda: device, max_connections=1).start():
-                    stop.wait()
-        finally:
-            device.close()
-    return 0
+    return cli_main(["backend", "net", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ kernel hands them over in pieces. Framing and validation are the codec's
 (:mod:`vhostkit.user.codec`); this module only moves bytes and fds and maps socket errors onto
 the :mod:`vhostkit.errors` taxonomy.
 
-:class:`Listener` is the server side of a socket path (bind, listen, accept, unlink on close);
+:class:`Listener` is the server side of a socket path (bind with a given mode, listen, accept,
+unlink on close; a live or foreign path is refused, never taken over);
 :func:`connect` the client side, with retries while the peer is not listening yet.
 """
 
@@ -14,10 +15,12 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import logging
 import os
 import socket
 import stat
+import tempfile
 import threading
 import time
 from typing import Self
@@ -26,8 +29,11 @@ from vhostkit.errors import (
     Disconnected,
     IncorrectFds,
     InvalidOperation,
+    InvalidParam,
     PartialMessage,
     SocketConnect,
+    SocketInUse,
+    SocketPathTaken,
     SocketRetry,
     VhostError,
     error_from_errno,
@@ -35,11 +41,15 @@ from vhostkit.errors import (
 from vhostkit.user.codec import Channel, Message, MessageParser, close_fds, encode
 from vhostkit.user.message import HEADER_SIZE, MAX_FDS
 
-__all__ = ["Connection", "Listener", "connect"]
+__all__ = ["DEFAULT_SOCKET_MODE", "Connection", "Listener", "check_socket_path", "connect"]
 
 log = logging.getLogger(__name__)
 
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+#: Permission bits of a listening socket unless told otherwise: only its owner may connect.
+DEFAULT_SOCKET_MODE = 0o600
+#: ``sizeof(sun_path)``: a bound path must be shorter (room for the NUL).
+_SUN_PATH_MAX = 108
 
 
 def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -215,24 +225,109 @@ class Connection:
 class Listener:
     """A listening Unix socket at ``path`` that accepts vhost-user connections.
 
-    A stale socket file left by a dead process is replaced; any other existing file is an
-    error. The path is unlinked on :meth:`close`.
+    What is at ``path`` decides what happens:
+
+    * nothing: the socket is created there;
+    * a socket nobody listens on (left by a dead process): it is replaced;
+    * a socket a live peer listens on: :class:`~vhostkit.errors.SocketInUse`, nothing touched;
+    * anything else (a regular file, a directory, a symlink, a fifo):
+      :class:`~vhostkit.errors.SocketPathTaken`, nothing touched.
+
+    The socket file gets permission bits ``mode`` (default ``0o600``: only its owner may
+    connect) and, if given, the ``owner`` uid and ``group`` gid *before* it appears at
+    ``path``: it is bound and chmod-ed inside a private (``0700``) directory next to ``path``
+    and then hard-linked into place, which also fails rather than replace a path someone
+    created in between. (When that private name would not fit ``sun_path``, the socket is
+    bound at ``path`` directly under a umask that yields ``mode``; the umask is per process, so
+    a file another thread creates in that instant gets it too.)
+
+    :meth:`close` unlinks ``path`` only if it is still the socket this listener created (same
+    device and inode): a path another process has taken over since is left alone.
     """
 
-    def __init__(self, path: str | os.PathLike[str], backlog: int = 8) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        backlog: int = 8,
+        *,
+        mode: int = DEFAULT_SOCKET_MODE,
+        owner: int | None = None,
+        group: int | None = None,
+    ) -> None:
         self.path = os.fspath(path)
-        if os.path.lexists(self.path):
-            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                raise InvalidOperation(f"{self.path} exists and is not a socket")
-            os.unlink(self.path)
+        self._closed = True
+        if not 0 <= mode <= 0o777:
+            raise InvalidParam(f"socket mode {mode:#o} is not a set of permission bits (0-0777)")
+        self.mode = mode
+        stale = check_socket_path(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            self.sock.bind(self.path)
+            self._identity = self._bind(backlog, stale, owner, group)
+        except BaseException:
+            self.sock.close()
+            raise
+        self._closed = False
+
+    def _bind(
+        self, backlog: int, stale: tuple[int, int] | None, owner: int | None, group: int | None
+    ) -> tuple[int, int]:
+        """Create the socket file; return its (device, inode)."""
+        directory = os.path.dirname(self.path) or "."
+        try:
+            private = tempfile.mkdtemp(prefix=".vhk", dir=directory)
+        except OSError as exc:
+            raise error_from_errno(
+                exc.errno or 0, f"listen on {self.path}: cannot create a file in {directory}"
+            ) from exc
+        staged = os.path.join(private, "s")
+        try:
+            if len(os.fsencode(staged)) < _SUN_PATH_MAX:
+                self._bind_at(staged, backlog, owner, group, umask=False)
+                identity = _identity(os.lstat(staged))
+                _replace_stale(self.path, stale)
+                try:
+                    os.link(staged, self.path)
+                except FileExistsError:
+                    raise SocketInUse(
+                        f"{self.path} was created by someone else while this socket was being "
+                        "set up: left alone"
+                    ) from None
+                except OSError as exc:
+                    raise error_from_errno(exc.errno or 0, f"listen on {self.path}") from exc
+                return identity
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+        # The private name is too long for sun_path: bind in place, the mode set by the umask.
+        _replace_stale(self.path, stale)
+        self._bind_at(self.path, backlog, owner, group, umask=True)
+        return _identity(os.lstat(self.path))
+
+    def _bind_at(
+        self, where: str, backlog: int, owner: int | None, group: int | None, *, umask: bool
+    ) -> None:
+        old = os.umask(0o777 & ~self.mode) if umask else None
+        try:
+            self.sock.bind(where)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise SocketInUse(f"{self.path} was created by someone else meanwhile") from None
+            raise error_from_errno(exc.errno or 0, f"listen on {self.path}") from exc
+        finally:
+            if old is not None:
+                os.umask(old)
+        try:
+            os.chmod(where, self.mode)
+            if owner is not None or group is not None:
+                os.chown(where, -1 if owner is None else owner, -1 if group is None else group)
             self.sock.listen(backlog)
         except OSError as exc:
-            self.sock.close()
-            raise error_from_errno(exc.errno or 0, f"listen on {self.path}") from exc
-        self._closed = False
+            if umask:
+                with contextlib.suppress(OSError):
+                    os.unlink(where)
+            raise error_from_errno(exc.errno or 0, f"set up the socket {self.path}") from exc
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -260,14 +355,108 @@ class Listener:
             return
         self._closed = True
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        _unlink_if(self.path, self._identity)
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symlink"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    if stat.S_ISFIFO(mode):
+        return "a fifo"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device node"
+    return "not a socket"
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def check_socket_path(path: str) -> tuple[int, int] | None:
+    """Decide whether a socket may be created at ``path`` (what :class:`Listener` does first;
+    a program may call it before it opens anything else, to fail early).
+
+    Returns ``None`` if nothing is there, the (device, inode) of a stale socket that may be
+    replaced, or raises :class:`SocketInUse` / :class:`SocketPathTaken`.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise error_from_errno(exc.errno or 0, f"look at {path}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise SocketPathTaken(
+            f"{path} exists and is {_kind(st.st_mode)}: not replacing it "
+            "(remove it or choose another socket path)"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return _identity(st)  # nobody listening: stale
+    except BlockingIOError:
+        # EAGAIN: the listener's backlog is full, so someone is listening
+        raise SocketInUse(f"{path} is in use: a peer is listening on it") from None
+    except OSError as exc:
+        raise SocketPathTaken(
+            f"{path} is a socket this process cannot probe ({os.strerror(exc.errno or 0)}): "
+            "not replacing it"
+        ) from None
+    finally:
+        probe.close()
+    raise SocketInUse(
+        f"{path} is in use: a peer is listening on it (another daemon?); not taking it over"
+    )
+
+
+def _replace_stale(path: str, stale: tuple[int, int] | None) -> None:
+    """Unlink the stale socket found at ``path`` if it is still that same socket."""
+    if stale is None:
+        return
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if _identity(st) != stale:
+        raise SocketInUse(f"{path} was replaced by someone else while starting: left alone")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise error_from_errno(exc.errno or 0, f"remove the stale socket {path}") from exc
+    log.info("replaced the stale socket %s", path)
+
+
+def _unlink_if(path: str, identity: tuple[int, int]) -> None:
+    """Unlink ``path`` if it is still the file ``identity`` names; log why not otherwise."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot look at %s to remove it: %s", path, exc)
+        return
+    if _identity(st) != identity:
+        log.warning("%s is no longer the socket this process created: left alone", path)
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove the socket %s: %s", path, exc)
 
 
 def connect(

@@ -64,16 +64,19 @@ class BackendListener:
     ``max_connections`` bounds how many front-ends are served at once (a device that keeps
     one state, such as a tap-backed NIC, uses 1: a second front-end then waits until the first
     leaves).
+
+    ``path`` may also be a :class:`~vhostkit.user.connection.Listener` already bound (with the
+    socket mode and owner the caller chose); this object then owns and closes it.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | Listener,
         factory: HandlerFactory,
         *,
         max_connections: int | None = None,
     ) -> None:
-        self.listener = Listener(path)
+        self.listener = path if isinstance(path, Listener) else Listener(path)
         self.factory = factory
         self.servers: list[BackendReqServer] = []
         #: unexpected failures (bugs): a test asserts this stays empty

@@ -1,23 +1,19 @@
-"""The ``vhostkit`` command line.
-
-* ``vhostkit net-backend --socket PATH --tap NAME``: the tap-backed vhost-user net daemon.
-* ``vhostkit blk-backend --socket PATH --image FILE``: the file-backed vhost-user blk daemon.
+"""``vhostkit demo``: the README's main job.
 
 ``vhostkit demo`` starts a vhostkit vhost-user back-end on a Unix socket, drives it with the
 vhostkit front-end over that socket, and prints what the two sides negotiated and what the
-back-end ended up holding (memory it mapped, ring state).
+back-end ended up holding (memory it mapped, ring state), then pushes frames through
+vhost-user rings to an echo back-end and checks they all come back.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from vhostkit.types import VringAddr
 from vhostkit.user import BackendDevice, BackendListener, Frontend
@@ -25,7 +21,7 @@ from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature, feature_names
 from vhostkit.virtio.memory import GuestMemory
 
-__all__ = ["main"]
+__all__ = ["add_arguments", "run", "run_demo"]
 
 NET_FEATURES = (
     VirtioFeature.VERSION_1
@@ -180,45 +176,10 @@ def _demo_traffic(say: Callable[[str], None], count: int = 2000) -> None:
             device.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vhostkit", description="Drive virtio data planes: kernel vhost and vhost-user."
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log protocol messages")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="vhostkit front-end drives a vhostkit back-end over a socket")
-    sub.add_parser("net-backend", add_help=False, help="tap-backed vhost-user net daemon")
-    sub.add_parser("blk-backend", add_help=False, help="file-backed vhost-user blk daemon")
-    from vhostkit.lab import cli as lab_cli
-
-    lab_cli.add_arguments(
-        sub.add_parser(
-            "lab",
-            help="scripted VM networking labs: check and run lab files",
-            description="Scripted VM networking labs (see labs/README.md).",
-        )
-    )
-    from vhostkit.trace import cli as trace_cli
-
-    trace_cli.add_arguments(sub.add_parser("trace", help="trace a vhost-user connection"))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # the daemons parse their own options
-    for name, module in (("net-backend", "net"), ("blk-backend", "blk")):
-        if name in argv[:2]:
-            rest = argv[argv.index(name) + 1 :]
-            return int(importlib.import_module(f"vhostkit.devices.{module}").main(rest))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
-    )
-    if args.command == "demo":
-        return run_demo()
-    if args.command == "lab":
-        return lab_cli.run(args)
-    if args.command == "trace":
-        return trace_cli.run(args)
-    return 2  # pragma: no cover
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``vhostkit demo`` takes no options of its own."""
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; its report goes to stdout."""
+    return run_demo()
