@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
+from vhostkit._frames import without_frames
 from vhostkit.errors import (
     Disconnected,
     FeatureNotNegotiated,
@@ -343,7 +344,7 @@ class BackendReqServer:
             reply_payload, reply_fds = self._dispatch(msg)
         except VhostError as exc:
             msg.close_fds()
-            self.last_error = exc
+            self.last_error = without_frames(exc)  # kept, without the frames
             log.warning("%s failed: %s", msg.request.name, exc)
             if r := _STATUS_REPLIES.get(msg.request):
                 self.conn.send(msg.reply(U64(r(_errno_of(exc)))))
