@@ -12,9 +12,9 @@ In-process tests check the same at the library level: :class:`BackendListener` f
 finished connections (their server, thread and handler), and a request that fails leaves no
 frame (hence no mapping) behind in ``last_error``.
 
-Each daemon test runs :data:`CYCLES` cycles (a few seconds); ``VHOSTKIT_LONG=1 python3 -m pytest -m reliability``
-runs :data:`LONG_CYCLES` instead (a few minutes). The well-behaved cycles also bound the
-daemon's RSS growth (:data:`RSS_SLACK_KB`).
+Each daemon test runs :data:`CYCLES` cycles (a few seconds);
+``VHOSTKIT_LONG=1 python3 -m pytest -m reliability`` runs :data:`LONG_CYCLES` instead (a few
+minutes). The well-behaved cycles also bound the daemon's RSS growth (:data:`RSS_SLACK_KB`).
 """
 
 from __future__ import annotations
@@ -28,23 +28,26 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from helpers.blk_driver import QUEUE_AREA, QUEUE_SIZE, BlkDriver
 
-from vhostkit.errors import RequestFailed, VhostError
+from vhostkit.errors import RequestFailed, Unsupported, VhostError
 from vhostkit.types import VringAddr
-from vhostkit.user import BackendListener, Frontend
+from vhostkit.user import BackendListener, Frontend, FrontendReqHandler, FrontendReqServer
 from vhostkit.user.backend.device import BackendDevice
 from vhostkit.user.backend.ring_device import SinkDevice
-from vhostkit.user.codec import Message
-from vhostkit.user.message import FrontendReq, VringStatePayload
+from vhostkit.user.backend_req import BackendChannel
+from vhostkit.user.codec import Channel, Message
+from vhostkit.user.connection import Connection
+from vhostkit.user.message import FrontendReq, ProtocolFeature, VringStatePayload
 from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.split import SplitDriverQueue
 
 pytestmark = pytest.mark.reliability
+P = ProtocolFeature
 
 LONG = os.environ.get("VHOSTKIT_LONG") == "1"
 #: connections per daemon test
@@ -160,7 +163,7 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon_factory(sock_dir, tmp_path) -> Iterator[Callable[..., Daemon]]:
+def daemon_factory(fd_check, sock_dir, tmp_path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
     def start(*args: str) -> Daemon:
@@ -294,6 +297,18 @@ def hostile_out_of_order(fe: Frontend, drv: BlkDriver) -> None:
     fe.get_vring_base(0)
 
 
+def hostile_bad_memory_table(fe: Frontend, drv: BlkDriver) -> None:
+    """A region past the end of its memfd, an empty table, then a good table and a read."""
+    fe.set_owner()
+    drv.features, drv.protocol = fe.negotiate(drv.wanted_features, drv.wanted_protocol)
+    (region,) = drv.mem.regions
+    refused(lambda: fe.set_mem_table([replace(region, memory_size=region.memory_size * 4)]))
+    fe.set_mem_table(drv.mem.regions)
+    start_ring(fe, drv, 0)
+    refused(lambda: fe.set_mem_table([replace(region, mmap_offset=region.memory_size)]))
+    assert drv.read(0, 512).status == 0  # the old table stays
+
+
 def hostile_kick_replaced(fe: Frontend, drv: BlkDriver) -> None:
     """A running ring's kick fd replaced, then a failed start's kick, then ring 1 set up.
 
@@ -336,6 +351,7 @@ HOSTILE = [
     hostile_bad_addresses,
     hostile_bad_ring_numbers,
     hostile_out_of_order,
+    hostile_bad_memory_table,
     hostile_kick_replaced,
     hostile_disconnect_in_get_vring_base,
 ]
@@ -472,3 +488,18 @@ def test_a_failed_request_keeps_an_error_but_no_frames(fd_check, sock_dir) -> No
         del server
         gc.collect()
         assert len(devices) == 0
+
+
+def test_the_frontend_side_keeps_a_failed_backend_request_without_frames(fd_check) -> None:
+    a, b = Connection.pair(Channel.BACKEND)
+    server = FrontendReqServer(a, FrontendReqHandler(), int(P.CONFIG | P.REPLY_ACK))
+    channel = BackendChannel(b, int(P.CONFIG | P.REPLY_ACK))
+    server.start()
+    try:
+        with pytest.raises(RequestFailed):
+            channel.config_change()  # the default handler refuses it
+    finally:
+        channel.close()
+        server.close()
+    assert isinstance(server.last_error, Unsupported)
+    assert server.last_error.__traceback__ is None
