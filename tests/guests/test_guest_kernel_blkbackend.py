@@ -22,7 +22,8 @@ After the VM is off, the host checks the image file itself against what it expec
 written ranges hold the seeded data, the discarded and zeroed ranges zeroes, everything else
 what it held before), and the back-end's side: both rings started and carried requests, every
 request type the guest used was answered OK (none failed: QEMU asks for no reply to most
-vhost-user requests, so :attr:`BackendReqServer.last_error` is where a failure would show),
+vhost-user requests, so :attr:`BackendListener.request_errors`, each connection's
+:attr:`BackendReqServer.last_error`, is where a failure would show),
 the listener had no error and rejected nobody. The read-only test serves the image with
 ``read_only=True`` and 4 KiB logical blocks: the guest sees a read-only disk, reads it, fails
 to write, and the image stays byte-identical.
@@ -272,7 +273,7 @@ def run_guest_check(
             completed=dict(dev.completed),
             listener_errors=list(listener.errors),
             rejected=list(listener.rejected),
-            request_errors=[s.last_error for s in listener.servers if s.last_error],
+            request_errors=list(listener.request_errors),  # stopped: all finished
         )
     run.seconds = time.monotonic() - t0
     log.debug("guest output:\n%s", result.output)

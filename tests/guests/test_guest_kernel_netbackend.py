@@ -554,7 +554,11 @@ def run_guest_check(
             downloads_sent=list(peer.downloads_sent),
             peer_errors=[*peer.errors, *echo.errors],
             echoed=echo.echoed,
-            request_errors=[s.last_error for s in rig.listener.servers if s.last_error],
+            # live connections first: one that finishes meanwhile is then in request_errors
+            request_errors=[
+                *(s.last_error for s in list(rig.listener.servers) if s.last_error),
+                *rig.listener.request_errors,
+            ],
         )
     run.seconds = time.monotonic() - t0
     log.info(

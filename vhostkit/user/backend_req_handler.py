@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeAlias, TypeVar
 
+from vhostkit._frames import without_frames
 from vhostkit.errors import (
     Disconnected,
     IncorrectFds,
@@ -404,7 +405,7 @@ class BackendReqServer:
             answer = route(self, msg)
         except VhostError as exc:
             msg.close_fds()
-            self.last_error = exc
+            self.last_error = without_frames(exc)  # kept, without the frames
             log.warning("%s failed: %s", msg.request.name, exc)
             if route.failure_status is not None:
                 self.conn.send(msg.reply(U64(route.failure_status(_errno_of(exc)))))

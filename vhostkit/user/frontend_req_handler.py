@@ -17,6 +17,7 @@ import logging
 import threading
 import uuid
 
+from vhostkit._frames import without_frames
 from vhostkit.errors import (
     Disconnected,
     InvalidOperation,
@@ -113,7 +114,7 @@ class FrontendReqServer:
             reply_fds = self._dispatch(msg)
         except VhostError as exc:
             msg.close_fds()
-            self.last_error = exc
+            self.last_error = without_frames(exc)  # kept, without the frames
             status = exc.errno or _errno.EIO
             log.warning("back-end request %s failed: %s", msg.request.name, exc)
         except BaseException:

@@ -30,7 +30,6 @@ from vhostkit.types import MemoryRegion, VringAddr
 from vhostkit.user.backend.inflight import packed_queue_region_size, split_queue_region_size
 from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.backend_req_handler import BackendHandler, InflightArea
-from vhostkit.user.codec import close_fds
 from vhostkit.user.connection import Connection
 from vhostkit.user.message import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -63,25 +62,93 @@ _RING_PACKED = 1 << 34
 
 @dataclass
 class VringInfo:
-    """What the front-end told the back-end about one ring."""
+    """What the front-end told the back-end about one ring.
+
+    The ring's kick, call and err eventfds are owned here, and only here: each is closed
+    exactly once, when it is replaced, given back (:meth:`release_kick`) or when the ring's
+    state is dropped (:meth:`close_fds`). Ring workers and :class:`ActiveRing` only borrow
+    them, while the ring runs (replacing one stops or locks out its worker first).
+    """
 
     index: int
     num: int = 0
     addr: VringAddr | None = None
     base: int = 0
-    kick_fd: int | None = None
-    call_fd: int | None = None
-    err_fd: int | None = None
     polling: bool = False
     enabled: bool = False
     started: bool = False
     big_endian: bool = False
     kicks: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    _kick_fd: int | None = field(default=None, init=False, repr=False)
+    _call_fd: int | None = field(default=None, init=False, repr=False)
+    _err_fd: int | None = field(default=None, init=False, repr=False)
+
+    @property
+    def kick_fd(self) -> int | None:
+        """The kick eventfd (borrowed: only this object closes it)."""
+        return self._kick_fd
+
+    @property
+    def call_fd(self) -> int | None:
+        """The call eventfd (borrowed: only this object closes it)."""
+        return self._call_fd
+
+    @property
+    def err_fd(self) -> int | None:
+        """The error eventfd (borrowed: only this object closes it)."""
+        return self._err_fd
+
+    def set_kick(self, fd: int | None) -> None:
+        """Close the kick eventfd, then take ``fd`` in its place (if closing fails, ``fd``
+        is not taken: it stays the caller's)."""
+        old, self._kick_fd = self._kick_fd, None
+        _close(old)
+        self._kick_fd = fd
+
+    def set_call(self, fd: int | None) -> None:
+        """Close the call eventfd, then take ``fd`` in its place (if closing fails, ``fd``
+        is not taken: it stays the caller's)."""
+        old, self._call_fd = self._call_fd, None
+        _close(old)
+        self._call_fd = fd
+
+    def set_err(self, fd: int | None) -> None:
+        """Close the error eventfd, then take ``fd`` in its place (if closing fails, ``fd``
+        is not taken: it stays the caller's)."""
+        old, self._err_fd = self._err_fd, None
+        _close(old)
+        self._err_fd = fd
+
+    def release_kick(self) -> int | None:
+        """Give the kick eventfd up without closing it (the caller owns it now)."""
+        fd, self._kick_fd = self._kick_fd, None
+        return fd
 
     def close_fds(self) -> None:
-        close_fds(fd for fd in (self.kick_fd, self.call_fd, self.err_fd) if fd is not None)
-        self.kick_fd = self.call_fd = self.err_fd = None
+        """Close the kick, call and err eventfds (each once); the ring then has none."""
+        fds = (self._kick_fd, self._call_fd, self._err_fd)
+        self._kick_fd = self._call_fd = self._err_fd = None
+        failed: OSError | None = None
+        for fd in fds:
+            try:
+                _close(fd)
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
+
+
+def _close(fd: int | None) -> None:
+    """Close an fd this process owns. EBADF is a bug (a double close), so it is raised."""
+    if fd is not None:
+        os.close(fd)
+
+
+def _close_region_fds(regions: tuple[MemoryRegion, ...]) -> None:
+    """Close the fds that came with mapped regions (each fd once)."""
+    for fd in {r.fd for r in regions if r.fd is not None}:
+        os.close(fd)
 
 
 def _region_key(region: MemoryRegion) -> tuple[int, int, int]:
@@ -179,7 +246,11 @@ class BackendDevice(BackendHandler):
         if not self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
             ring.enabled = True
         log.debug("ring %d started (enabled=%s)", ring.index, ring.enabled)
-        self.ring_started(ring)
+        try:
+            self.ring_started(ring)
+        except BaseException:
+            ring.started = False
+            raise
 
     def ring_started(self, ring: VringInfo) -> None:
         """Hook: ring ``ring.index`` just started. Devices start their worker here."""
@@ -231,8 +302,9 @@ class BackendDevice(BackendHandler):
     # -- memory --
 
     def set_mem_table(self, regions: tuple[MemoryRegion, ...]) -> None:
-        # Mapped, the memory stays alive without the fds: they are closed, also on failure.
-        memory = GuestMemory.map_regions(regions, take_fds=True)
+        # Mapped, the memory stays alive without the fds. They are ours to close only once
+        # the request succeeds: when it fails, the server closes them (once).
+        memory = GuestMemory.map_regions(regions)
         old, self.memory = self.memory, memory
         self.mem_region_dups = {}
         if old is not None:
@@ -246,6 +318,7 @@ class BackendDevice(BackendHandler):
         )
         self.memory_changed()
         self._changed()
+        _close_region_fds(regions)
 
     def memory_changed(self) -> None:
         """Hook: the memory table changed (rebuild ring views here)."""
@@ -273,9 +346,10 @@ class BackendDevice(BackendHandler):
             self.memory = GuestMemory()
         if len(self.memory.regions) >= self.max_mem_slots:
             raise InvalidParam(f"all {self.max_mem_slots} memory slots are in use")
-        self.memory.add_region(region, take_fd=True)
+        self.memory.add_region(region)  # on failure the server closes the fd
         self.memory_changed()
         self._changed()
+        _close_region_fds((region,))
 
     def remove_mem_region(self, region: MemoryRegion) -> None:
         if self.memory is None:
@@ -332,32 +406,30 @@ class BackendDevice(BackendHandler):
         position = self.ring_stopped(ring) if ring.started else ring.base
         ring.base = position
         ring.started = False
-        if ring.kick_fd is not None:
-            os.close(ring.kick_fd)
-            ring.kick_fd = None
+        ring.set_kick(None)
         self._changed()
         return position
 
     def set_vring_kick(self, index: int, fd: int | None) -> None:
         ring = self._ring(index)
-        if ring.kick_fd is not None:
-            os.close(ring.kick_fd)
-        ring.kick_fd, ring.polling = fd, fd is None
-        self._maybe_start(ring)
+        try:
+            ring.set_kick(fd)
+            ring.polling = fd is None
+            self._maybe_start(ring)
+        except BaseException:
+            # The request fails, so the server closes the fd it brought: the ring must not
+            # keep that number (closing it again later would close whatever reuses it).
+            ring.release_kick()
+            ring.polling = False
+            raise
         self._changed()
 
     def set_vring_call(self, index: int, fd: int | None) -> None:
-        ring = self._ring(index)
-        if ring.call_fd is not None:
-            os.close(ring.call_fd)
-        ring.call_fd = fd
+        self._ring(index).set_call(fd)
         self._changed()
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
-        ring = self._ring(index)
-        if ring.err_fd is not None:
-            os.close(ring.err_fd)
-        ring.err_fd = fd
+        self._ring(index).set_err(fd)
         self._changed()
 
     def set_vring_enable(self, index: int, enable: bool) -> None:

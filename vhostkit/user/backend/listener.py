@@ -15,9 +15,11 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Self
 
+from vhostkit._frames import without_frames
 from vhostkit.errors import (
     ProtocolError,
     SocketConnect,
@@ -34,16 +36,19 @@ log = logging.getLogger(__name__)
 HandlerFactory = Callable[[], BackendHandler]
 #: How often a client-mode back-end retries while the front-end's socket does not exist yet.
 CONNECT_RETRY_INTERVAL = 0.05
+#: How many errors a listener or client keeps (the newest): a hostile front-end that fails
+#: requests on connection after connection must not grow the back-end's memory.
+MAX_KEPT_ERRORS = 64
 
 
 def _start_logged(
     target: Callable[[], None],
     name: str,
     stopping: threading.Event,
-    errors: list[BaseException],
+    errors: deque[BaseException],
 ) -> threading.Thread:
     """Run ``target`` in a daemon thread; a failure that is not part of stopping is logged and
-    kept in ``errors`` (tests assert it stays empty)."""
+    kept in ``errors`` (tests assert it stays empty), without its frames."""
 
     def run() -> None:
         try:
@@ -51,7 +56,7 @@ def _start_logged(
         except BaseException as exc:
             if not stopping.is_set():
                 log.exception("%s failed", name)
-                errors.append(exc)
+                errors.append(without_frames(exc))
 
     thread = threading.Thread(target=run, daemon=True, name=name)
     thread.start()
@@ -67,6 +72,10 @@ class BackendListener:
 
     ``path`` may also be a :class:`~vhostkit.user.connection.Listener` already bound (with the
     socket mode and owner the caller chose); this object then owns and closes it.
+
+    A connection that ends leaves nothing here but a count and, if it failed, its error
+    without the frames it was raised in: its server, thread and handler are dropped, so
+    nothing keeps its memory table, fds or stack alive.
     """
 
     def __init__(
@@ -78,16 +87,23 @@ class BackendListener:
     ) -> None:
         self.listener = path if isinstance(path, Listener) else Listener(path)
         self.factory = factory
+        #: the connections being served now
         self.servers: list[BackendReqServer] = []
-        #: unexpected failures (bugs): a test asserts this stays empty
-        self.errors: list[BaseException] = []
-        #: front-ends dropped for breaking the protocol
-        self.rejected: list[ProtocolError] = []
+        #: front-ends accepted so far
+        self.connections = 0
+        #: unexpected failures (bugs), newest last: a test asserts this stays empty
+        self.errors: deque[BaseException] = deque(maxlen=MAX_KEPT_ERRORS)
+        #: front-ends dropped for breaking the protocol, newest last
+        self.rejected: deque[ProtocolError] = deque(maxlen=MAX_KEPT_ERRORS)
+        #: :attr:`BackendReqServer.last_error` of each finished connection that had one
+        #: (a request that failed), newest last
+        self.request_errors: deque[VhostError] = deque(maxlen=MAX_KEPT_ERRORS)
         self._slots = threading.BoundedSemaphore(max_connections) if max_connections else None
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[BackendReqServer, threading.Thread] = {}
         self._accept_thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     @property
     def path(self) -> str:
@@ -106,17 +122,30 @@ class BackendListener:
                 if self._stopping.is_set():
                     return
                 raise
+            self._start_serving(conn)
+            del conn  # closed once served: not kept while waiting for the next
+
+    def _start_serving(self, conn: Connection) -> None:
+        # A method of its own, so that no local of the accept loop keeps the last connection
+        # (its server, handler, memory) alive while the loop waits for the next one.
+        try:
             server = BackendReqServer(conn, self.factory())
-            with self._lock:
-                self.servers.append(server)
+        except BaseException:
+            conn.close()
+            if self._slots is not None:
+                self._slots.release()
+            raise
+        with self._lock:
+            self.connections += 1
             t = threading.Thread(
                 target=self._serve_one,
                 args=(server,),
                 daemon=True,
-                name=f"vhost-user-backend-{len(self.servers)}",
+                name=f"vhost-user-backend-{self.connections}",
             )
-            self._threads.append(t)
-            t.start()
+            self.servers.append(server)
+            self._threads[server] = t
+            t.start()  # under the lock: stop() never sees a thread it cannot join
 
     def _serve_one(self, server: BackendReqServer) -> None:
         try:
@@ -125,13 +154,24 @@ class BackendListener:
             log.info("front-end connection ended: %s", exc)
         except ProtocolError as exc:
             log.warning("dropped a front-end that broke the protocol: %s", exc)
-            self.rejected.append(exc)
+            self.rejected.append(without_frames(exc))
         except BaseException as exc:
             log.exception("back-end connection failed")
-            self.errors.append(exc)
+            self.errors.append(without_frames(exc))
         finally:
+            with self._lock:
+                self.servers.remove(server)
+                del self._threads[server]
+                if server.last_error is not None:
+                    self.request_errors.append(without_frames(server.last_error))
+                self._idle.notify_all()
             if self._slots is not None:
                 self._slots.release()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no connection is being served; False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self.servers, timeout)
 
     def start(self) -> Self:
         """Serve in a background thread."""
@@ -148,9 +188,10 @@ class BackendListener:
         self.listener.close()
         with self._lock:
             servers = list(self.servers)
+            threads = list(self._threads.values())
         for server in servers:
             server.stop()
-        for t in [*self._threads, self._accept_thread]:
+        for t in [*threads, self._accept_thread]:
             if t is not None and t is not threading.current_thread():
                 t.join(timeout)
 
@@ -184,7 +225,8 @@ class BackendClient:
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
         self.connections = 0
-        self.errors: list[BaseException] = []
+        #: unexpected failures, newest last (without their frames)
+        self.errors: deque[BaseException] = deque(maxlen=MAX_KEPT_ERRORS)
         self._stop = stop if stop is not None else threading.Event()
         self._lock = threading.Lock()
         self._server: BackendReqServer | None = None

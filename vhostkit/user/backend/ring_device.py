@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from vhostkit._frames import without_frames
 from vhostkit.errors import InvalidOperation, VhostError, VirtqueueError
 from vhostkit.types import MemoryRegion, VringAddr
 from vhostkit.user.backend.device import BackendDevice, VringInfo
@@ -65,7 +66,11 @@ DeviceQueue = SplitDeviceQueue | PackedDeviceQueue
 
 @dataclass(eq=False)
 class ActiveRing:
-    """A started ring: its device-role queue, its worker and the fds it signals."""
+    """A started ring: its device-role queue and its worker.
+
+    It owns only its control eventfd (:attr:`ctl_fd`); the kick, call and err fds are
+    borrowed from :attr:`info`, which alone closes them.
+    """
 
     info: VringInfo
     queue: DeviceQueue
@@ -425,11 +430,11 @@ class RingDevice(BackendDevice):
                     self._run_once(active)
         except VirtqueueError as exc:
             log.error("ring %d is broken: %s", info.index, exc)
-            active.error = exc
+            active.error = without_frames(exc)  # the frames hold views of guest memory
             self._signal_error(active)
         except BaseException as exc:
             log.exception("ring %d worker failed", info.index)
-            active.error = exc
+            active.error = without_frames(exc)
             self._signal_error(active)
         finally:
             self._changed()
@@ -510,7 +515,7 @@ class RingDevice(BackendDevice):
                 except VirtqueueError as exc:
                     # the table was taken; only this ring cannot follow it
                     log.error("ring %d is broken: %s", active.index, exc)
-                    active.error = exc
+                    active.error = without_frames(exc)
                     active.signal_error()
         finally:
             for active in paused:
