@@ -32,9 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-from helpers.blk_driver import QUEUE_AREA, QUEUE_SIZE, BlkDriver
 
 from vhostkit.errors import RequestFailed, Unsupported, VhostError
+from vhostkit.guest.blk import QUEUE_AREA, QUEUE_SIZE, BlkDriver
 from vhostkit.types import VringAddr
 from vhostkit.user import BackendListener, Frontend, FrontendReqHandler, FrontendReqServer
 from vhostkit.user.backend.device import BackendDevice
