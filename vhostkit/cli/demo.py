@@ -9,11 +9,13 @@ vhost-user rings to an echo back-end and checks they all come back.
 from __future__ import annotations
 
 import argparse
+import enum
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from vhostkit.types import VringAddr
 from vhostkit.user import BackendDevice, BackendListener, Frontend
@@ -36,15 +38,15 @@ NET_FEATURES = (
 RING_SIZE = 256
 
 
-def _names(bits: int, table: type) -> str:
+def _names(bits: int, table: type[enum.IntFlag]) -> str:
     return ", ".join(f.name for f in table if f & bits and f.name) or "-"
 
 
-def run_demo(out: object = sys.stdout) -> int:
+def run_demo(out: TextIO = sys.stdout) -> int:
     """The demo behind ``vhostkit demo``; returns the exit code."""
 
     def say(text: str = "") -> None:
-        print(text, file=out)  # type: ignore[arg-type]
+        print(text, file=out)
 
     mac = bytes.fromhex("525400123456")
     config = (

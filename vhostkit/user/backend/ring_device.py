@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -557,7 +558,7 @@ class SinkDevice(RingDevice):
     Counts what it saw: useful as a benchmark sink and as a reference device.
     """
 
-    def __init__(self, **kwargs: object) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.chains = [0] * self.num_queues
         self.bytes = [0] * self.num_queues
