@@ -1,7 +1,18 @@
-"""vhost-user back-end devices built on :class:`vhostkit.user.backend.ring_device.RingDevice`.
+"""vhost-user back-end devices built on :class:`vhostkit.user.backend.RingDevice`.
 
-* :mod:`vhostkit.devices.net`: tap-backed virtio-net (the userspace twin of vhost-net).
-* :mod:`vhostkit.devices.blk`: file-backed virtio-blk.
+* :class:`NetDevice` (:mod:`vhostkit.devices.net`): tap-backed virtio-net, the userspace twin
+  of vhost-net;
+* :class:`BlkDevice` (:mod:`vhostkit.devices.blk`): file-backed virtio-blk;
+* :class:`EchoDevice` (:mod:`vhostkit.devices.echo`): a virtio-net shaped device that sends
+  every transmitted frame back (for tests and demos).
 
-Each module runs as a standalone daemon: ``python3 -m vhostkit.devices.net --help``.
+Serve one with :class:`vhostkit.user.BackendListener`, or run it as a daemon:
+``vhostkit backend net --socket PATH --tap NAME`` / ``vhostkit backend blk --socket PATH
+--image FILE``.
 """
+
+from vhostkit.devices.blk import BlkDevice
+from vhostkit.devices.echo import EchoDevice
+from vhostkit.devices.net import NetDevice
+
+__all__ = ["BlkDevice", "EchoDevice", "NetDevice"]

@@ -65,14 +65,20 @@ VHOST_NET_F_VIRTIO_NET_HDR = 27
 
 
 class vhost_vring_state(ctypes.Structure):
+    """``struct vhost_vring_state``: a ring index with a number (size or position)."""
+
     _fields_ = [("index", ctypes.c_uint), ("num", ctypes.c_uint)]
 
 
 class vhost_vring_file(ctypes.Structure):
+    """``struct vhost_vring_file``: a ring index with an fd (-1 detaches)."""
+
     _fields_ = [("index", ctypes.c_uint), ("fd", ctypes.c_int)]
 
 
 class vhost_vring_addr(ctypes.Structure):
+    """``struct vhost_vring_addr``: where a ring's parts are, in the caller's addresses."""
+
     _fields_ = [
         ("index", ctypes.c_uint),
         ("flags", ctypes.c_uint),
@@ -84,6 +90,8 @@ class vhost_vring_addr(ctypes.Structure):
 
 
 class vhost_memory_region(ctypes.Structure):
+    """``struct vhost_memory_region``: one region of the memory table."""
+
     _fields_ = [
         ("guest_phys_addr", ctypes.c_uint64),
         ("memory_size", ctypes.c_uint64),
@@ -103,10 +111,14 @@ class vhost_memory(ctypes.Structure):
 
 
 class vhost_worker_state(ctypes.Structure):
+    """``struct vhost_worker_state``: a vhost worker thread's id (NEW/FREE_WORKER)."""
+
     _fields_ = [("worker_id", ctypes.c_uint)]
 
 
 class vhost_vring_worker(ctypes.Structure):
+    """``struct vhost_vring_worker``: which worker serves a ring."""
+
     _fields_ = [("index", ctypes.c_uint), ("worker_id", ctypes.c_uint)]
 
 

@@ -19,18 +19,45 @@ and key, and what would be right.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vhostkit.lab.checks import (
+    Checker,
+    at_least,
+    between,
+    check_cidr,
+    check_dhcp_range,
+    check_ifname,
+    check_mac,
+    check_name,
+    check_positive,
+    check_regex,
+    check_size,
+    dotted,
+    one_of,
+    parse_size,
+)
 from vhostkit.lab.errors import LabFileError, LabIssue
-from vhostkit.lab.locate import KeyPath, key_lines, line_of
+from vhostkit.lab.locate import KeyPath, key_lines
+from vhostkit.lab.model import (
+    SWAPPABLE,
+    Bridge,
+    Disk,
+    Guest,
+    GuestKind,
+    Lab,
+    Link,
+    Namespace,
+    Nic,
+    Plane,
+    Step,
+    StepKind,
+)
 
 __all__ = [
     "Bridge",
@@ -48,375 +75,6 @@ __all__ = [
     "parse_lab",
 ]
 
-IFNAME_MAX = 15  # IFNAMSIZ - 1
-
-
-class Plane(StrEnum):
-    """Which data plane serves a NIC's rings."""
-
-    #: kernel vhost-net on a tap (a virtual guest's own VMM, or QEMU's ``vhost=on``)
-    KERNEL = "kernel"
-    #: the vhostkit net back-end daemon on a tap, over vhost-user
-    VHOSTKIT = "vhostkit"
-    #: the vhostkit net back-end daemon with the rings handed to kernel vhost-net
-    OFFLOAD = "offload"
-
-
-class GuestKind(StrEnum):
-    """What plays the guest."""
-
-    #: vhostkit's userspace virtio-net driver with a small IP responder, in its own process
-    VIRTUAL = "virtual"
-    #: QEMU (TCG) booting Debian's kernel, commands run inside it
-    LINUX = "linux"
-
-
-class StepKind(StrEnum):
-    """What a step does."""
-
-    PING = "ping"
-    STREAM = "stream"
-    STOP = "stop"
-    TCP = "tcp"
-    SWAP = "swap"
-    RESTART_BACKEND = "restart-backend"
-    LINK = "link"
-    WAIT = "wait"
-    RUN = "run"
-
-
-#: The planes a NIC may be moved between by a ``swap`` step, by guest kind. A virtual guest's
-#: own VMM can hand its rings to any plane; QEMU cannot change its netdev type while it runs,
-#: so a linux guest can only move inside the vhostkit back-end (user plane <-> kernel offload).
-SWAPPABLE: Mapping[GuestKind, frozenset[Plane]] = {
-    GuestKind.VIRTUAL: frozenset({Plane.KERNEL, Plane.VHOSTKIT, Plane.OFFLOAD}),
-    GuestKind.LINUX: frozenset({Plane.VHOSTKIT, Plane.OFFLOAD}),
-}
-
-
-# --- the values ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Bridge:
-    """A Linux bridge in the lab's network namespace; ``address`` is its own, if any."""
-
-    name: str
-    address: ipaddress.IPv4Interface | None = None
-    mtu: int | None = None
-    line: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """One veth pair from a namespace into a bridge; ``dhcp`` is a range served on it."""
-
-    bridge: str
-    address: ipaddress.IPv4Interface | None = None
-    mtu: int | None = None
-    dhcp: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Namespace:
-    """A network namespace standing in for a host on the lab's network."""
-
-    name: str
-    links: tuple[Link, ...] = ()
-    line: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Nic:
-    """A guest's virtio-net NIC: its bridge, data plane and addresses."""
-
-    bridge: str
-    plane: Plane = Plane.VHOSTKIT
-    address: ipaddress.IPv4Interface | None = None
-    mac: str | None = None
-    queues: int = 1
-    offloads: bool = True
-    dhcp: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Disk:
-    """A linux guest's virtio-blk disk, served by the vhostkit blk back-end from a file."""
-
-    size: int
-    read_only: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Guest:
-    """A guest with its NICs (and, for linux guests, disks)."""
-
-    name: str
-    kind: GuestKind
-    nics: tuple[Nic, ...] = ()
-    disks: tuple[Disk, ...] = ()
-    memory: int = 256 << 20
-    line: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One step: its kind, its name, its parameters and its expectations.
-
-    ``params`` and ``expect`` hold the checked values of the keys :data:`STEP_KEYS` allows for
-    the kind (defaults filled in); ``at`` is the time (seconds since the lab started) the step
-    waits for before it runs, if given.
-    """
-
-    kind: StepKind
-    name: str
-    params: Mapping[str, Any] = field(default_factory=dict)
-    expect: Mapping[str, float] = field(default_factory=dict)
-    at: float | None = None
-    background: bool = False
-    line: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Lab:
-    """A whole checked lab file."""
-
-    name: str
-    path: str
-    summary: str = ""
-    timeout: float = 300.0
-    bridges: tuple[Bridge, ...] = ()
-    namespaces: tuple[Namespace, ...] = ()
-    guests: tuple[Guest, ...] = ()
-    steps: tuple[Step, ...] = ()
-
-    def guest(self, name: str) -> Guest:
-        """The guest called ``name`` (``KeyError`` if there is none)."""
-        for guest in self.guests:
-            if guest.name == name:
-                return guest
-        raise KeyError(name)
-
-    @property
-    def needs_kernel_vhost(self) -> bool:
-        """True when some NIC uses kernel vhost-net, now or after a swap."""
-        planes = {nic.plane for guest in self.guests for nic in guest.nics}
-        planes |= {Plane(step.params["to"]) for step in self.steps if step.kind is StepKind.SWAP}
-        return bool(planes & {Plane.KERNEL, Plane.OFFLOAD})
-
-    @property
-    def needs_qemu(self) -> bool:
-        """True when a linux guest is booted."""
-        return any(guest.kind is GuestKind.LINUX for guest in self.guests)
-
-
-# --- checking ---------------------------------------------------------------------------------
-
-_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
-_MAC = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
-_SIZE = re.compile(r"^(\d+)\s*([KMG]i?B?|)$", re.IGNORECASE)
-
-
-class _Checker:
-    """Collects issues while the parsed document is turned into values."""
-
-    def __init__(self, path: str, lines: Mapping[KeyPath, int]) -> None:
-        self.path = path
-        self.lines = lines
-        self.issues: list[LabIssue] = []
-
-    def issue(self, where: KeyPath, message: str) -> None:
-        self.issues.append(LabIssue(self.path, line_of(self.lines, where), _dotted(where), message))
-
-    def line(self, where: KeyPath) -> int | None:
-        return line_of(self.lines, where)
-
-    def table(
-        self, where: KeyPath, value: object, allowed: Sequence[str], required: Sequence[str] = ()
-    ) -> dict[str, Any] | None:
-        """``value`` as a table whose keys are all ``allowed`` and include ``required``."""
-        if not isinstance(value, dict):
-            self.issue(where, f"must be a table, not {_kind(value)}")
-            return None
-        for key in value:
-            if key not in allowed:
-                self.issue((*where, key), _unknown_key(key, allowed))
-        for key in required:
-            if key not in value:
-                self.issue(where, f"missing required key '{key}'")
-        return value
-
-    def get(
-        self,
-        where: KeyPath,
-        table: Mapping[str, Any],
-        key: str,
-        kind: type | tuple[type, ...],
-        default: Any = None,
-        check: Callable[[Any], str | None] | None = None,
-    ) -> Any:
-        """``table[key]`` if it is of ``kind`` and passes ``check``; else ``default`` (noted)."""
-        if key not in table:
-            return default
-        value = table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        elif float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
-            shown = [k for k in kinds if not (k is int and float in kinds)]
-            names = " or ".join(_TYPE_NAMES[k] for k in shown)
-            self.issue((*where, key), f"must be {names}, not {_kind(value)} ({value!r})")
-            return default
-        if check is not None and (problem := check(value)) is not None:
-            self.issue((*where, key), problem)
-            return default
-        return value
-
-    def array(self, where: KeyPath, doc: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
-        """``doc[key]`` as an array of tables (``[[key]]``)."""
-        value = doc.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            self.issue((*where, key), f"must be an array of tables ([[{key}]]), not {_kind(value)}")
-            return []
-        return value
-
-
-_TYPE_NAMES: dict[type, str] = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    dict: "a table",
-    list: "an array",
-}
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    for kind, name in _TYPE_NAMES.items():
-        if isinstance(value, kind):
-            return name
-    return type(value).__name__
-
-
-def _dotted(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
-
-
-def _unknown_key(key: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{key}'{hint} (allowed here: {', '.join(sorted(allowed))})"
-
-
-def _one_of(choices: Sequence[str]) -> Callable[[str], str | None]:
-    def check(value: str) -> str | None:
-        if value in choices:
-            return None
-        close = difflib.get_close_matches(value, list(choices), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"'{value}' is not one of {', '.join(choices)}{hint}"
-
-    return check
-
-
-def _name(value: str) -> str | None:
-    if not _NAME.match(value):
-        return f"'{value}' must be lower-case letters, digits and '-', starting with a letter"
-    if len(value) > 12:
-        return f"'{value}' is longer than 12 characters (interface names are built from it)"
-    return None
-
-
-def _ifname(value: str) -> str | None:
-    if not _NAME.match(value) or len(value) > IFNAME_MAX:
-        return f"'{value}' is not a usable interface name (a-z, 0-9, '-', at most {IFNAME_MAX})"
-    return None
-
-
-def _cidr(value: str) -> str | None:
-    try:
-        iface = ipaddress.IPv4Interface(value)
-    except ValueError:
-        return f"'{value}' is not an IPv4 address with a prefix length, like 10.77.0.2/24"
-    if "/" not in value:
-        return f"'{value}' needs a prefix length, like {value}/24"
-    if not iface.ip.is_private or iface.ip.is_loopback:
-        return f"'{value}' is not a private address: labs never use addresses of other hosts"
-    return None
-
-
-def _mac(value: str) -> str | None:
-    if not _MAC.match(value):
-        return f"'{value}' is not a MAC address like 02:00:00:00:00:01 (lower-case hex)"
-    if int(value[:2], 16) & 1:
-        return f"'{value}' is a multicast address; the first byte must be even"
-    return None
-
-
-def _dhcp_range(value: str) -> str | None:
-    try:
-        start, end = (ipaddress.IPv4Address(part.strip()) for part in value.split("-"))
-    except ValueError:
-        return f"'{value}' is not an address range like 10.77.0.100-10.77.0.150"
-    if int(end) < int(start):
-        return f"'{value}' ends before it starts"
-    return None
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else f"{value} must be greater than 0"
-
-
-def _at_least(low: float) -> Callable[[float], str | None]:
-    def check(value: float) -> str | None:
-        return None if value >= low else f"{value} must be at least {low}"
-
-    return check
-
-
-def _between(low: float, high: float) -> Callable[[float], str | None]:
-    def check(value: float) -> str | None:
-        return None if low <= value <= high else f"{value} must be between {low} and {high}"
-
-    return check
-
-
-def parse_size(value: str | int) -> int:
-    """``"64M"``, ``"1GiB"``, ``"512K"`` or a plain byte count, in bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(value.strip())
-    if not m:
-        raise ValueError(f"'{value}' is not a size like 64M or 1G")
-    unit = m.group(2)[:1].upper()
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[unit]
-
-
-def _size(value: str | int) -> str | None:
-    try:
-        size = parse_size(value)
-    except ValueError as exc:
-        return str(exc)
-    return None if size > 0 else "a size must be greater than 0"
-
-
-def _regex(value: str) -> str | None:
-    try:
-        re.compile(value)
-    except re.error as exc:
-        return f"not a valid regular expression: {exc}"
-    return None
-
-
 # --- the step kinds ---------------------------------------------------------------------------
 
 #: For each step kind: its parameter keys as (name, type, default, check), and the expectation
@@ -427,9 +85,9 @@ STEP_KEYS: Mapping[StepKind, tuple[tuple[tuple[str, Any, Any, Any], ...], tuple[
         (
             ("from", str, None, None),
             ("to", str, None, None),
-            ("count", int, 10, _positive),
-            ("interval", _NUM, 0.1, _positive),
-            ("timeout", _NUM, 2.0, _positive),
+            ("count", int, 10, check_positive),
+            ("interval", _NUM, 0.1, check_positive),
+            ("timeout", _NUM, 2.0, check_positive),
         ),
         ("loss_max",),
     ),
@@ -437,10 +95,10 @@ STEP_KEYS: Mapping[StepKind, tuple[tuple[tuple[str, Any, Any, Any], ...], tuple[
         (
             ("from", str, None, None),
             ("to", str, None, None),
-            ("rate", _NUM, 1000, _positive),
-            ("frames", int, None, _positive),
-            ("duration", _NUM, None, _positive),
-            ("size", int, 128, _between(64, 1500)),
+            ("rate", _NUM, 1000, check_positive),
+            ("frames", int, None, check_positive),
+            ("duration", _NUM, None, check_positive),
+            ("size", int, 128, between(64, 1500)),
         ),
         ("lost_max", "duplicates_max", "reordered_max", "received_min"),
     ),
@@ -452,43 +110,43 @@ STEP_KEYS: Mapping[StepKind, tuple[tuple[tuple[str, Any, Any, Any], ...], tuple[
         (
             ("from", str, None, None),
             ("to", str, None, None),
-            ("bytes", (int, str), "64M", _size),
-            ("port", int, 5201, _between(1024, 65535)),
+            ("bytes", (int, str), "64M", check_size),
+            ("port", int, 5201, between(1024, 65535)),
         ),
         ("throughput_min",),
     ),
     StepKind.SWAP: (
         (
             ("guest", str, None, None),
-            ("nic", int, 0, _at_least(0)),
-            ("to", str, None, _one_of([p.value for p in Plane])),
+            ("nic", int, 0, at_least(0)),
+            ("to", str, None, one_of([p.value for p in Plane])),
         ),
         ("pause_max",),
     ),
     StepKind.RESTART_BACKEND: (
         (
             ("guest", str, None, None),
-            ("nic", int, None, _at_least(0)),
-            ("disk", int, None, _at_least(0)),
-            ("signal", str, "KILL", _one_of(["KILL", "TERM"])),
+            ("nic", int, None, at_least(0)),
+            ("disk", int, None, at_least(0)),
+            ("signal", str, "KILL", one_of(["KILL", "TERM"])),
         ),
         (),
     ),
     StepKind.LINK: (
         (
             ("guest", str, None, None),
-            ("nic", int, 0, _at_least(0)),
+            ("nic", int, 0, at_least(0)),
             ("bridge", str, None, None),
-            ("state", str, None, _one_of(["up", "down"])),
+            ("state", str, None, one_of(["up", "down"])),
         ),
         (),
     ),
-    StepKind.WAIT: ((("seconds", _NUM, None, _positive),), ()),
+    StepKind.WAIT: ((("seconds", _NUM, None, check_positive),), ()),
     StepKind.RUN: (
         (
             ("guest", str, None, None),
             ("command", str, None, None),
-            ("timeout", _NUM, 60.0, _positive),
+            ("timeout", _NUM, 60.0, check_positive),
         ),
         ("exit_code", "output_matches"),
     ),
@@ -535,12 +193,12 @@ def parse_lab(text: str, path: str = "<lab>") -> Lab:
         m = re.search(r"line (\d+)", str(exc))
         line = int(m.group(1)) if m else None
         raise LabFileError([LabIssue(path, line, "", f"not valid TOML: {exc}")]) from None
-    c = _Checker(path, key_lines(text))
+    c = Checker(path, key_lines(text))
     top = c.table((), doc, ("lab", "bridge", "namespace", "guest", "step"), ("lab",)) or {}
     head = c.table(("lab",), top.get("lab", {}), ("name", "summary", "timeout"), ("name",)) or {}
-    name = c.get(("lab",), head, "name", str, "", _name) or ""
+    name = c.get(("lab",), head, "name", str, "", check_name) or ""
     summary = c.get(("lab",), head, "summary", str, "")
-    timeout = float(c.get(("lab",), head, "timeout", _NUM, 300.0, _positive))
+    timeout = float(c.get(("lab",), head, "timeout", _NUM, 300.0, check_positive))
 
     bridges = _bridges(c, top)
     namespaces = _namespaces(c, top)
@@ -554,7 +212,7 @@ def parse_lab(text: str, path: str = "<lab>") -> Lab:
         if not item:
             continue
         if item in names:
-            c.issue((*where, "name"), f"'{item}' is already the name of {_dotted(names[item])}")
+            c.issue((*where, "name"), f"'{item}' is already the name of {dotted(names[item])}")
         names[item] = where
     bridge_names = {b.name for b in bridges}
     for i, ns in enumerate(namespaces):
@@ -569,30 +227,30 @@ def parse_lab(text: str, path: str = "<lab>") -> Lab:
     return Lab(name, path, summary, timeout, bridges, namespaces, guests, steps)
 
 
-def _check_bridge(c: _Checker, where: KeyPath, name: str, bridges: set[str]) -> None:
+def _check_bridge(c: Checker, where: KeyPath, name: str, bridges: set[str]) -> None:
     if name and name not in bridges:
         known = ", ".join(sorted(bridges)) or "none: add a [[bridge]] table"
         c.issue(where, f"no bridge called '{name}' (bridges: {known})")
 
 
-def _bridges(c: _Checker, top: Mapping[str, Any]) -> tuple[Bridge, ...]:
+def _bridges(c: Checker, top: Mapping[str, Any]) -> tuple[Bridge, ...]:
     out = []
     for i, raw in enumerate(c.array((), top, "bridge")):
         at: KeyPath = ("bridge", i)
         t = c.table(at, raw, ("name", "address", "mtu"), ("name",)) or {}
-        address = c.get(at, t, "address", str, None, _cidr)
+        address = c.get(at, t, "address", str, None, check_cidr)
         out.append(
             Bridge(
-                name=c.get(at, t, "name", str, "", _ifname),
+                name=c.get(at, t, "name", str, "", check_ifname),
                 address=ipaddress.IPv4Interface(address) if address else None,
-                mtu=c.get(at, t, "mtu", int, None, _between(68, 65535)),
+                mtu=c.get(at, t, "mtu", int, None, between(68, 65535)),
                 line=c.line(at),
             )
         )
     return tuple(out)
 
 
-def _namespaces(c: _Checker, top: Mapping[str, Any]) -> tuple[Namespace, ...]:
+def _namespaces(c: Checker, top: Mapping[str, Any]) -> tuple[Namespace, ...]:
     out = []
     for i, raw in enumerate(c.array((), top, "namespace")):
         at: KeyPath = ("namespace", i)
@@ -601,21 +259,21 @@ def _namespaces(c: _Checker, top: Mapping[str, Any]) -> tuple[Namespace, ...]:
         for j, rl in enumerate(c.array(at, t, "link")):
             lat: KeyPath = (*at, "link", j)
             lt = c.table(lat, rl, ("bridge", "address", "mtu", "dhcp"), ("bridge",)) or {}
-            address = c.get(lat, lt, "address", str, None, _cidr)
-            dhcp = c.get(lat, lt, "dhcp", str, None, _dhcp_range)
+            address = c.get(lat, lt, "address", str, None, check_cidr)
+            dhcp = c.get(lat, lt, "dhcp", str, None, check_dhcp_range)
             if dhcp and not address:
                 c.issue((*lat, "dhcp"), "a link that serves DHCP needs an 'address' of its own")
             links.append(
                 Link(
                     bridge=c.get(lat, lt, "bridge", str, ""),
                     address=ipaddress.IPv4Interface(address) if address else None,
-                    mtu=c.get(lat, lt, "mtu", int, None, _between(68, 65535)),
+                    mtu=c.get(lat, lt, "mtu", int, None, between(68, 65535)),
                     dhcp=_range(dhcp) if dhcp else None,
                 )
             )
         if not links and "link" not in t:
             c.issue(at, "a namespace needs at least one [[namespace.link]] to a bridge")
-        out.append(Namespace(c.get(at, t, "name", str, "", _name), tuple(links), c.line(at)))
+        out.append(Namespace(c.get(at, t, "name", str, "", check_name), tuple(links), c.line(at)))
     return tuple(out)
 
 
@@ -624,20 +282,20 @@ def _range(value: str) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
     return start, end
 
 
-def _guests(c: _Checker, top: Mapping[str, Any]) -> tuple[Guest, ...]:
+def _guests(c: Checker, top: Mapping[str, Any]) -> tuple[Guest, ...]:
     out = []
     for i, raw in enumerate(c.array((), top, "guest")):
         at: KeyPath = ("guest", i)
         t = c.table(at, raw, ("name", "kind", "memory", "nic", "disk"), ("name", "kind")) or {}
-        kind_text = c.get(at, t, "kind", str, None, _one_of([k.value for k in GuestKind]))
+        kind_text = c.get(at, t, "kind", str, None, one_of([k.value for k in GuestKind]))
         kind = GuestKind(kind_text) if kind_text else GuestKind.VIRTUAL
         nics = []
         for j, rn in enumerate(c.array(at, t, "nic")):
             nat: KeyPath = (*at, "nic", j)
             keys = ("bridge", "plane", "address", "mac", "queues", "offloads", "dhcp")
             nt = c.table(nat, rn, keys, ("bridge",)) or {}
-            plane = c.get(nat, nt, "plane", str, "vhostkit", _one_of([p.value for p in Plane]))
-            address = c.get(nat, nt, "address", str, None, _cidr)
+            plane = c.get(nat, nt, "plane", str, "vhostkit", one_of([p.value for p in Plane]))
+            address = c.get(nat, nt, "address", str, None, check_cidr)
             dhcp = c.get(nat, nt, "dhcp", bool, False)
             if dhcp and kind is not GuestKind.LINUX:
                 c.issue((*nat, "dhcp"), "only a linux guest runs a DHCP client; give an address")
@@ -648,8 +306,8 @@ def _guests(c: _Checker, top: Mapping[str, Any]) -> tuple[Guest, ...]:
                     bridge=c.get(nat, nt, "bridge", str, ""),
                     plane=Plane(plane),
                     address=ipaddress.IPv4Interface(address) if address else None,
-                    mac=c.get(nat, nt, "mac", str, None, _mac),
-                    queues=c.get(nat, nt, "queues", int, 1, _between(1, 8)),
+                    mac=c.get(nat, nt, "mac", str, None, check_mac),
+                    queues=c.get(nat, nt, "queues", int, 1, between(1, 8)),
                     offloads=c.get(nat, nt, "offloads", bool, True),
                     dhcp=dhcp,
                 )
@@ -662,14 +320,14 @@ def _guests(c: _Checker, top: Mapping[str, Any]) -> tuple[Guest, ...]:
             if kind is not GuestKind.LINUX:
                 c.issue(dat, "only a linux guest has disks")
             dt = c.table(dat, rd, ("size", "read_only"), ("size",)) or {}
-            size = c.get(dat, dt, "size", (int, str), "64M", _size)
+            size = c.get(dat, dt, "size", (int, str), "64M", check_size)
             disks.append(Disk(parse_size(size), c.get(dat, dt, "read_only", bool, False)))
-        memory = c.get(at, t, "memory", (int, str), "256M", _size)
+        memory = c.get(at, t, "memory", (int, str), "256M", check_size)
         if "memory" in t and kind is not GuestKind.LINUX:
             c.issue((*at, "memory"), "only a linux guest has a memory size")
         out.append(
             Guest(
-                name=c.get(at, t, "name", str, "", _name),
+                name=c.get(at, t, "name", str, "", check_name),
                 kind=kind,
                 nics=tuple(nics),
                 disks=tuple(disks),
@@ -681,7 +339,7 @@ def _guests(c: _Checker, top: Mapping[str, Any]) -> tuple[Guest, ...]:
 
 
 def _steps(
-    c: _Checker,
+    c: Checker,
     top: Mapping[str, Any],
     guests: Sequence[Guest],
     namespaces: Sequence[Namespace],
@@ -695,7 +353,7 @@ def _steps(
         if not isinstance(raw, dict) or "do" not in raw:
             c.issue(at, f"a step needs 'do', one of: {', '.join(k.value for k in StepKind)}")
             continue
-        kind_text = c.get(at, raw, "do", str, None, _one_of([k.value for k in StepKind]))
+        kind_text = c.get(at, raw, "do", str, None, one_of([k.value for k in StepKind]))
         if kind_text is None:
             continue
         kind = StepKind(kind_text)
@@ -703,10 +361,10 @@ def _steps(
         allowed = (*_COMMON_STEP_KEYS, *(key for key, *_ in spec))
         t = c.table(at, raw, allowed, _REQUIRED[kind]) or {}
         params = {key: c.get(at, t, key, typ, default, check) for key, typ, default, check in spec}
-        name = c.get(at, t, "name", str, f"{kind.value}-{i + 1}", _name)
+        name = c.get(at, t, "name", str, f"{kind.value}-{i + 1}", check_name)
         if name in {s.name for s in out}:
             c.issue((*at, "name"), f"'{name}' is already the name of an earlier step")
-        at_time = c.get(at, t, "at", _NUM, None, _at_least(0))
+        at_time = c.get(at, t, "at", _NUM, None, at_least(0))
         bg = c.get(at, t, "background", bool, False)
         if bg and kind not in _BACKGROUND:
             c.issue((*at, "background"), f"a '{kind.value}' step cannot run in the background")
@@ -719,7 +377,7 @@ def _steps(
 
 
 def _expectations(
-    c: _Checker,
+    c: Checker,
     at: KeyPath,
     t: Mapping[str, Any],
     kind: StepKind,
@@ -741,18 +399,18 @@ def _expectations(
         if key not in measures:
             continue
         if key == "output_matches":
-            value = c.get(where, raw, key, str, None, _regex)
+            value = c.get(where, raw, key, str, None, check_regex)
         elif key == "loss_max":
-            value = c.get(where, raw, key, _NUM, None, _between(0, 100))
+            value = c.get(where, raw, key, _NUM, None, between(0, 100))
         else:
-            value = c.get(where, raw, key, _NUM, None, _at_least(0))
+            value = c.get(where, raw, key, _NUM, None, at_least(0))
         if value is not None:
             out[key] = value
     return out
 
 
 def _check_step_refs(
-    c: _Checker,
+    c: Checker,
     at: KeyPath,
     kind: StepKind,
     params: Mapping[str, Any],
@@ -823,7 +481,7 @@ def _check_step_refs(
                 _check_swap(c, at, guest, nic, Plane(params["to"]))
 
 
-def _check_swap(c: _Checker, at: KeyPath, guest: Guest, nic: Nic, to: Plane) -> None:
+def _check_swap(c: Checker, at: KeyPath, guest: Guest, nic: Nic, to: Plane) -> None:
     planes = SWAPPABLE[guest.kind]
     if nic.plane not in planes or to not in planes:
         allowed = " and ".join(sorted(p.value for p in planes))
@@ -834,7 +492,7 @@ def _check_swap(c: _Checker, at: KeyPath, guest: Guest, nic: Nic, to: Plane) -> 
         )
 
 
-def _check_restart(c: _Checker, at: KeyPath, params: Mapping[str, Any], guest: Guest) -> None:
+def _check_restart(c: Checker, at: KeyPath, params: Mapping[str, Any], guest: Guest) -> None:
     nic_index, disk_index = params.get("nic"), params.get("disk")
     if (nic_index is None) == (disk_index is None):
         c.issue(at, "a 'restart-backend' step names one 'nic' or one 'disk'")

@@ -41,6 +41,8 @@ _PROTO_ICMP = 1
 
 
 class EtherType(enum.IntEnum):
+    """Ethernet II ethertypes the test traffic uses."""
+
     IPV4 = 0x0800
     ARP = 0x0806
     IPV6 = 0x86DD
@@ -48,11 +50,15 @@ class EtherType(enum.IntEnum):
 
 
 class ArpOp(enum.IntEnum):
+    """ARP operation codes."""
+
     REQUEST = 1
     REPLY = 2
 
 
 class IcmpType(enum.IntEnum):
+    """The ICMP types of echo."""
+
     ECHO_REPLY = 0
     ECHO_REQUEST = 8
 
@@ -90,6 +96,8 @@ def checksum(data: bytes) -> int:
 
 @dataclass(frozen=True, slots=True)
 class EthFrame:
+    """An Ethernet II frame split into its header fields and payload."""
+
     dst: bytes
     src: bytes
     ethertype: int

@@ -202,6 +202,8 @@ class ConfigFlags(enum.IntFlag):
 
 
 class IotlbPerm(enum.IntEnum):
+    """IOTLB access permissions (``VHOST_ACCESS_*``)."""
+
     NONE = 0
     RO = 1
     WO = 2
@@ -209,6 +211,8 @@ class IotlbPerm(enum.IntEnum):
 
 
 class IotlbType(enum.IntEnum):
+    """IOTLB message types (``VHOST_IOTLB_*``)."""
+
     MISS = 1
     UPDATE = 2
     INVALIDATE = 3
@@ -216,11 +220,15 @@ class IotlbType(enum.IntEnum):
 
 
 class TransferDirection(enum.IntEnum):
+    """Direction of a device state transfer (SET_DEVICE_STATE_FD)."""
+
     SAVE = 0
     LOAD = 1
 
 
 class MigrationPhase(enum.IntEnum):
+    """Migration phase of a device state transfer (SET_DEVICE_STATE_FD)."""
+
     STOPPED = 0
 
 
