@@ -24,6 +24,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,15 +32,19 @@ from pathlib import Path
 import pytest
 from helpers.net_backend import TapRig, net_backend
 
-from vhostkit.devices.net_kernel import KernelNetDevice
-from vhostkit.guest.net import VirtioNetDriver
+from vhostkit.devices.net_kernel import KERNEL_RING_FEATURES, KernelNetDevice
+from vhostkit.errors import RequestFailed
+from vhostkit.guest.net import DEFAULT_PROTOCOL_FEATURES, VirtioNetDriver
 from vhostkit.guest.rings import drain_eventfd, wait_readable
+from vhostkit.kernel import VhostNet
+from vhostkit.kernel.ioctls import TunOffload
 from vhostkit.testing.dataplane import ETHERTYPE, GUEST_MAC, PEER_MAC, numbered_frame
-from vhostkit.testing.peers import Testpmd, which_or_skip
+from vhostkit.testing.peers import PeerProcess, Testpmd, which_or_skip
 from vhostkit.types import VringState
 from vhostkit.user import Frontend, ProtocolFeature
 from vhostkit.user.backend.ring_device import RingDevice
 from vhostkit.virtio.features import VirtioFeature as VF
+from vhostkit.virtio.features import VirtioNetFeature as NF
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.split import SplitDriverQueue
 
@@ -48,6 +53,7 @@ pytestmark = pytest.mark.kernel
 RX, TX = 0, 1
 #: how long a negative check ("nothing came out") looks: there is no event for "never"
 QUIET = 0.5
+RESET_DEVICE = int(ProtocolFeature.RESET_DEVICE)
 
 
 @contextlib.contextmanager
@@ -101,23 +107,26 @@ def test_frames_both_ways_through_kernel_rings(sock_dir: Path) -> None:
     sizes = (60, 333, 1000, 1514)
     out = [numbered_frame(i, sizes[i % 4]) for i in range(48)]
     back = [inbound(i, sizes[i % 4]) for i in range(32)]
-    with (
-        rig(sock_dir) as (r, sock),
-        Frontend.connect(r.listener.path, timeout=5) as fe,
-        VirtioNetDriver(fe, queue_size=64).start() as nic,
-    ):
+    with rig(sock_dir) as (r, sock):
         device = device_of(r)
         assert not isinstance(device, RingDevice)  # no ring workers: the kernel serves
-        assert nic.header_size == 12 and r.tap.get_vnet_hdr_size() == 12
-        device.wait_for(lambda: device.attached_rings == {RX, TX})
-        assert nic.send(out) == len(out)
-        assert nic.wait_tx_done(10)
-        assert sniff(sock, len(out)) == out
-        for frame in back:
-            sock.send(frame)
-        assert receive(nic, len(back)) == back
-        assert nic.stop() == {RX: len(back), TX: len(out)}
-        assert device.attached_rings == frozenset()
+        with (
+            Frontend.connect(r.listener.path, timeout=5) as fe,
+            VirtioNetDriver(fe, queue_size=64).start() as nic,
+        ):
+            assert nic.header_size == 12 and r.tap.get_vnet_hdr_size() == 12
+            device.wait_for(lambda: device.attached_rings == {RX, TX})
+            assert nic.send(out) == len(out)
+            assert nic.wait_tx_done(10)
+            assert sniff(sock, len(out)) == out
+            for frame in back:
+                sock.send(frame)
+            assert receive(nic, len(back)) == back
+            assert nic.stop() == {RX: len(back), TX: len(out)}
+            assert device.attached_rings == frozenset()
+            assert vhost_net_fds("self") == 1  # one queue pair: one vhost-net device
+        # the front-end left: the device closed its vhost-net fd
+        device.wait_for(lambda: vhost_net_fds("self") == 0)
 
 
 def test_get_vring_base_stops_the_ring(sock_dir: Path) -> None:
@@ -170,6 +179,24 @@ def test_take_and_give_rings_keep_positions(sock_dir: Path) -> None:
         assert receive(nic, 1) == [inbound(1)]
         # the front-end's view never changed: its GET_VRING_BASE sees the kernel's positions
         assert nic.stop() == {RX: 2, TX: 11}
+
+
+def test_reset_device_detaches_and_closes(sock_dir: Path) -> None:
+    with (
+        rig(sock_dir) as (r, sock),
+        Frontend.connect(r.listener.path, timeout=5) as fe,
+        VirtioNetDriver(
+            fe, queue_size=64, protocol_features=DEFAULT_PROTOCOL_FEATURES | RESET_DEVICE
+        ).start() as nic,
+    ):
+        device = device_of(r)
+        device.wait_for(lambda: device.attached_rings == {RX, TX})
+        assert nic.send([numbered_frame(0)]) == 1 and nic.wait_tx_done(10)
+        assert sniff(sock, 1) == [numbered_frame(0)]
+        fe.reset_device()
+        assert device.attached_rings == frozenset() and vhost_net_fds("self") == 0
+        assert nic.send([numbered_frame(1)]) == 1
+        assert not wait_readable((sock.fileno(),), QUIET), "a frame left a reset device"
 
 
 def test_two_queue_pairs_on_a_multi_queue_tap(sock_dir: Path) -> None:
@@ -326,3 +353,106 @@ def test_testpmd_virtio_user_frames_both_ways(sock_dir: Path) -> None:
         # testpmd stopped its rings (GET_VRING_BASE) and left
         device.wait_for(lambda: not device.attached_rings, timeout=10)
     assert pmd.returncode == 0
+
+
+# --- honest features, refused requests --------------------------------------------------------
+
+
+def test_offered_features_are_what_kernel_and_tap_can_do(sock_dir: Path) -> None:
+    with rig(sock_dir) as (r, _sock), VhostNet() as net:
+        device = device_of(r)
+        kernel = net.get_features()
+        assert device.kernel_features == kernel
+        offered = device.get_features()
+        assert offered & KERNEL_RING_FEATURES & ~kernel == 0  # ring bits: the kernel's
+        assert offered & VF.VERSION_1 and offered & NF.MRG_RXBUF  # Debian's kernel has both
+        assert not offered & (VF.LOG_ALL | VF.ANY_LAYOUT | VF.RING_PACKED | VF.ACCESS_PLATFORM)
+        # a real tap takes every checksum/TSO offload: all guest offloads are offered
+        assert offered & NF.GUEST_TSO4 and offered & NF.GUEST_ECN
+        assert device.tap_offloads & TunOffload.TSO4
+
+
+def test_polling_mode_ring_is_refused(sock_dir: Path) -> None:
+    mem = GuestMemory.allocate([(0, 0x100000)])
+    try:
+        with rig(sock_dir) as (r, _sock), Frontend.connect(r.listener.path, timeout=5) as fe:
+            device = device_of(r)
+            fe.set_owner()
+            fe.negotiate(int(VF.VERSION_1), ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            q = SplitDriverQueue(mem, 64, 0, features=int(VF.VERSION_1), index=TX)
+            fe.set_vring_num(TX, 64)
+            fe.set_vring_addr(q.vring_addr())
+            with pytest.raises(RequestFailed):
+                fe.set_vring_kick(TX, None)  # no kick fd: the kernel could never be woken
+            assert not device.vrings[TX].started and device.attached_rings == frozenset()
+    finally:
+        mem.close()
+
+
+# --- the daemon: python3 -m vhostkit.devices.net --dataplane kernel ----------------------------
+
+
+class NetDaemon(PeerProcess):
+    """vhostkit's net back-end daemon, ready once it says where it serves."""
+
+    name = "vhostkit-net"
+
+    def _wait_ready(self) -> None:
+        self.wait_for_line(r"vhostkit net backend: tap", self.ready_timeout)
+
+
+def vhost_net_fds(pid: int | str) -> int:
+    """How many fds on /dev/vhost-net process ``pid`` has open."""
+    fds = os.listdir(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds if _readlink(f"/proc/{pid}/fd/{fd}") == "/dev/vhost-net")
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+@contextlib.contextmanager
+def ipv6_off_for_new_links() -> Iterator[None]:
+    """The daemon's tap comes up without IPv6 (no MLD reports into the rings)."""
+    knob = Path("/proc/sys/net/ipv6/conf/default/disable_ipv6")
+    old = knob.read_text()
+    knob.write_text("1")
+    try:
+        yield
+    finally:
+        knob.write_text(old)
+
+
+def test_net_daemon_with_kernel_dataplane(sock_dir: Path) -> None:
+    path = sock_dir / "daemon.sock"
+    tap_name = f"vhkd{os.getpid() % 10000}"
+    argv = [sys.executable, "-m", "vhostkit.devices.net", "--socket", path, "--tap", tap_name]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with (
+        ipv6_off_for_new_links(),
+        NetDaemon([*argv, "--dataplane", "kernel"], env=env, ready_timeout=30) as daemon,
+    ):
+        assert daemon.pid is not None
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETHERTYPE))
+        try:
+            sock.bind((tap_name, ETHERTYPE))
+            for session in range(2):  # the second front-end gets fresh kernel devices
+                with (
+                    Frontend.connect(path, timeout=10) as fe,
+                    VirtioNetDriver(fe, queue_size=64).start() as nic,
+                ):
+                    frames = [numbered_frame(10 * session + i) for i in range(8)]
+                    assert nic.send(frames) == 8 and nic.wait_tx_done(10)
+                    assert sniff(sock, 8) == frames
+                    sock.send(inbound(session))
+                    assert receive(nic, 1) == [inbound(session)]
+                    # the rings are the kernel's: the daemon holds vhost-net fds
+                    assert vhost_net_fds(daemon.pid) >= 1
+                    assert nic.stop() == {RX: 1, TX: 8}
+        finally:
+            sock.close()
+    assert daemon.returncode == 0

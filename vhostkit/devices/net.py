@@ -551,6 +551,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=1500)
     parser.add_argument("--queues", type=int, default=1, help="queue pairs")
     parser.add_argument("--client", action="store_true", help="connect to a listening frontend")
+    parser.add_argument(
+        "--dataplane",
+        choices=("user", "kernel"),
+        default="user",
+        help="who serves the rings: this process (user) or kernel vhost-net (kernel)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -562,7 +568,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     mac = bytes.fromhex(args.mac.replace(":", ""))
     with Tap(args.tap, queues=args.queues, nonblocking=True) as tap:
         tap.up()
-        device = NetDevice(tap, mac=mac, mtu=args.mtu, queue_pairs=args.queues)
+        if args.dataplane == "kernel":
+            from vhostkit.devices.net_kernel import KernelNetDevice
+
+            device: NetDevice | KernelNetDevice = KernelNetDevice(
+                tap, mac=mac, mtu=args.mtu, queue_pairs=args.queues
+            )
+        else:
+            device = NetDevice(tap, mac=mac, mtu=args.mtu, queue_pairs=args.queues)
         print(f"vhostkit net backend: tap {tap.name}, socket {args.socket}", flush=True)
         try:
             if args.client:
