@@ -7,9 +7,10 @@ socket in a network namespace of the test's own, where the tap lives (filtered b
 experimental ethertype; IPv6 is off there, so the kernel sends nothing of its own).
 
 * frames both ways between the driver and the namespace, no Python on the data path;
-* ADD_MEM_REG / REM_MEM_REG, before the ring starts and while it runs: buffers in a region
-  added while running go out of the tap; once the region is removed the kernel refuses a
-  buffer in it (and says so on the ring's error eventfd);
+* ADD_MEM_REG / REM_MEM_REG, before the ring starts and while it runs, and SET_MEM_TABLE
+  while it runs: buffers in a region added while running go out of the tap, the ring follows
+  its memory to new mappings; once a region is removed the kernel refuses a buffer in it (and
+  says so on the ring's error eventfd);
 * GET_VRING_BASE returns the positions and stops the ring: frames queued after it stay in
   the ring; :meth:`take_rings` / :meth:`give_rings` (for a later live swap) the same, and
   frames queued in between go out once the rings are given back;
@@ -140,6 +141,8 @@ def test_get_vring_base_stops_the_ring(sock_dir: Path) -> None:
         first = [numbered_frame(i) for i in range(10)]
         assert nic.send(first) == 10 and nic.wait_tx_done(10)
         assert sniff(sock, 10) == first
+        sock.send(inbound(0))
+        assert receive(nic, 1) == [inbound(0)]
         assert fe.get_vring_base(TX) == 10
         assert device.attached_rings == {RX}
         # queued and kicked after GET_VRING_BASE: the kernel must not take them
@@ -147,11 +150,11 @@ def test_get_vring_base_stops_the_ring(sock_dir: Path) -> None:
         assert not wait_readable((sock.fileno(),), QUIET), "a frame left a stopped ring"
         _, tx_q = nic.queues()
         assert tx_q.pending_used() == 0 and nic.tx_in_flight == 5
-        # RX still runs
-        sock.send(inbound(1))
-        assert receive(nic, 1) == [inbound(1)]
+        # RX is woken by the tap, not by kicks: only detaching stops it
         assert fe.get_vring_base(RX) == 1
         assert device.attached_rings == frozenset()
+        sock.send(inbound(1))
+        assert nic.recv(timeout=QUIET) == [], "a frame reached a stopped ring"
 
 
 def test_take_and_give_rings_keep_positions(sock_dir: Path) -> None:
@@ -305,6 +308,12 @@ def test_memory_regions_follow_add_and_remove(sock_dir: Path) -> None:
             put_frames(q, extra, 0x80000000, frames)
             os.eventfd_write(kick, 1)
             assert sniff(sock, 2) == frames
+            # the whole table again while running: new mappings here, the ring follows them
+            fe.set_mem_table([low.regions[0], high.regions[0], extra.regions[0]])
+            frames = [numbered_frame(40 + i) for i in range(2)]
+            put_frames(q, low, 0x20000, frames)
+            os.eventfd_write(kick, 1)
+            assert sniff(sock, 2) == frames
             # removed while running: the kernel no longer reaches it, and says so
             fe.remove_mem_region(high.regions[0])
             assert len(device.memory.regions) == 2  # type: ignore[union-attr]
@@ -313,7 +322,7 @@ def test_memory_regions_follow_add_and_remove(sock_dir: Path) -> None:
             os.eventfd_write(kick, 1)
             assert wait_readable((err,), 10), "the kernel did not report the unmapped buffer"
             assert not wait_readable((sock.fileno(),), QUIET)
-            assert fe.get_vring_base(TX) == 14
+            assert fe.get_vring_base(TX) == 16
     finally:
         for m in (low, high, extra):
             m.close()
