@@ -10,7 +10,7 @@ experimental ethertype; IPv6 is off there, so the kernel sends nothing of its ow
 * ADD_MEM_REG / REM_MEM_REG, before the ring starts and while it runs, and SET_MEM_TABLE
   while it runs: buffers in a region added while running go out of the tap, the ring follows
   its memory to new mappings; once a region is removed the kernel refuses a buffer in it (and
-  says so on the ring's error eventfd);
+  says so on the ring's error eventfd); a ring whose own region goes is stopped;
 * GET_VRING_BASE returns the positions and stops the ring: frames queued after it stay in
   the ring; :meth:`take_rings` / :meth:`give_rings` (for a later live swap) the same, and
   frames queued in between go out once the rings are given back;
@@ -322,6 +322,12 @@ def test_memory_regions_follow_add_and_remove(sock_dir: Path) -> None:
             os.eventfd_write(kick, 1)
             assert wait_readable((err,), 10), "the kernel did not report the unmapped buffer"
             assert not wait_readable((sock.fileno(),), QUIET)
+            drain_eventfd(err)
+            # the ring's own region goes: the device stops the ring and says so
+            assert device.attached_rings == {TX}
+            fe.remove_mem_region(low.regions[0])
+            assert device.attached_rings == frozenset()
+            assert drain_eventfd(err) >= 1
             assert fe.get_vring_base(TX) == 16
     finally:
         for m in (low, high, extra):

@@ -406,9 +406,13 @@ class KernelNetDevice(BackendDevice):
             try:
                 net.set_mem_table(table)
             except VhostError as exc:
+                # The kernel keeps its old table, whose mappings are about to go: stop the
+                # pair and drop its device; the next use opens one with the current table.
                 log.error("queue pair %d: kernel refused the memory table: %s", pair, exc)
                 for index in (2 * pair, 2 * pair + 1):
                     self._fail_ring(self.vrings[index], exc)
+                self._nets[pair] = None
+                net.close()
         for index, local in moved:
             if index not in self._programmed:
                 continue
@@ -483,12 +487,16 @@ class KernelNetDevice(BackendDevice):
 
     def _fail_ring(self, ring: VringInfo, exc: VhostError) -> None:
         """The kernel can no longer serve ``ring``: stop it there and tell the front-end."""
+        if ring.index not in self._programmed:
+            return
         log.error("ring %d stopped: %s", ring.index, exc)
         self._detach(ring.index, quiet=True)
         try:
+            # where it stopped, for the front-end's GET_VRING_BASE
+            ring.base = self._net(ring.index // 2).get_vring_base(ring.index % 2)
             self._unprogram(ring.index)
         except VhostError:
-            pass
+            self._programmed.discard(ring.index)
         if ring.err_fd is not None:
             os.eventfd_write(ring.err_fd, 1)
 
