@@ -197,6 +197,14 @@ def add_net_arguments(parser: argparse.ArgumentParser) -> None:
         "--mac", type=_mac, default=_mac("52:54:00:00:00:01"), help="the device's MAC address"
     )
     t.add_argument("--mtu", type=positive_int, default=1500, help="MTU in the config space")
+    t.add_argument(
+        "--dataplane",
+        choices=("user", "kernel"),
+        default="user",
+        help="who serves the rings: this process (user, the default), or kernel vhost-net "
+        "(kernel: the frontend's rings, memory and eventfds are handed to /dev/vhost-net, and "
+        "no Python runs per packet)",
+    )
     parser.set_defaults(_serve=_serve_net)
 
 
@@ -214,6 +222,7 @@ def _set_tap_owner(tap: Any, uid: int) -> None:
 
 def _serve_net(args: argparse.Namespace) -> int:
     from vhostkit.devices.net import NetDevice
+    from vhostkit.devices.net_kernel import KernelNetDevice
     from vhostkit.kernel.tap import Tap
     from vhostkit.user.backend.daemon import daemon_signals, run_daemon
 
@@ -223,9 +232,14 @@ def _serve_net(args: argparse.Namespace) -> int:
         if options.user is not None:
             _set_tap_owner(tap, lookup_user(options.user).pw_uid)
         tap.up()
-        device = NetDevice(tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
+        device: NetDevice | KernelNetDevice
+        if args.dataplane == "kernel":
+            device = KernelNetDevice(tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
+        else:
+            device = NetDevice(tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
         try:
-            return run_daemon(device, options, signals, name=f"net backend: tap {tap.name}")
+            name = f"net backend: tap {tap.name}, {args.dataplane} data plane"
+            return run_daemon(device, options, signals, name=name)
         finally:
             device.close()
 
