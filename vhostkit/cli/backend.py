@@ -238,7 +238,9 @@ def _serve_net(args: argparse.Namespace) -> int:
         else:
             device = NetDevice(tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
         try:
-            name = f"net backend: tap {tap.name}, {args.dataplane} data plane"
+            name = f"net backend: tap {tap.name}"
+            if args.dataplane == "kernel":
+                name += " (rings served by kernel vhost-net)"
             return run_daemon(device, options, signals, name=name)
         finally:
             device.close()
