@@ -32,7 +32,7 @@ name = "a"
 kind = "virtual"
   [[guest.nic]]
   bridge = "br0"
-  plane = "kernel"
+  plane = "offload"
   address = "10.77.0.2/24"
 
 [[guest]]
@@ -85,7 +85,7 @@ def test_a_good_lab_becomes_values() -> None:
     lab = parse_lab(GOOD, "lab.toml")
     assert lab.name == "demo" and lab.timeout == 60
     assert [g.kind for g in lab.guests] == [GuestKind.VIRTUAL, GuestKind.LINUX]
-    assert lab.guests[0].nics[0].plane is Plane.KERNEL
+    assert lab.guests[0].nics[0].plane is Plane.OFFLOAD
     assert lab.guests[1].nics[0].plane is Plane.VHOSTKIT  # the default
     assert lab.guests[1].disks[0].size == 16 << 20
     stream, swap, stop, run = lab.steps
@@ -117,7 +117,7 @@ def test_not_toml_names_the_line() -> None:
 
 
 def test_unknown_key_suggests_the_right_one() -> None:
-    text = GOOD.replace('  plane = "kernel"', '  plane = "kernel"\n  adress = "10.77.0.9/24"')
+    text = GOOD.replace('  plane = "offload"', '  plane = "offload"\n  adress = "10.77.0.9/24"')
     line, key, message = only_issue(text)
     assert line == 20 and key == "guest[0].nic[0].adress"
     assert "did you mean 'address'" in message
@@ -136,7 +136,7 @@ def test_missing_required_key() -> None:
 
 def test_a_nic_on_a_bridge_that_does_not_exist() -> None:
     text = GOOD.replace(
-        '  bridge = "br0"\n  plane = "kernel"', '  bridge = "br1"\n  plane = "kernel"'
+        '  bridge = "br0"\n  plane = "offload"', '  bridge = "br1"\n  plane = "offload"'
     )
     line, key, message = only_issue(text)
     assert (line, key) == (18, "guest[0].nic[0].bridge")
@@ -151,7 +151,7 @@ def test_a_swap_to_a_plane_the_nic_cannot_use() -> None:
 
 
 def test_an_unknown_plane_is_spelled_out() -> None:
-    line, key, message = only_issue(GOOD.replace('plane = "kernel"', 'plane = "kernal"'))
+    line, key, message = only_issue(GOOD.replace('plane = "offload"', 'plane = "kernal"'))
     assert (line, key) == (19, "guest[0].nic[0].plane")
     assert "not one of kernel, vhostkit, offload; did you mean 'kernel'?" in message
 
@@ -263,3 +263,10 @@ def test_the_annotated_example_in_the_labs_readme_is_a_valid_lab() -> None:
         StepKind.LINK,
         StepKind.STOP,
     ]
+
+
+def test_a_nic_on_the_guests_own_vhost_net_cannot_be_swapped() -> None:
+    line, key, message = only_issue(GOOD.replace('plane = "offload"', 'plane = "kernel"'))
+    assert (line, key) == (41, "step[1].to")
+    assert "virtual guest's NIC can only be swapped between offload and vhostkit" in message
+    assert "(this NIC starts on kernel)" in message

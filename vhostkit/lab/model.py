@@ -64,11 +64,13 @@ class StepKind(StrEnum):
     RUN = "run"
 
 
-#: The planes a NIC may be moved between by a ``swap`` step, by guest kind. A virtual guest's
-#: own VMM can hand its rings to any plane; QEMU cannot change its netdev type while it runs,
-#: so a linux guest can only move inside the vhostkit back-end (user plane <-> kernel offload).
+#: The planes a NIC may be moved between by a ``swap`` step, by guest kind. A swap happens
+#: inside the vhostkit net back-end, through its control socket: its user plane (``vhostkit``)
+#: and kernel offload (``offload``) serve the same vhost-user connection, so the guest, virtual
+#: or QEMU, sees nothing. A NIC on plane ``kernel`` (the guest's own vhost-net) has no back-end
+#: process to move it, and QEMU cannot change its netdev type while it runs.
 SWAPPABLE: Mapping[GuestKind, frozenset[Plane]] = {
-    GuestKind.VIRTUAL: frozenset({Plane.KERNEL, Plane.VHOSTKIT, Plane.OFFLOAD}),
+    GuestKind.VIRTUAL: frozenset({Plane.VHOSTKIT, Plane.OFFLOAD}),
     GuestKind.LINUX: frozenset({Plane.VHOSTKIT, Plane.OFFLOAD}),
 }
 

@@ -43,9 +43,16 @@ log = logging.getLogger(__name__)
 #: Step kinds, planes and guest kinds this runner carries out.
 SUPPORTED = {
     "steps": frozenset(
-        {StepKind.PING, StepKind.STREAM, StepKind.STOP, StepKind.LINK, StepKind.WAIT}
+        {
+            StepKind.PING,
+            StepKind.STREAM,
+            StepKind.STOP,
+            StepKind.LINK,
+            StepKind.WAIT,
+            StepKind.SWAP,
+        }
     ),
-    "planes": frozenset({Plane.KERNEL, Plane.VHOSTKIT}),
+    "planes": frozenset({Plane.KERNEL, Plane.VHOSTKIT, Plane.OFFLOAD}),
     "guests": frozenset({GuestKind.VIRTUAL}),
 }
 _START_TIMEOUT = 30.0
@@ -244,6 +251,14 @@ class _GuestProcess(_Process):
         return self.popen.stderr.read()[-2000:].strip() or f"exit code {self.popen.returncode}"
 
 
+def _read_ready(stream: IO[bytes], timeout: float) -> bytes:
+    """What a daemon wrote to its ready pipe within ``timeout`` (b"" at EOF or time-out)."""
+    import select
+
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.read(64) or b"" if ready else b""
+
+
 def _read_line(stream: IO[str] | None, timeout: float) -> str | None:
     """One line from a child's stdout within ``timeout`` (None at EOF or time-out)."""
     import select
@@ -269,6 +284,8 @@ class _Run:
         self.workdir = Path(tempfile.mkdtemp(prefix="vhk-lab-", dir="/tmp"))
         self.network = LabNetwork(lab, self.prefix)
         self.processes: list[_Process] = []
+        #: the control socket of each (guest, nic) whose back-end a swap step moves
+        self.controls: dict[tuple[str, int], Path] = {}
         self.guests: dict[str, _GuestProcess] = {}
         self.receivers: dict[str, _NamespaceCounter] = {}
         self.background: dict[str, tuple[Step, str, int]] = {}
@@ -290,11 +307,11 @@ class _Run:
                 tap = self.network.tap_name(guest.name, j)
                 mac = nic.mac or _mac_for(guest.name, j)
                 address = str(nic.address) if nic.address else ""
-                spec = f"tap={tap},plane={nic.plane.value},mac={mac},address={address}"
-                if nic.plane is Plane.VHOSTKIT:
-                    sock = self.workdir / f"{guest.name}-{j}.sock"
-                    self._start_backend(f"{guest.name}.nic{j}", tap, sock, nic.offloads)
-                    spec += f",socket={sock}"
+                if nic.plane is Plane.KERNEL:
+                    spec = f"tap={tap},plane=kernel,mac={mac},address={address}"
+                else:  # the vhostkit back-end daemon, on either of its planes
+                    sock = self._start_backend(guest.name, j, tap, nic.plane)
+                    spec = f"tap={tap},plane=vhostkit,mac={mac},address={address},socket={sock}"
                 nics.append(spec)
             argv = [sys.executable, "-m", "vhostkit.lab.guest"]
             for spec in nics:
@@ -305,23 +322,67 @@ class _Run:
             proc.wait_ready(_START_TIMEOUT)
             self.guests[guest.name] = proc
 
-    def _spawn(self, argv: list[str], *, stdin: bool = False) -> subprocess.Popen[str]:
+    def _spawn(
+        self,
+        argv: list[str],
+        *,
+        stdin: bool = False,
+        keep: tuple[int, ...] = (),
+        log: Path | None = None,
+    ) -> subprocess.Popen[str]:
+        """Start ``argv`` inside the lab namespace: talked to over pipes (``stdin``), or with
+        its output in the file ``log``."""
+
         def start() -> subprocess.Popen[str]:
-            return subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                start_new_session=True,  # a ^C at the terminal reaches the runner only
-            )
+            with contextlib.ExitStack() as stack:
+                out: Any = subprocess.PIPE
+                err: Any = subprocess.PIPE
+                if log is not None:
+                    out = err = stack.enter_context(log.open("w"))
+                return subprocess.Popen(
+                    argv,
+                    stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=err,
+                    text=True,
+                    pass_fds=keep,
+                    start_new_session=True,  # a ^C at the terminal reaches the runner only
+                )
 
         return self.network.call(start)
 
-    def _start_backend(self, name: str, tap: str, sock: Path, offloads: bool) -> None:
-        argv = [sys.executable, "-m", "vhostkit", "net-backend", "--socket", str(sock)]
-        argv += ["--tap", tap]
-        self.processes.append(_Process(f"back-end {name}", self._spawn(argv)))
+    def _start_backend(self, guest: str, nic: int, tap: str, plane: Plane) -> Path:
+        """Start the vhostkit net back-end daemon of a NIC; its socket, once it serves."""
+        sock = self.workdir / f"{guest}-{nic}.sock"
+        control = self.workdir / f"{guest}-{nic}.ctl"
+        argv = [sys.executable, "-m", "vhostkit", "backend", "net", "--socket", str(sock)]
+        argv += ["--tap", tap, "--dataplane", "kernel" if plane is Plane.OFFLOAD else "user"]
+        if any(
+            s.kind is StepKind.SWAP and s.params["guest"] == guest and s.params["nic"] == nic
+            for s in self.lab.steps
+        ):
+            argv += ["--control", str(control)]
+            self.controls[(guest, nic)] = control
+        ready_r, ready_w = os.pipe()
+        try:
+            argv += ["--ready-fd", str(ready_w)]
+            log = self.workdir / f"{guest}-{nic}.log"
+            popen = self._spawn(argv, keep=(ready_w,), log=log)
+            proc = _Process(f"back-end {guest}.nic{nic}", popen)
+            self.processes.append(proc)
+            os.close(ready_w)
+            ready_w = -1
+            with os.fdopen(ready_r, "rb", buffering=0) as ready:
+                ready_r = -1
+                line = _read_ready(ready, _START_TIMEOUT)
+            if line != b"READY=1\n":
+                tail = log.read_text().strip()[-1500:] or "no ready message in time"
+                raise LabSetupError(f"the back-end of {guest}.nic{nic} did not start: {tail}")
+        finally:
+            for fd in (ready_r, ready_w):
+                if fd >= 0:
+                    os.close(fd)
+        return sock
 
     # -- steps --
 
@@ -379,6 +440,8 @@ class _Run:
         if step.kind is StepKind.WAIT:
             time.sleep(p["seconds"])
             return {"seconds": p["seconds"]}
+        if step.kind is StepKind.SWAP:
+            return self._swap(p["guest"], p["nic"], Plane(p["to"]))
         if step.kind is StepKind.LINK:
             up = p["state"] == "up"
             if p.get("guest"):
@@ -387,6 +450,17 @@ class _Run:
                 self.network.set_link(p["bridge"], up)
             return {"state": p["state"]}
         raise LabSetupError(f"'{step.kind.value}' steps are not supported by this runner yet")
+
+    def _swap(self, guest: str, nic: int, to: Plane) -> dict[str, Any]:
+        """Move a NIC between the back-end's planes with ``vhostkit swap``; the pause."""
+        control = self.controls[(guest, nic)]
+        target = "kernel" if to is Plane.OFFLOAD else "user"
+        argv = [sys.executable, "-m", "vhostkit", "swap", str(control), "--to", target, "--json"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise LabError(f"swap of {guest}.nic{nic} to {to.value} failed: {done.stderr.strip()}")
+        answer = json.loads(done.stdout)
+        return {"from": answer["from"], "to": answer["to"], "pause": answer["pause_ms"]}
 
     def _address_of(self, name: str, source: str) -> ipaddress.IPv4Address:
         if name in self.guests:
