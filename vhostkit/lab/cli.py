@@ -14,11 +14,13 @@ file or set-up error, 130 when interrupted (SIGINT or SIGTERM; teardown still ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -63,7 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run inside the kernel VM: when the lab needs /dev/vhost-net and this host has "
         "none (auto, the default), always, or never",
     )
+    # used by a run inside the kernel VM to hand its result and progress back
     runp.add_argument("--result-file", type=Path, help=argparse.SUPPRESS)
+    runp.add_argument("--progress-file", type=Path, help=argparse.SUPPRESS)
     sub.add_parser(
         "clean",
         help="remove what a killed lab left behind",
@@ -140,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_SETUP
     progress, done = _progress(quiet=False)
+    if args.progress_file is not None:
+        progress = _to_file(args.progress_file, progress)
     try:
         with signals_interrupt():
             if _wants_vm(lab, args.vm):
@@ -197,19 +203,67 @@ def _run_in_vm(lab: Lab, args: argparse.Namespace, progress: Callable[[str], Non
     with tempfile.TemporaryDirectory(prefix="vhk-labvm-", dir="/tmp") as share:
         result_file = Path(share) / "result.json"
         argv = ["python3", "-m", "vhostkit", "lab", "run", "--vm", "never", "--json"]
-        argv += ["--result-file", str(result_file)]
+        progress_file = Path(share) / "progress"
+        progress_file.touch()
+        argv += ["--result-file", str(result_file), "--progress-file", str(progress_file)]
         if args.keep_going:
             argv.append("--keep-going")
         argv.append(str(Path(args.file).resolve()))
-        try:
-            vm = kernel_vm.run_in_vm(argv, share=share, timeout=lab.timeout + 60, cpus=2)
-        except kernel_vm.VmError as exc:
-            raise LabSetupError(f"the kernel VM failed: {exc}") from exc
+        with _follow(progress_file, progress):
+            try:
+                vm = kernel_vm.run_in_vm(argv, share=share, timeout=lab.timeout + 60, cpus=2)
+            except kernel_vm.VmError as exc:
+                raise LabSetupError(f"the kernel VM failed: {exc}") from exc
         progress(f"kernel VM: booted in {vm.boot_seconds:.1f} s, done in {vm.total_seconds:.1f} s")
         if not result_file.exists():
             tail = vm.output.strip().splitlines()[-15:]
             raise LabSetupError("the lab inside the VM gave no result:\n" + "\n".join(tail))
         return LabResult.from_json(json.loads(result_file.read_text()))
+
+
+def _to_file(path: Path, also: Callable[[str], None]) -> Callable[[str], None]:
+    """A progress printer that also appends each line to ``path`` (flushed at once)."""
+
+    def say(text: str) -> None:
+        also(text)
+        with path.open("a") as f:
+            f.write(text + "\n")
+
+    return say
+
+
+@contextlib.contextmanager
+def _follow(path: Path, progress: Callable[[str], None]) -> Iterator[None]:
+    """Show the lines a run inside the VM appends to ``path`` while it runs.
+
+    The file is on the VM's 9p share, which has no change notification: it is read again
+    every 0.2 s, and once more at the end.
+    """
+    stop = threading.Event()
+    seen = 0
+
+    def show_new() -> None:
+        nonlocal seen
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return
+        for line in lines[seen:]:
+            progress(f"kernel VM: {line}")
+        seen = len(lines)
+
+    def loop() -> None:
+        while not stop.wait(0.2):
+            show_new()
+
+    thread = threading.Thread(target=loop, name="lab-vm-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show_new()
 
 
 def _progress(quiet: bool) -> tuple[Callable[[str], None], Callable[[], None]]:
