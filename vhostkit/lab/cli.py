@@ -273,7 +273,7 @@ def _progress(quiet: bool) -> tuple[Callable[[str], None], Callable[[], None]]:
     if sys.stderr.isatty() and os.environ.get("TERM") != "dumb":
         from rich.console import Console
 
-        console = Console(stderr=True)
+        console = Console(stderr=True, log_path=False)
         status = console.status("starting")
         status.start()
 
