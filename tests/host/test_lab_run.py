@@ -38,8 +38,8 @@ def lab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def runner_leftovers(pid: int) -> list[str]:
-    """What a runner with ``pid`` left: its namespaces, and processes still in them."""
-    return leftover_namespaces(f"vhk{pid % 100000}")
+    """The namespaces a runner with ``pid`` has (or left)."""
+    return leftover_namespaces(f"vhk{pid}")
 
 
 def test_a_user_plane_lab_passes_and_leaves_nothing() -> None:
@@ -117,3 +117,25 @@ def test_a_broken_lab_file_exits_2_with_its_line(tmp_path: Path) -> None:
         assert done.returncode == 2
         expected = f"{path}:15: guest[0].nic[0].bridge: no bridge called 'br9'"
         assert expected in done.stdout + done.stderr
+
+
+def test_clean_removes_only_what_dead_runners_left() -> None:
+    from pyroute2 import netns
+
+    dead = next(pid for pid in range(99999, 90000, -1) if not Path(f"/proc/{pid}").exists())
+    alive = os.getpid()
+    left = [f"vhk{dead}", f"vhk{dead}-host"]
+    mine = f"vhk{alive}-keep"
+    for name in [*left, mine]:
+        netns.create(name)
+    try:
+        done = lab("clean")
+        assert done.returncode == 0, done.stderr
+        for name in left:
+            assert f"removed netns {name}" in done.stdout
+            assert not Path("/run/netns", name).exists()
+        assert Path("/run/netns", mine).exists(), "a live runner's namespace is kept"
+    finally:
+        for name in [*left, mine]:
+            if Path("/run/netns", name).exists():
+                netns.remove(name)

@@ -57,10 +57,13 @@ def _iproute(netns: str) -> Any:
 
 
 def leftover_namespaces(prefix: str) -> list[str]:
-    """Namespaces under ``/run/netns`` whose name starts with ``prefix``."""
+    """The namespaces of the lab ``prefix`` under ``/run/netns``: ``prefix`` itself and
+    ``prefix-<host>`` (not those of another lab whose prefix merely starts the same)."""
     if not NETNS_DIR.is_dir():
         return []
-    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+    return sorted(
+        p.name for p in NETNS_DIR.iterdir() if p.name == prefix or p.name.startswith(prefix + "-")
+    )
 
 
 class LabNetwork:

@@ -280,7 +280,7 @@ class _Run:
         self.lab = lab
         self.progress = progress
         self.keep_going = keep_going
-        self.prefix = f"vhk{os.getpid() % 100000}"
+        self.prefix = f"vhk{os.getpid()}"
         self.workdir = Path(tempfile.mkdtemp(prefix="vhk-lab-", dir="/tmp"))
         self.network = LabNetwork(lab, self.prefix)
         self.processes: list[_Process] = []
