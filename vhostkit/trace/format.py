@@ -23,7 +23,7 @@ import json
 from typing import Any
 
 from vhostkit.errors import InvalidParam
-from vhostkit.trace.decode import Direction, Group, JsonValue, RecordKind, TraceRecord
+from vhostkit.trace.records import Direction, Group, JsonValue, RecordKind, TraceRecord
 from vhostkit.user.codec import Channel
 
 __all__ = ["format_text", "from_json", "to_dict", "to_json"]
