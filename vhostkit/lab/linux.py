@@ -545,15 +545,21 @@ class LinuxGuest:
             ready_fd=True,
         )
         self.disk_backends[index] = new
-        # back in service once QEMU connected again and started the ring on it
-        seen = new.wait_for(r"ring \d+: (resubmitting (\d+)|started)|front-end", 15.0)
+        ready = time.monotonic()
+        # back in service once a read from the guest completes: QEMU connected again and
+        # started the ring on the new back-end (which first resubmits what was in flight)
+        probe = f"dd if=/dev/{self.disk_names[index]} of=/dev/null bs=4k count=1 iflag=direct"
+        answer = self.run(probe, _READY_TIMEOUT)
+        if answer["exit_code"] != 0:
+            raise LabError(f"guest {self.name}: disk {index} fails after the restart: {answer}")
+        # logged before the read was served: in the pipe already, if it happened
         resubmitted = new.wait_for(r"resubmitting (\d+) inflight", 1.0)
         return {
             "signal": signame,
             "old_pid": old.popen.pid,
             "pid": new.popen.pid,
-            "reconnected": seen is not None,
             "resubmitted": int(resubmitted.group(1)) if resubmitted else 0,
+            "listening_seconds": round(ready - t0, 3),
             "seconds": round(time.monotonic() - t0, 3),
         }
 
