@@ -6,7 +6,7 @@ memfd). Its devices are vhost-user devices on back-end daemons the lab starts:
 
 * NIC *j* (plane ``vhostkit``): ``vhostkit backend net`` on the NIC's tap, in the lab
   namespace; QEMU's ``-netdev vhost-user``. ``offloads = false`` turns checksum offload off
-  in QEMU's device (``csum=off,guest_csum=off``), and with it TSO and GSO both ways. In the
+  in QEMU's device, and TSO and GSO both ways. In the
   guest the NIC is ``eth<j>``, with its address or a lease busybox ``udhcpc`` got.
 * disk *j*: ``vhostkit backend blk`` on an image file in the lab's work directory (sparse,
   ``size`` bytes; ``read_only`` serves it read-only), with inflight tracking, and QEMU's
@@ -73,6 +73,15 @@ _READY_TIMEOUT = 30.0
 #: The boot, up to the agent's ready file: TCG on a loaded machine, and a DHCP exchange
 _BOOT_TIMEOUT = 300.0
 _POLL = 0.02
+#: QEMU device options of a NIC with ``offloads = false``: no checksum offload and no
+#: segmentation offload, either way (QEMU 7.2 offers the TSO bits even without CSUM)
+_NO_OFFLOADS = ",".join(
+    f"{feature}=off"
+    for feature in (
+        "csum", "guest_csum", "host_tso4", "host_tso6", "host_ecn", "host_ufo",
+        "guest_tso4", "guest_tso6", "guest_ecn", "guest_ufo",
+    )
+)  # fmt: skip
 
 
 def missing_tools(lab: Lab) -> list[str]:
@@ -90,7 +99,7 @@ def missing_tools(lab: Lab) -> list[str]:
 
 
 def _which(tool: str) -> str | None:
-    return shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    return shutil.which(tool)
 
 
 # --- child processes ---------------------------------------------------------------------------
@@ -380,7 +389,7 @@ class LinuxGuest:
             self.nic_backends.append(
                 spawn(self.network, f"back-end {self.name}.nic{j}", argv, ready_fd=True)
             )
-            extra = "" if nic.offloads else "csum=off,guest_csum=off"
+            extra = "" if nic.offloads else _NO_OFFLOADS
             device_args.append(
                 kernel_vm.vhost_user_net_args(
                     sock, mac=self.macs[j], netdev_id=f"net{j}", device_args=extra
@@ -507,11 +516,15 @@ class LinuxGuest:
             raise LabError(f"guest {self.name}: {answer['error']}" + (f": {out}" if out else ""))
         return answer
 
-    def address(self) -> ipaddress.IPv4Address:
-        """The guest's first address (given or leased)."""
-        for address in self.addresses:
-            if address is not None:
+    def address(self, near: list[ipaddress.IPv4Interface] | None = None) -> ipaddress.IPv4Address:
+        """The guest's address (given or leased) on a network of ``near`` if it has one
+        there, else its first."""
+        mine = [a for a in self.addresses if a is not None]
+        for address in mine:
+            if any(address.network == other.network for other in near or []):
                 return address.ip
+        if mine:
+            return mine[0].ip
         raise LabError(f"guest {self.name} has no address to reach")
 
     def run(self, command: str, timeout: float) -> dict[str, Any]:

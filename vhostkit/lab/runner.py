@@ -495,12 +495,24 @@ class _Run:
             "throughput": round(got["received"] * 8 / seconds / 1e6, 1) if seconds else 0.0,
         }
 
+    def _interfaces_of(self, name: str) -> list[ipaddress.IPv4Interface]:
+        """The addresses of a guest or namespace (to pick a linux guest's address near it)."""
+        if name in self.linux:
+            return [a for a in self.linux[name].addresses if a is not None]
+        for guest in self.lab.guests:
+            if guest.name == name:
+                return [nic.address for nic in guest.nics if nic.address]
+        for ns in self.lab.namespaces:
+            if ns.name == name:
+                return [link.address for link in ns.links if link.address]
+        return []
+
     def _namespaces(self) -> set[str]:
         return {ns.name for ns in self.lab.namespaces}
 
     def _address_of(self, name: str, source: str) -> ipaddress.IPv4Address:
         if name in self.linux:
-            return self.linux[name].address()
+            return self.linux[name].address(self._interfaces_of(source))
         if name in self.guests:
             guest = self.lab.guest(name)
             for nic in guest.nics:
