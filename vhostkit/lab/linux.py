@@ -364,6 +364,7 @@ class LinuxGuest:
         self.qemu_pid: int | None = None
         self.machine = ""
         self._next = 1
+        self._pending = False
         self._lock = threading.Lock()
 
     # -- start --
@@ -510,7 +511,9 @@ class LinuxGuest:
             tmp = req.with_name(req.name + ".tmp")
             tmp.write_text(json.dumps({"op": op, **params}))
             os.replace(tmp, req)
+            self._pending = True  # until answered: a stop meanwhile cannot ask the agent
             answer = self._wait_file(self.agent_dir / f"resp-{n}.json", wait, op)
+            self._pending = False
         if "error" in answer:
             out = answer.get("output", "")
             raise LabError(f"guest {self.name}: {answer['error']}" + (f": {out}" if out else ""))
@@ -585,13 +588,16 @@ class LinuxGuest:
         if self.thread is not None and self.thread.is_alive():
             pid = self._qemu_pid()
             removed.append(f"process qemu {self.name}" + (f" (pid {pid})" if pid else ""))
-            with contextlib.suppress(LabError, OSError, ValueError):
-                self.request("quit", wait=10)
-            self.thread.join(30)
-            if self.thread.is_alive() and pid:
+            if not self._pending:  # the agent is free to take its quit
+                with contextlib.suppress(LabError, OSError, ValueError):
+                    self.request("quit", wait=10)
+                self.thread.join(20)
+            for sig in (signal.SIGTERM, signal.SIGKILL):  # QEMU exits on SIGTERM
+                if not self.thread.is_alive() or not pid:
+                    break
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.thread.join(30)
+                    os.kill(pid, sig)
+                self.thread.join(10)
         for child in [*self.disk_backends, *self.nic_backends]:
             if child.alive:
                 removed.append(f"process {child.name} (pid {child.popen.pid})")

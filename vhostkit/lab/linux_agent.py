@@ -27,9 +27,11 @@ arrived and how long it took), ``quit``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -142,22 +144,29 @@ def find_disks(config: dict[str, Any]) -> list[str]:
 
 
 def op_run(req: dict[str, Any]) -> dict[str, Any]:
+    """A shell command in a session of its own (on a time-out, all of it is killed)."""
     t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", req["command"]],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd="/tmp",
+        start_new_session=True,
+    )
     try:
-        proc = subprocess.run(
-            ["/bin/sh", "-c", req["command"]],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=req["timeout"],
-            cwd="/tmp",
-        )
-    except subprocess.TimeoutExpired as exc:
-        output = (exc.output or b"").decode(errors="replace")
-        return {"error": f"the command ran past its {req['timeout']} s timeout", "output": output}
+        output, _ = proc.communicate(timeout=req["timeout"])
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        return {
+            "error": f"the command ran past its {req['timeout']} s timeout",
+            "output": output.decode(errors="replace"),
+        }
     return {
         "exit_code": proc.returncode,
-        "output": proc.stdout.decode(errors="replace"),
+        "output": output.decode(errors="replace"),
         "seconds": round(time.monotonic() - t0, 3),
     }
 
