@@ -1,0 +1,111 @@
+"""What the lab runner says it can do for linux guests (:func:`vhostkit.lab.runner.unsupported`)
+and which programs such a lab needs (:func:`vhostkit.lab.linux.missing_tools`); no boot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vhostkit.lab.linux import missing_tools
+from vhostkit.lab.runner import unsupported
+from vhostkit.lab.spec import load_lab, parse_lab
+
+LABS = Path(__file__).resolve().parents[2] / "labs"
+
+BASE = """
+[lab]
+name = "t"
+[[bridge]]
+name = "br0"
+[[namespace]]
+name = "host"
+  [[namespace.link]]
+  bridge = "br0"
+  address = "10.77.0.1/24"
+  dhcp = "10.77.0.100-10.77.0.110"
+[[guest]]
+name = "deb"
+kind = "linux"
+  [[guest.nic]]
+  bridge = "br0"
+  plane = "PLANE"
+  dhcp = true
+  [[guest.disk]]
+  size = "16M"
+[[guest]]
+name = "v"
+kind = "virtual"
+  [[guest.nic]]
+  bridge = "br0"
+  address = "10.77.0.3/24"
+"""
+
+
+def lab(plane: str = "vhostkit", steps: str = ""):  # type: ignore[no-untyped-def]
+    return parse_lab(BASE.replace("PLANE", plane) + steps)
+
+
+@pytest.mark.parametrize("name", ["03-dhcp-linux", "04-blk-restart", "05-offloads"])
+def test_the_shipped_linux_labs_are_supported(name: str) -> None:
+    assert unsupported(load_lab(LABS / f"{name}.toml")) == []
+
+
+def test_linux_guests_dhcp_disks_run_tcp_and_disk_restarts_are_supported() -> None:
+    steps = """
+[[step]]
+do = "run"
+guest = "deb"
+command = "true"
+[[step]]
+do = "tcp"
+from = "deb"
+to = "host"
+[[step]]
+do = "restart-backend"
+guest = "deb"
+disk = 0
+[[step]]
+do = "ping"
+from = "host"
+to = "deb"
+"""
+    assert unsupported(lab(steps=steps)) == []
+
+
+def test_what_is_not_done_for_linux_guests_is_named() -> None:
+    steps = """
+[[step]]
+do = "restart-backend"
+guest = "deb"
+nic = 0
+[[step]]
+do = "tcp"
+from = "deb"
+to = "v"
+[[step]]
+do = "stream"
+from = "v"
+to = "deb"
+frames = 10
+"""
+    assert unsupported(lab("kernel")) == [
+        "guest deb nic 0: the kernel plane for a linux guest (QEMU's vhost=on)"
+    ]
+    found = unsupported(lab("vhostkit", steps))
+    assert "step restart-backend-1: restarting a NIC's back-end" in found
+    assert "step tcp-2: TCP to a virtual guest (it has no TCP stack)" in found
+    assert "step stream-3: a stream to a linux guest (use 'tcp')" in found
+    assert len(found) == 3, found
+
+
+def test_missing_programs_name_their_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert missing_tools(lab()) == [
+        "qemu-system-x86_64 is missing: apt-get install qemu-system-x86",
+        "busybox is missing: apt-get install busybox-static",
+        "ip is missing: apt-get install iproute2",
+        "dnsmasq is missing: apt-get install dnsmasq-base",
+    ]
+    # a lab of virtual guests only, without DHCP, runs none of them
+    assert missing_tools(load_lab(LABS / "01-bridge-ping.toml")) == []
