@@ -169,7 +169,10 @@ def test_run_steps_judge_exit_codes_patterns_and_time_outs() -> None:
     assert_gone(result)
 
 
-def test_sigint_during_a_command_powers_the_guest_off(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "when", ["step no-match: run", "booting Linux"], ids=["during-a-command", "during-the-boot"]
+)
+def test_sigint_powers_the_guest_off(tmp_path: Path, when: str) -> None:
     path = tmp_path / "long.toml"
     text = (TEST_LABS / "linux-judge.toml").read_text()
     path.write_text(text.replace('command = "echo nothing to see"', 'command = "sleep 300"'))
@@ -183,10 +186,10 @@ def test_sigint_during_a_command_powers_the_guest_off(tmp_path: Path) -> None:
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if "step no-match: run" in line:
+            if when in line:
                 break
         else:
-            pytest.fail("the lab never reached its sleep")
+            pytest.fail(f"the lab never said {when!r}")
         assert leftover_namespaces(f"vhk{proc.pid % 100000}"), "the lab runs"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)

@@ -365,6 +365,7 @@ class LinuxGuest:
         self.machine = ""
         self._next = 1
         self._pending = False
+        self._ready = False
         self._lock = threading.Lock()
 
     # -- start --
@@ -463,10 +464,10 @@ class LinuxGuest:
             except BaseException as exc:  # reported by whoever waits for the guest
                 self.vm_error = exc
 
-        self.progress(f"guest {self.name}: booting Linux ({vm.machine}, TCG)")
         t0 = time.monotonic()
         self.thread = threading.Thread(target=boot, name=f"vm-{self.name}", daemon=True)
         self.thread.start()
+        self.progress(f"guest {self.name}: booting Linux ({vm.machine}, TCG)")
         ready = self._wait_file(self.agent_dir / "ready.json", _BOOT_TIMEOUT + 60, "boot")
         if "error" in ready:
             raise LabSetupError(f"guest {self.name}: setting up failed: {ready['error']}")
@@ -476,6 +477,7 @@ class LinuxGuest:
             how = "by DHCP" if self.guest.nics[j].dhcp else ""
             self.progress(f"guest {self.name}: {nic['name']} {address or 'no address'} {how}")
         self.disk_names = list(ready["disks"])
+        self._ready = True
         self.progress(f"guest {self.name}: ready in {time.monotonic() - t0:.1f} s")
 
     def _vm_story(self) -> str:
@@ -587,17 +589,22 @@ class LinuxGuest:
         removed = []
         if self.thread is not None and self.thread.is_alive():
             pid = self._qemu_pid()
-            removed.append(f"process qemu {self.name}" + (f" (pid {pid})" if pid else ""))
-            if not self._pending:  # the agent is free to take its quit
+            if self._ready and not self._pending:  # the agent is free to take its quit
                 with contextlib.suppress(LabError, OSError, ValueError):
                     self.request("quit", wait=10)
                 self.thread.join(20)
             for sig in (signal.SIGTERM, signal.SIGKILL):  # QEMU exits on SIGTERM
-                if not self.thread.is_alive() or not pid:
+                end = time.monotonic() + 10
+                # interrupted during the boot: QEMU writes its pid file as it starts
+                while self.thread.is_alive() and pid is None and time.monotonic() < end:
+                    self.thread.join(0.1)
+                    pid = self._qemu_pid()
+                if not self.thread.is_alive() or pid is None:
                     break
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                 self.thread.join(10)
+            removed.append(f"process qemu {self.name}" + (f" (pid {pid})" if pid else ""))
         for child in [*self.disk_backends, *self.nic_backends]:
             if child.alive:
                 removed.append(f"process {child.name} (pid {child.popen.pid})")
