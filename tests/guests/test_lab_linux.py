@@ -93,6 +93,13 @@ def assert_gone(result: dict[str, Any]) -> None:
         assert not Path(f"/proc/{pid}").exists() or _zombie(pid), f"pid {pid} still runs"
 
 
+def lab_namespaces(pid: int) -> set[str]:
+    """The namespaces of the lab a runner with ``pid`` runs (its prefix is ``vhk`` and the
+    pid, or the pid's last five digits in older runners)."""
+    prefixes = (f"vhk{pid}", f"vhk{pid % 100000}")
+    return {name for prefix in prefixes for name in leftover_namespaces(prefix)}
+
+
 def _zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
@@ -190,7 +197,7 @@ def test_sigint_powers_the_guest_off(tmp_path: Path, when: str) -> None:
                 break
         else:
             pytest.fail(f"the lab never said {when!r}")
-        assert leftover_namespaces(f"vhk{proc.pid % 100000}"), "the lab runs"
+        assert lab_namespaces(proc.pid), "the lab runs"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=90)
     finally:
@@ -201,7 +208,7 @@ def test_sigint_powers_the_guest_off(tmp_path: Path, when: str) -> None:
     result = json.loads(out)
     assert result["error"] == "interrupted" and not result["leftovers"], result
     assert_gone(result)
-    assert leftover_namespaces(f"vhk{proc.pid % 100000}") == []
+    assert lab_namespaces(proc.pid) == set()
 
 
 def test_a_missing_program_is_named_with_its_package(tmp_path: Path) -> None:

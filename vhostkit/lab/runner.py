@@ -37,6 +37,7 @@ from vhostkit.lab.errors import LabError, LabSetupError
 from vhostkit.lab.iphost import STREAM_PORT, StreamCount, parse_stream_payload
 from vhostkit.lab.network import LabNetwork, leftover_namespaces
 from vhostkit.lab.spec import Guest, GuestKind, Lab, Plane, Step, StepKind, parse_size
+from vhostkit.testing.kernel_vm.common import GUEST_ENV_VAR
 
 __all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
 
@@ -52,6 +53,7 @@ SUPPORTED = {
     "guests": frozenset({GuestKind.VIRTUAL, GuestKind.LINUX}),
 }
 _START_TIMEOUT = 30.0
+VHOST_NET = "/dev/vhost-net"
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,12 @@ def _linux_unsupported(lab: Lab) -> list[str]:
     """What of the linux guests' part of ``lab`` this runner cannot do yet."""
     found = []
     kinds = {guest.name: guest.kind for guest in lab.guests}
+    in_vm = os.environ.get(GUEST_ENV_VAR) == "1"
+    if lab.needs_qemu and (in_vm or (lab.needs_kernel_vhost and not Path(VHOST_NET).exists())):
+        found.append(
+            "linux guests in a lab that runs inside the kernel VM (it needs kernel vhost-net, "
+            "which this host lacks): QEMU under QEMU's TCG cannot boot them in useful time"
+        )
     for guest in lab.guests:
         for j, nic in enumerate(guest.nics):
             if guest.kind is GuestKind.LINUX and nic.plane is Plane.KERNEL:
