@@ -12,7 +12,8 @@ Each lab boots its linux guest once (Debian's kernel under QEMU TCG, see
 Besides each lab passing, the tests check what the JSON result says each step measured, that
 teardown stopped QEMU and every daemon, and that nothing is left. Two more labs in
 ``tests/helpers/labs`` check the ``run`` step's expectations (an exit code, a pattern that
-does not match, a command that runs too long: reported, and the guest goes on) and that an
+does not match, a command that runs too long: reported, and the guest goes on; a read-only
+disk) and that an
 interrupted linux lab powers its guest off. A lab on a host without one of the programs it
 needs (simulated with ``PATH``) is refused before anything is built, naming the Debian
 package to install. No test asserts on speed: lab 5's floor is 1 Mbit/s.
@@ -173,6 +174,10 @@ def test_run_steps_judge_exit_codes_patterns_and_time_outs() -> None:
     assert "ran past its 2 s timeout" in too_long["error"] and "started" in too_long["error"]
     # the guest went on after the command that was killed
     assert outcomes[("still-there", "output_matches")] == (1.0, True)
+    # a read-only disk: the guest sees it so (4 MiB, 8192 sectors) and a write fails
+    read_only = steps(result)["read-only"]["values"]
+    assert read_only["output"].startswith("1\n8192\n"), read_only
+    assert outcomes[("read-only", "exit_code")][0] != 0.0, read_only
     assert_gone(result)
 
 
@@ -182,7 +187,11 @@ def test_run_steps_judge_exit_codes_patterns_and_time_outs() -> None:
 def test_sigint_powers_the_guest_off(tmp_path: Path, when: str) -> None:
     path = tmp_path / "long.toml"
     text = (TEST_LABS / "linux-judge.toml").read_text()
-    path.write_text(text.replace('command = "echo nothing to see"', 'command = "sleep 300"'))
+    text = text.replace('command = "echo nothing to see"', 'command = "sleep 300"')
+    # no disk: the guest boots on microvm, faster (the lab never gets to its disk step)
+    disk = '  [[guest.disk]]\n  size = "4M"\n  read_only = true\n'
+    assert disk in text
+    path.write_text(text.replace(disk, ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "vhostkit", "lab", "run", "--json", "--keep-going", str(path)],
         stdout=subprocess.PIPE,
