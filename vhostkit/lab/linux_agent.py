@@ -82,7 +82,7 @@ exit 0
 """
 
 
-def set_up_nics(config: dict[str, Any]) -> list[dict[str, str]]:
+def set_up_nics(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Name NIC *j* ``eth<j>``, bring it up with its address or a DHCP lease."""
     ip, busybox = config["ip"], config["busybox"]
     macs = by_mac()
@@ -95,7 +95,7 @@ def set_up_nics(config: dict[str, Any]) -> list[dict[str, str]]:
     # rename in two rounds, so that eth0 and eth1 may trade names
     for j, name in enumerate(names):
         sh([ip, "link", "set", "dev", name, "name", f"vhktmp{j}"])
-    out = []
+    out: list[dict[str, Any]] = []
     script = Path("/tmp/vhk-udhcpc.sh")
     script.write_text(DHCP_SCRIPT.format(ip=ip))
     script.chmod(0o755)
