@@ -189,13 +189,17 @@ def _linux_unsupported(lab: Lab) -> list[str]:
         )
     for guest in lab.guests:
         for j, nic in enumerate(guest.nics):
-            if guest.kind is GuestKind.LINUX and nic.plane is Plane.KERNEL:
+            if guest.kind is GuestKind.LINUX and nic.plane is not Plane.VHOSTKIT:
+                kernel = nic.plane is Plane.KERNEL
+                how = "QEMU's vhost=on" if kernel else "its daemon's kernel rings"
                 found.append(
-                    f"guest {guest.name} nic {j}: the kernel plane for a linux guest "
-                    "(QEMU's vhost=on)"
+                    f"guest {guest.name} nic {j}: the {nic.plane.value} plane for a linux guest "
+                    f"({how})"
                 )
     for step in lab.steps:
         p = step.params
+        if step.kind is StepKind.SWAP and kinds.get(p["guest"]) is GuestKind.LINUX:
+            found.append(f"step {step.name}: swapping a linux guest's NIC")
         if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
             found.append(f"step {step.name}: restarting a NIC's back-end")
         if step.kind is StepKind.TCP and kinds.get(p["to"]) is GuestKind.VIRTUAL:
