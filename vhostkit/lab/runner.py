@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,10 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from vhostkit.lab import linux
 from vhostkit.lab.errors import LabError, LabSetupError
 from vhostkit.lab.iphost import STREAM_PORT, StreamCount, parse_stream_payload
 from vhostkit.lab.network import LabNetwork, leftover_namespaces
-from vhostkit.lab.spec import GuestKind, Lab, Plane, Step, StepKind
+from vhostkit.lab.spec import Guest, GuestKind, Lab, Plane, Step, StepKind, parse_size
+from vhostkit.testing.kernel_vm.common import GUEST_ENV_VAR
 
 __all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
 
@@ -51,11 +54,13 @@ SUPPORTED = {
             StepKind.WAIT,
             StepKind.SWAP,
         }
+        | {StepKind.RUN, StepKind.TCP, StepKind.RESTART_BACKEND}  # linux guests
     ),
     "planes": frozenset({Plane.KERNEL, Plane.VHOSTKIT, Plane.OFFLOAD}),
-    "guests": frozenset({GuestKind.VIRTUAL}),
+    "guests": frozenset({GuestKind.VIRTUAL, GuestKind.LINUX}),
 }
 _START_TIMEOUT = 30.0
+VHOST_NET = "/dev/vhost-net"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,9 +180,39 @@ def unsupported(lab: Lab) -> list[str]:
     for step in lab.steps:
         if step.kind not in SUPPORTED["steps"]:
             found.append(f"step {step.name}: '{step.kind.value}' steps")
-    for ns in lab.namespaces:
-        if any(link.dhcp for link in ns.links):
-            found.append(f"namespace {ns.name}: DHCP")
+    found += _linux_unsupported(lab)
+    return found
+
+
+def _linux_unsupported(lab: Lab) -> list[str]:
+    """What of the linux guests' part of ``lab`` this runner cannot do yet."""
+    found = []
+    kinds = {guest.name: guest.kind for guest in lab.guests}
+    in_vm = os.environ.get(GUEST_ENV_VAR) == "1"
+    if lab.needs_qemu and (in_vm or (lab.needs_kernel_vhost and not Path(VHOST_NET).exists())):
+        found.append(
+            "linux guests in a lab that runs inside the kernel VM (it needs kernel vhost-net, "
+            "which this host lacks): QEMU under QEMU's TCG cannot boot them in useful time"
+        )
+    for guest in lab.guests:
+        for j, nic in enumerate(guest.nics):
+            if guest.kind is GuestKind.LINUX and nic.plane is not Plane.VHOSTKIT:
+                kernel = nic.plane is Plane.KERNEL
+                how = "QEMU's vhost=on" if kernel else "its daemon's kernel rings"
+                found.append(
+                    f"guest {guest.name} nic {j}: the {nic.plane.value} plane for a linux guest "
+                    f"({how})"
+                )
+    for step in lab.steps:
+        p = step.params
+        if step.kind is StepKind.SWAP and kinds.get(p["guest"]) is GuestKind.LINUX:
+            found.append(f"step {step.name}: swapping a linux guest's NIC")
+        if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
+            found.append(f"step {step.name}: restarting a NIC's back-end")
+        if step.kind is StepKind.TCP and kinds.get(p["to"]) is GuestKind.VIRTUAL:
+            found.append(f"step {step.name}: TCP to a virtual guest (it has no TCP stack)")
+        if step.kind is StepKind.STREAM and kinds.get(p["to"]) is GuestKind.LINUX:
+            found.append(f"step {step.name}: a stream to a linux guest (use 'tcp')")
     return found
 
 
@@ -287,6 +322,8 @@ class _Run:
         #: the control socket of each (guest, nic) whose back-end a swap step moves
         self.controls: dict[tuple[str, int], Path] = {}
         self.guests: dict[str, _GuestProcess] = {}
+        self.linux: dict[str, linux.LinuxGuest] = {}
+        self.dhcp: list[linux.NamespaceDhcp] = []
         self.receivers: dict[str, _NamespaceCounter] = {}
         self.background: dict[str, tuple[Step, str, int]] = {}
         self.steps: list[StepResult] = []
@@ -300,7 +337,11 @@ class _Run:
         self.progress(f"network: {len(self.lab.bridges)} bridge(s), "
                       f"{len(self.lab.namespaces)} namespace(s)")  # fmt: skip
         self.network.build()
+        self._start_dhcp()
         for guest in self.lab.guests:
+            if guest.kind is GuestKind.LINUX:
+                self._start_linux(guest)
+                continue
             self.progress(f"guest {guest.name}: starting")
             nics = []
             for j, nic in enumerate(guest.nics):
@@ -321,6 +362,21 @@ class _Run:
             proc.addresses = [n.address for n in guest.nics if n.address]
             proc.wait_ready(_START_TIMEOUT)
             self.guests[guest.name] = proc
+
+    def _start_dhcp(self) -> None:
+        for ns in self.lab.namespaces:
+            for j, link in enumerate(ns.links):
+                if link.dhcp:
+                    self.progress(f"namespace {ns.name}: DHCP on eth{j} ({link.dhcp[0]}-...)")
+                    server = linux.NamespaceDhcp(self.network, ns.name, j, link, self.workdir)
+                    self.dhcp.append(server)
+
+    def _start_linux(self, guest: Guest) -> None:
+        vm = linux.LinuxGuest(
+            guest, self.network, self.workdir, self.lab.timeout + 60, self.progress
+        )
+        self.linux[guest.name] = vm
+        vm.start()
 
     def _spawn(
         self,
@@ -419,6 +475,9 @@ class _Run:
 
     def _judge(self, step: Step, values: dict[str, Any]) -> None:
         for key, limit in step.expect.items():
+            if key in ("exit_code", "output_matches"):
+                self.outcomes.append(_judge_run(step.name, key, limit, values))
+                continue
             if key.endswith("_max"):
                 measured = float(values[key.removesuffix("_max")])
                 passed = measured <= limit
@@ -431,6 +490,9 @@ class _Run:
 
     def _do(self, step: Step) -> dict[str, Any]:
         p = step.params
+        linux_values = self._do_linux(step)
+        if linux_values is not None:
+            return linux_values
         if step.kind is StepKind.PING:
             return self._ping(p["from"], p["to"], p["count"], p["interval"], p["timeout"])
         if step.kind is StepKind.STREAM:
@@ -462,7 +524,81 @@ class _Run:
         answer = json.loads(done.stdout)
         return {"from": answer["from"], "to": answer["to"], "pause": answer["pause_ms"]}
 
+    def _do_linux(self, step: Step) -> dict[str, Any] | None:
+        """Carry out a step that involves a linux guest (None: not one of those)."""
+        p = step.params
+        if step.kind is StepKind.RUN:
+            values = self.linux[p["guest"]].run(p["command"], p["timeout"])
+            values["output"] = values["output"][-4000:]
+            return values
+        if step.kind is StepKind.RESTART_BACKEND and p["guest"] in self.linux:
+            return self.linux[p["guest"]].restart_disk(p["disk"], p["signal"])
+        if step.kind is StepKind.TCP:
+            return self._tcp(p["from"], p["to"], p["port"], parse_size(p["bytes"]))
+        if step.kind is StepKind.PING and p["from"] in self.linux:
+            target = self._address_of(p["to"], p["from"])
+            answer = self.linux[p["from"]].request(
+                "ping", wait=p["count"] * p["interval"] + p["timeout"] + 30, to=str(target),
+                count=p["count"], interval=p["interval"], timeout=p["timeout"],
+            )  # fmt: skip
+            return _ping_values(answer)
+        return None
+
+    def _tcp(self, src: str, dst: str, port: int, total: int) -> dict[str, Any]:
+        """``total`` bytes over one TCP connection from ``src`` to ``dst``, timed where
+        they arrive (first byte to the sender's half-close)."""
+        target = self._address_of(dst, src)
+        wait = 60.0 + total / 1e6  # a generous 1 MB/s at the very least
+        receiver = None
+        if dst in self.linux:
+            self.linux[dst].request("tcp-listen", port=port)
+        elif dst not in self.guests:
+            netns = self.network.host_ns(dst) if dst in self._namespaces() else None
+            receiver = linux.TcpReceiver(self.network, netns or self.network.main, port)
+        try:
+            if src in self.linux:
+                sent = self.linux[src].request(
+                    "tcp-send", wait=wait, to=str(target), port=port, bytes=total
+                )["sent"]
+            else:
+                sent = linux.tcp_send(self.network, self.network.host_ns(src), target, port, total)[
+                    "sent"
+                ]
+            if receiver is not None:
+                got = receiver.result(wait)
+            else:
+                got = self.linux[dst].request("tcp-result", wait=wait, port=port, timeout=wait)
+        finally:
+            if receiver is not None:
+                receiver.close()
+        if "error" in got:
+            raise LabError(f"tcp {src} -> {dst}: {got['error']}")
+        seconds = got["seconds"]
+        return {
+            "sent": sent,
+            "received": got["received"],
+            "seconds": seconds,
+            "throughput": round(got["received"] * 8 / seconds / 1e6, 1) if seconds else 0.0,
+        }
+
+    def _interfaces_of(self, name: str) -> list[ipaddress.IPv4Interface]:
+        """The addresses of a guest or namespace (to pick a linux guest's address near it)."""
+        if name in self.linux:
+            return [a for a in self.linux[name].addresses if a is not None]
+        for guest in self.lab.guests:
+            if guest.name == name:
+                return [nic.address for nic in guest.nics if nic.address]
+        for ns in self.lab.namespaces:
+            if ns.name == name:
+                return [link.address for link in ns.links if link.address]
+        return []
+
+    def _namespaces(self) -> set[str]:
+        return {ns.name for ns in self.lab.namespaces}
+
     def _address_of(self, name: str, source: str) -> ipaddress.IPv4Address:
+        if name in self.linux:
+            return self.linux[name].address(self._interfaces_of(source))
         if name in self.guests:
             guest = self.lab.guest(name)
             for nic in guest.nics:
@@ -551,6 +687,12 @@ class _Run:
         removed: list[str] = []
         for counter in self.receivers.values():
             counter.close()
+        for vm in reversed(list(self.linux.values())):
+            removed += vm.stop()
+        for server in self.dhcp:
+            if server.child.alive:
+                removed.append(f"process {server.name} (pid {server.child.popen.pid})")
+            server.child.stop()
         for proc in reversed(self.processes):
             if proc.popen.poll() is None:
                 removed.append(f"process {proc.name} (pid {proc.popen.pid})")
@@ -561,6 +703,8 @@ class _Run:
         shutil.rmtree(self.workdir, ignore_errors=True)
         left = [f"netns {n}" for n in leftover_namespaces(self.prefix)]
         left += [f"process {p.name}" for p in self.processes if p.popen.poll() is None]
+        left += [item for vm in self.linux.values() for item in vm.leftovers()]
+        left += [f"process {d.name}" for d in self.dhcp if d.child.alive]
         if self.workdir.exists():
             left.append(f"directory {self.workdir}")
         return removed, left
@@ -645,6 +789,27 @@ def _icmp_ping(
     return {"sent": count, "received": len(rtts), "rtt_ms": rtts}
 
 
+def _judge_run(step: str, key: str, limit: Any, values: dict[str, Any]) -> Outcome:
+    """A ``run`` step's expectation: ``exit_code`` is exact; ``output_matches`` is a
+    regular expression searched in the output (value 1 when found, 0 when not; limit 1)."""
+    if key == "exit_code":
+        code = float(values["exit_code"])
+        return Outcome(step, key, code, float(limit), code == float(limit))
+    found = 1.0 if re.search(str(limit), values["output"], re.MULTILINE) else 0.0
+    return Outcome(step, key, found, 1.0, found == 1.0)
+
+
+def _ping_values(answer: dict[str, Any]) -> dict[str, Any]:
+    sent, received = answer["sent"], answer["received"]
+    rtts = answer["rtt_ms"]
+    return {
+        "sent": sent,
+        "received": received,
+        "loss": round(100.0 * (sent - received) / sent, 3) if sent else 100.0,
+        "rtt_ms_avg": round(sum(rtts) / len(rtts), 3) if rtts else None,
+    }
+
+
 def _mac_for(guest: str, nic: int) -> str:
     digest = sum(guest.encode()) * 31 + len(guest)
     return f"02:76:68:{digest >> 8 & 0xFF:02x}:{digest & 0xFF:02x}:{nic:02x}"
@@ -694,6 +859,9 @@ def run_lab(
 def _check_host(lab: Lab) -> None:
     if os.geteuid() != 0:
         raise LabSetupError("a lab builds namespaces and taps", hint="run it as root")
+    missing = linux.missing_tools(lab)
+    if missing:
+        raise LabSetupError("this lab needs programs this host lacks: " + "; ".join(missing))
     if not Path("/dev/net/tun").exists():
         raise LabSetupError("/dev/net/tun is missing", hint="modprobe tun")
     if lab.needs_kernel_vhost and not Path("/dev/vhost-net").exists():
