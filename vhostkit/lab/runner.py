@@ -20,23 +20,22 @@ import os
 import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from vhostkit.lab import linux
 from vhostkit.lab.errors import LabError, LabSetupError
-from vhostkit.lab.iphost import STREAM_PORT, StreamCount, parse_stream_payload
+from vhostkit.lab.iphost import StreamCount
 from vhostkit.lab.network import LabNetwork, leftover_namespaces
+from vhostkit.lab.processes import GuestProcess, LabProcess, read_ready
+from vhostkit.lab.result import LabResult, Outcome, StepResult
 from vhostkit.lab.spec import Guest, GuestKind, Lab, Plane, Step, StepKind, parse_size
+from vhostkit.lab.traffic import NamespaceCounter, icmp_ping
 from vhostkit.testing.kernel_vm.common import GUEST_ENV_VAR
 
 __all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
@@ -61,109 +60,6 @@ SUPPORTED = {
 }
 _START_TIMEOUT = 30.0
 VHOST_NET = "/dev/vhost-net"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """One expectation: what was measured against its limit."""
-
-    step: str
-    key: str
-    value: float
-    limit: float
-    passed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """One step: when it ran, how long it took, what it measured (``values``)."""
-
-    name: str
-    kind: str
-    started: float
-    seconds: float
-    values: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class LabResult:
-    """What a lab run did and found."""
-
-    lab: str
-    steps: tuple[StepResult, ...]
-    outcomes: tuple[Outcome, ...]
-    seconds: float
-    setup_seconds: float
-    removed: tuple[str, ...] = ()
-    leftovers: tuple[str, ...] = ()
-    error: str = ""
-    #: True when the error came while the lab was being set up (not a failed step)
-    setup_failed: bool = False
-
-    @property
-    def passed(self) -> bool:
-        """Every expectation held, every step ran, nothing was left behind."""
-        return (
-            not self.error
-            and not self.leftovers
-            and all(o.passed for o in self.outcomes)
-            and not any(s.error for s in self.steps)
-        )
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LabResult:
-        """The result :meth:`to_json` wrote (e.g. by a run inside the kernel VM)."""
-        return cls(
-            lab=data["lab"],
-            steps=tuple(
-                StepResult(s["name"], s["do"], s["started"], s["seconds"], s["values"], s["error"])
-                for s in data["steps"]
-            ),
-            outcomes=tuple(
-                Outcome(o["step"], o["key"], o["value"], o["limit"], o["passed"])
-                for o in data["expectations"]
-            ),
-            seconds=data["seconds"],
-            setup_seconds=data["setup_seconds"],
-            removed=tuple(data["removed"]),
-            leftovers=tuple(data["leftovers"]),
-            error=data["error"],
-            setup_failed=data["setup_failed"],
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "lab": self.lab,
-            "passed": self.passed,
-            "error": self.error,
-            "setup_failed": self.setup_failed,
-            "seconds": round(self.seconds, 3),
-            "setup_seconds": round(self.setup_seconds, 3),
-            "steps": [
-                {
-                    "name": s.name,
-                    "do": s.kind,
-                    "started": round(s.started, 3),
-                    "seconds": round(s.seconds, 3),
-                    "values": s.values,
-                    "error": s.error,
-                }
-                for s in self.steps
-            ],
-            "expectations": [
-                {
-                    "step": o.step,
-                    "key": o.key,
-                    "value": o.value,
-                    "limit": o.limit,
-                    "passed": o.passed,
-                }
-                for o in self.outcomes
-            ],
-            "removed": list(self.removed),
-            "leftovers": list(self.leftovers),
-        }
 
 
 def unsupported(lab: Lab) -> list[str]:
@@ -216,97 +112,6 @@ def _linux_unsupported(lab: Lab) -> list[str]:
     return found
 
 
-# --- processes ------------------------------------------------------------------------------
-
-
-class _Process:
-    """A child process the lab started: its name, its Popen, how to stop it."""
-
-    def __init__(self, name: str, popen: subprocess.Popen[str]) -> None:
-        self.name = name
-        self.popen = popen
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-
-
-class _GuestProcess(_Process):
-    """A virtual guest (:mod:`vhostkit.lab.guest`), talked to in JSON lines."""
-
-    def __init__(self, name: str, popen: subprocess.Popen[str]) -> None:
-        super().__init__(name, popen)
-        self.lock = threading.Lock()
-        self.addresses: list[ipaddress.IPv4Interface] = []
-
-    def wait_ready(self, timeout: float) -> None:
-        line = _read_line(self.popen.stdout, timeout)
-        if line is None:
-            raise LabSetupError(f"guest {self.name} did not start: {self._stderr_tail()}")
-        answer = json.loads(line)
-        if "error" in answer:
-            raise LabSetupError(f"guest {self.name} did not start: {answer['error']}")
-
-    def request(self, op: str, *, wait: float = 60.0, **params: Any) -> dict[str, Any]:
-        """Send request ``op`` with ``params``; its answer (``wait`` seconds at most)."""
-        req = {"op": op, **params}
-        with self.lock:
-            assert self.popen.stdin is not None
-            try:
-                self.popen.stdin.write(json.dumps(req) + "\n")
-                self.popen.stdin.flush()
-            except BrokenPipeError:
-                raise LabError(f"guest {self.name} is gone: {self._stderr_tail()}") from None
-            line = _read_line(self.popen.stdout, wait)
-        if line is None:
-            raise LabError(f"guest {self.name} did not answer {op}")
-        answer: dict[str, Any] = json.loads(line)
-        if "error" in answer:
-            raise LabError(f"guest {self.name}: {answer['error']}")
-        return answer
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(LabError, OSError, ValueError):
-                self.request("quit", wait=timeout)
-        super().stop(timeout)
-
-    def _stderr_tail(self) -> str:
-        if self.popen.poll() is None or self.popen.stderr is None:
-            return "still running"
-        return self.popen.stderr.read()[-2000:].strip() or f"exit code {self.popen.returncode}"
-
-
-def _read_ready(stream: IO[bytes], timeout: float) -> bytes:
-    """What a daemon wrote to its ready pipe within ``timeout`` (b"" at EOF or time-out)."""
-    import select
-
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.read(64) or b"" if ready else b""
-
-
-def _read_line(stream: IO[str] | None, timeout: float) -> str | None:
-    """One line from a child's stdout within ``timeout`` (None at EOF or time-out)."""
-    import select
-
-    if stream is None:
-        return None
-    ready, _, _ = select.select([stream], [], [], timeout)
-    if not ready:
-        return None
-    line = stream.readline()
-    return line or None
-
-
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -318,13 +123,13 @@ class _Run:
         self.prefix = f"vhk{os.getpid()}"
         self.workdir = Path(tempfile.mkdtemp(prefix="vhk-lab-", dir="/tmp"))
         self.network = LabNetwork(lab, self.prefix)
-        self.processes: list[_Process] = []
+        self.processes: list[LabProcess] = []
         #: the control socket of each (guest, nic) whose back-end a swap step moves
         self.controls: dict[tuple[str, int], Path] = {}
-        self.guests: dict[str, _GuestProcess] = {}
+        self.guests: dict[str, GuestProcess] = {}
         self.linux: dict[str, linux.LinuxGuest] = {}
         self.dhcp: list[linux.NamespaceDhcp] = []
-        self.receivers: dict[str, _NamespaceCounter] = {}
+        self.receivers: dict[str, NamespaceCounter] = {}
         self.background: dict[str, tuple[Step, str, int]] = {}
         self.steps: list[StepResult] = []
         self.outcomes: list[Outcome] = []
@@ -357,7 +162,7 @@ class _Run:
             argv = [sys.executable, "-m", "vhostkit.lab.guest"]
             for spec in nics:
                 argv += ["--nic", spec]
-            proc = _GuestProcess(guest.name, self._spawn(argv, stdin=True))
+            proc = GuestProcess(guest.name, self._spawn(argv, stdin=True))
             self.processes.append(proc)
             proc.addresses = [n.address for n in guest.nics if n.address]
             proc.wait_ready(_START_TIMEOUT)
@@ -424,13 +229,13 @@ class _Run:
             argv += ["--ready-fd", str(ready_w)]
             log = self.workdir / f"{guest}-{nic}.log"
             popen = self._spawn(argv, keep=(ready_w,), log=log)
-            proc = _Process(f"back-end {guest}.nic{nic}", popen)
+            proc = LabProcess(f"back-end {guest}.nic{nic}", popen)
             self.processes.append(proc)
             os.close(ready_w)
             ready_w = -1
             with os.fdopen(ready_r, "rb", buffering=0) as ready:
                 ready_r = -1
-                line = _read_ready(ready, _START_TIMEOUT)
+                line = read_ready(ready, _START_TIMEOUT)
             if line != b"READY=1\n":
                 tail = log.read_text().strip()[-1500:] or "no ready message in time"
                 raise LabSetupError(f"the back-end of {guest}.nic{nic} did not start: {tail}")
@@ -624,7 +429,7 @@ class _Run:
             )  # fmt: skip
         else:
             answer = self.network.call(
-                lambda: _icmp_ping(target, count, interval, timeout),
+                lambda: icmp_ping(target, count, interval, timeout),
                 self.network.host_ns(src),
             )
         sent, received = answer["sent"], answer["received"]
@@ -641,7 +446,7 @@ class _Run:
         ident = next(self.stream_ids)
         target = self._address_of(p["to"], p["from"])
         if p["to"] not in self.guests and p["to"] not in self.receivers:
-            counter = _NamespaceCounter(self.network, self.network.host_ns(p["to"]))
+            counter = NamespaceCounter(self.network, self.network.host_ns(p["to"]))
             self.receivers[p["to"]] = counter
         self.guests[p["from"]].request(
             "stream", to=str(target), stream=ident, rate=p["rate"], frames=p["frames"],
@@ -708,85 +513,6 @@ class _Run:
         if self.workdir.exists():
             left.append(f"directory {self.workdir}")
         return removed, left
-
-
-class _NamespaceCounter:
-    """A UDP socket on :data:`STREAM_PORT` inside a namespace, counting numbered streams."""
-
-    def __init__(self, network: LabNetwork, netns: str) -> None:
-        self.sock = network.call(lambda: _udp_socket(), netns)
-        self.counts: dict[int, StreamCount] = {}
-        self.lock = threading.Lock()
-        self.stopping = False
-        self.thread = threading.Thread(target=self._loop, name=f"count-{netns}", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while not self.stopping:
-            try:
-                data = self.sock.recv(2048)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            numbered = parse_stream_payload(data)
-            if numbered is not None:
-                with self.lock:
-                    self.counts.setdefault(numbered[0], StreamCount()).add(numbered[1])
-
-    def count(self, ident: int) -> StreamCount:
-        with self.lock:
-            found = self.counts.get(ident, StreamCount())
-            copy = StreamCount(found.received, found.duplicates, found.reordered, found.highest)
-            copy.seen = set(found.seen)
-            return copy
-
-    def close(self) -> None:
-        self.stopping = True
-        self.thread.join(2)
-        self.sock.close()
-
-
-def _udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    sock.bind(("0.0.0.0", STREAM_PORT))
-    sock.settimeout(0.2)
-    return sock
-
-
-def _icmp_ping(
-    target: ipaddress.IPv4Address, count: int, interval: float, timeout: float
-) -> dict[str, Any]:
-    """Ping ``target`` from the calling thread's namespace with a raw ICMP socket."""
-    from vhostkit.testing.packets import checksum
-
-    ident = os.getpid() & 0xFFFF
-    rtts: list[float] = []
-    with socket.socket(
-        socket.AF_INET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_ICMP
-    ) as s:
-        for seq in range(1, count + 1):
-            body = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + bytes(56)
-            body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
-            sent = time.monotonic()
-            s.sendto(body, (str(target), 0))
-            deadline = sent + (timeout if seq == count else max(interval, timeout))
-            while (left := deadline - time.monotonic()) > 0:
-                s.settimeout(left)
-                try:
-                    packet, (source, _) = s.recvfrom(2048)
-                except TimeoutError:
-                    break
-                ihl = (packet[0] & 0xF) * 4
-                kind, _code, _c, rid, rseq = struct.unpack_from("!BBHHH", packet, ihl)
-                if kind == 0 and rid == ident and rseq == seq and source == str(target):
-                    rtts.append(round((time.monotonic() - sent) * 1000, 3))
-                    break
-            pause = sent + interval - time.monotonic()
-            if pause > 0 and seq < count:
-                time.sleep(pause)
-    return {"sent": count, "received": len(rtts), "rtt_ms": rtts}
 
 
 def _judge_run(step: str, key: str, limit: Any, values: dict[str, Any]) -> Outcome:
