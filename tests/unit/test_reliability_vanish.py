@@ -51,8 +51,8 @@ LONG = os.environ.get("VHOSTKIT_LONG") == "1"
 RANDOM_KILLS = 1000 if LONG else 100
 #: kills per fixed moment (mid-header, mid-payload, before the reply, rings running)
 FIXED_KILLS = 100 if LONG else 10
-#: the longest random delay between a front-end's connect and its SIGKILL; a whole session
-#: (set-up, 20 writes and reads) takes about this long on a quiet machine
+#: the longest random delay between a front-end's first connect and its SIGKILL; a whole
+#: session (set-up, 20 writes and reads, stop) takes about this long on a quiet machine
 RANDOM_SPAN = 0.03
 
 VERSION = 0x1
@@ -171,20 +171,25 @@ def fe_rings_running(sock_path: Path) -> Callable[[Callable[[], None]], None]:
 
 
 def fe_whole_session(sock_path: Path) -> Callable[[Callable[[], None]], None]:
-    """Ready once the socket connects; the kill lands anywhere in the session after that."""
+    """Sessions one after the other (connect, set-up, 20 writes and reads, stop, close) until
+    the kill, which so lands anywhere in one: ready once the first socket connects."""
 
     def body(ready: Callable[[], None]) -> None:
-        fe = Frontend.connect(sock_path, timeout=5)
-        ready()
-        drv = BlkDriver(fe, num_queues=2)
-        drv.start()
-        for i in range(20):
-            drv.write(i, bytes([i]) * 512, queue=i % 2)
-            drv.read(i, 512, queue=(i + 1) % 2)
-        for q in range(2):
-            fe.get_vring_base(q)
-        drv.close()
-        fe.close()
+        first = True
+        while True:
+            fe = Frontend.connect(sock_path, timeout=5)
+            if first:
+                ready()
+                first = False
+            drv = BlkDriver(fe, num_queues=2)
+            drv.start()
+            for i in range(20):
+                drv.write(i, bytes([i]) * 512, queue=i % 2)
+                drv.read(i, 512, queue=(i + 1) % 2)
+            for q in range(2):
+                fe.get_vring_base(q)
+            drv.close()
+            fe.close()
 
     return body
 
@@ -233,7 +238,9 @@ def test_front_ends_killed_at_fixed_moments_leave_the_daemon_as_it_was(
     rc, output = daemon.stop()
     assert rc == 0
     assert_clean_output(output)
-    assert ended_lines(output) >= FIXED_KILLS * len(FIXED) + len(FIXED) + 1, output[-3000:]
+    # one line per killed front-end and per good one (the last good one's line may race the
+    # SIGTERM: not counted)
+    assert ended_lines(output) >= FIXED_KILLS * len(FIXED) + len(FIXED), output[-3000:]
 
 
 def test_front_ends_killed_at_random_moments_leave_the_daemon_as_it_was(
@@ -245,7 +252,7 @@ def test_front_ends_killed_at_random_moments_leave_the_daemon_as_it_was(
     rng = random.Random()
     seed = rng.randrange(1 << 32)
     rng.seed(int(os.environ.get("VHOSTKIT_SEED", seed)))
-    finished = 0
+    failed = 0
     for _ in range(RANDOM_KILLS):
         pid, r = fork_peer(fe_whole_session(sock))
         try:
@@ -255,16 +262,15 @@ def test_front_ends_killed_at_random_moments_leave_the_daemon_as_it_was(
         time.sleep(rng.uniform(0, RANDOM_SPAN))  # a random moment, not a synchronisation
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
-        finished += not os.WIFSIGNALED(status)
+        failed += not os.WIFSIGNALED(status)  # a session that failed exits the child
     held = daemon_settled(daemon, baseline)
     assert held.within(baseline), f"after {RANDOM_KILLS} random kills: {held} > {baseline}"
     good_connection(sock, queues=2)
     rc, output = daemon.stop()
     assert rc == 0, output[-3000:]
     assert_clean_output(output)
-    assert ended_lines(output) >= RANDOM_KILLS + 2
-    # most sessions must really have been cut (not finished before the kill)
-    assert finished < RANDOM_KILLS // 2, f"seed {seed}: {finished} sessions finished first"
+    assert ended_lines(output) >= RANDOM_KILLS + 1  # the last good one's line may race SIGTERM
+    assert failed == 0, f"seed {seed}: {failed} front-ends failed before their kill"
 
 
 # --- the back-end vanishes: the front-end's call raises a typed error ------------------------
