@@ -28,10 +28,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers.proc_usage import Held, held, settled
 
 from vhostkit.errors import RequestFailed, Unsupported, VhostError
 from vhostkit.guest.blk import QUEUE_AREA, QUEUE_SIZE, BlkDriver
@@ -66,24 +67,6 @@ BAD_BASE = 0x12345
 
 
 # --- the daemon and what it holds ---------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """What the daemon process holds right now."""
-
-    fds: int
-    memfd_maps: int
-    threads: int
-    rss_kb: int
-
-    def within(self, other: Held) -> bool:
-        """No more fds, memfd mappings or threads than ``other``."""
-        return (
-            self.fds <= other.fds
-            and self.memfd_maps <= other.memfd_maps
-            and self.threads <= other.threads
-        )
 
 
 class Daemon:
@@ -123,30 +106,11 @@ class Daemon:
         return self.stderr_path.read_text(errors="replace")
 
     def held(self) -> Held:
-        pid = self.proc.pid
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        with open(f"/proc/{pid}/maps") as f:
-            memfd_maps = sum("/memfd:" in line for line in f)
-        status: dict[str, str] = {}
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                status[key] = value.strip()
-        return Held(fds, memfd_maps, int(status["Threads"]), int(status["VmRSS"].split()[0]))
+        return held(self.proc.pid)
 
     def settled(self, baseline: Held) -> Held:
-        """Wait until the daemon holds no more than ``baseline``; return what it holds.
-
-        A thread's exit or an unmap in another process sends no event this process could wait
-        on, so /proc is looked at again until the deadline; a leak never settles and the
-        caller's assertion then shows it.
-        """
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            now = self.held()
-            if now.within(baseline) or time.monotonic() >= deadline:
-                return now
-            time.sleep(0.02)
+        """Wait until the daemon holds no more than ``baseline``; return what it holds."""
+        return settled(self.proc.pid, baseline, SETTLE_TIMEOUT)
 
     def finish(self) -> str:
         """SIGTERM, reap, return stderr."""

@@ -567,6 +567,14 @@ class InflightDesc(Payload):
     _S: ClassVar[struct.Struct] = struct.Struct("<QQHH4x")
     _PACKED: ClassVar[struct.Struct] = struct.Struct("<QQHH")
 
+    def __post_init__(self) -> None:
+        for name in ("mmap_size", "mmap_offset"):
+            if not 0 <= getattr(self, name) < 1 << 64:
+                raise InvalidParam(f"inflight {name} {getattr(self, name)} out of range")
+        for name in ("num_queues", "queue_size"):  # u16 on the wire
+            if not 0 <= getattr(self, name) <= 0xFFFF:
+                raise InvalidParam(f"inflight {name} {getattr(self, name)} out of range 0..65535")
+
     @classmethod
     def unpack(cls, data: bytes) -> InflightDesc:
         if len(data) == cls._S.size:
