@@ -52,6 +52,7 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -90,6 +91,8 @@ log = logging.getLogger(__name__)
 _PROTOCOL_BIT = int(VHOST_USER_F_PROTOCOL_FEATURES)
 #: Longest control request line accepted.
 MAX_REQUEST = 4096
+#: How many swaps :attr:`SwappableNetDevice.swaps` keeps.
+MAX_KEPT_SWAPS = 100
 #: How long a control connection may stay silent before it is dropped.
 CONTROL_IDLE_TIMEOUT = 60.0
 
@@ -234,8 +237,8 @@ class SwappableNetDevice(BackendHandler):
         self._wanted = WANTED_KERNEL_NET_FEATURES & DEFAULT_NET_FEATURES
         self._lock = threading.RLock()
         self.changed = threading.Condition()
-        #: every swap done, oldest first
-        self.swaps: list[SwapResult] = []
+        #: the last swaps done, oldest first
+        self.swaps: deque[SwapResult] = deque(maxlen=MAX_KEPT_SWAPS)
         self.kernel: Any = None  # KernelNetDevice, made when vhost-net is there
         try:
             self.kernel = self._make_kernel_plane()
@@ -324,6 +327,16 @@ class SwappableNetDevice(BackendHandler):
                 "kernel_available": self.kernel is not None,
                 "rings": rings,
             }
+
+    # -- what is offered: fixed for the device's life, whichever plane serves --
+
+    def get_features(self) -> int:
+        """The virtio features both planes serve (the same on either plane)."""
+        return int(self.user.offered_features)
+
+    def get_protocol_features(self) -> int:
+        """The protocol features both planes implement."""
+        return int(self.user.offered_protocol_features)
 
     # -- the swap --
 
