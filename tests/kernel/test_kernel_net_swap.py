@@ -86,17 +86,19 @@ def stream_across_swaps(
     *,
     total: int,
     chunk: int,
+    first: int = 0,
     daemon_pid: int | None = None,
 ) -> list[SwapResult]:
-    """Numbered frames both ways, a swap to each of ``planes`` right after a chunk was
-    queued (frames still in the rings and in the tap); asserts exactly once, in order."""
-    starts = list(range(0, total, chunk))
+    """Numbered frames ``first .. first+total-1`` both ways, a swap to each of ``planes``
+    right after a chunk was queued (frames still in the rings and in the tap); asserts every
+    frame arrived exactly once, in order."""
+    starts = list(range(first, first + total, chunk))
     assert len(starts) > len(planes)
     points = [starts[(k + 1) * len(starts) // (len(planes) + 1)] for k in range(len(planes))]
     swap_after = dict(zip(points, planes, strict=True))
     results: list[SwapResult] = []
     for start in starts:
-        end = min(start + chunk, total)
+        end = min(start + chunk, first + total)
         assert driver.call(f"send {start} {end}") == {"sent": end - start}
         for i in range(start, end):
             sock.send(numbered(i, src=PEER_MAC, dst=GUEST_MAC))
@@ -108,8 +110,8 @@ def stream_across_swaps(
                 assert vhost_net_fds(daemon_pid) == want
     rx = driver.call(f"recv {total} 20")["numbers"]
     tx = sniff_numbers(sock, total, GUEST_MAC)
-    assert tx == list(range(total))  # driver -> tap: every frame once, in order
-    assert rx == list(range(total))  # tap -> driver: the same
+    assert tx == list(range(first, first + total))  # driver -> tap: each once, in order
+    assert rx == list(range(first, first + total))  # tap -> driver: the same
     return results
 
 
@@ -135,58 +137,73 @@ def check_swaps(results: list[SwapResult], planes: list[str]) -> None:
         assert seen == sorted(seen)
 
 
+@contextlib.contextmanager
+def persistent_tap(name: str) -> Iterator[None]:
+    """A tap that outlives the daemons attached to it (a restart keeps the packet socket),
+    up already: a packet socket bound to a link that is down gets ENETDOWN on its first use
+    even after the link came up."""
+    from vhostkit.kernel import Tap
+
+    with Tap(name, nonblocking=True) as t:
+        t.set_persist(True)
+        t.up()
+    try:
+        yield
+    finally:
+        with Tap(name, nonblocking=True) as t:
+            t.set_persist(False)
+
+
 def test_driver_process_across_swaps_and_a_backend_restart(sock_dir: Path) -> None:
     sock, control = sock_dir / "net.sock", sock_dir / "net.ctl"
     tap = f"vhksw{os.getpid() % 10000}"
     planes = ["user", "kernel"] * 3  # kernel -> user -> kernel, three times
-    with ipv6_off_for_new_links():
-        d = daemon(sock, control, tap, "kernel").start()
-        try:
-            with packet_socket(tap) as ps:
-                with DriverProcess(sock) as driver:
-                    assert driver.ready["header_size"] == 12
-                    assert status(control)["plane"] == "kernel"
-                    assert d.pid is not None and vhost_net_fds(d.pid) == 1
-                    results = stream_across_swaps(
-                        driver, ps, control, planes, total=180, chunk=15, daemon_pid=d.pid
-                    )
-                    check_swaps(results, planes)
-                    print("swap pauses (ms):", [round(r.pause_ms, 3) for r in results])
-                    positions = driver.call("stop")["positions"]
-                    assert positions == {str(RX): 180, str(TX): 180}
-                assert driver.proc.returncode == 0
-                # the `vhostkit swap` command: the pause in its output, even with no rings
-                out = subprocess.run(
-                    [sys.executable, "-m", "vhostkit", "swap", str(control), "--to", "user"],
-                    capture_output=True,
-                    text=True,
-                    env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
-                    timeout=60,
-                )
-                assert out.returncode == 0, out.stderr
-                assert "swapped kernel -> user: pause" in out.stdout
-        finally:
-            assert d.stop() == 0  # SIGINT: a clean stop
-        # a restarted back-end, on the user plane; a swap before any front-end only picks the
-        # plane the next one's rings start on; a new front-end process, more swaps
-        with daemon(sock, control, tap, "user") as d2, packet_socket(tap) as ps:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    with (
+        ipv6_off_for_new_links(),
+        persistent_tap(tap),
+        packet_socket(tap) as ps,
+        DriverProcess.deferred() as driver,
+    ):
+        with daemon(sock, control, tap, "kernel") as d:
+            assert d.pid is not None
+            driver.start(sock)
+            assert driver.ready["header_size"] == 12
+            assert status(control)["plane"] == "kernel"
+            assert vhost_net_fds(d.pid) == 1
+            results = stream_across_swaps(
+                driver, ps, control, planes, total=180, chunk=15, daemon_pid=d.pid
+            )
+            check_swaps(results, planes)
+            # the back-end goes down: the driver stops its rings there and keeps them
+            assert driver.call("detach")["positions"] == {str(RX): 180, str(TX): 180}
+            # `vhostkit swap` with no ring running: only the plane changes (pause printed)
+            out = subprocess.run(
+                [sys.executable, "-m", "vhostkit", "swap", str(control), "--to", "user"],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+            assert "swapped kernel -> user: pause" in out.stdout
+        assert d.returncode == 0
+        # restarted (on the user plane); a swap before the front-end is back only picks the
+        # plane its rings start on; the same driver process comes back at the same positions
+        with daemon(sock, control, tap, "user") as d2:
             assert d2.pid is not None
             first = swap(control, "kernel")
             assert (first.from_plane, first.to_plane, first.positions) == ("user", "kernel", {})
-            with DriverProcess(sock) as driver:
-                assert vhost_net_fds(d2.pid) == 1  # the rings started in the kernel
-                planes2 = ["user", "kernel"]
-                results = stream_across_swaps(
-                    driver, ps, control, planes2, total=90, chunk=15, daemon_pid=d2.pid
-                )
-                check_swaps(results, planes2)
-                assert driver.call("stop")["positions"] == {str(RX): 90, str(TX): 90}
-            assert status(control)["plane"] == "kernel"
-            deadline = time.monotonic() + 10
-            while status(control)["connected"]:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)  # the daemon sees the hang-up in its own time: nothing to wait on
+            assert driver.call(f"attach {sock}")["positions"] == {str(RX): 180, str(TX): 180}
+            assert vhost_net_fds(d2.pid) == 1  # the rings started in the kernel
+            planes2 = ["user", "kernel"]
+            results = stream_across_swaps(
+                driver, ps, control, planes2, total=90, chunk=15, first=180, daemon_pid=d2.pid
+            )
+            check_swaps(results, planes2)
+            assert driver.call("stop")["positions"] == {str(RX): 270, str(TX): 270}
         assert d2.returncode == 0
+    assert driver.proc is not None and driver.proc.returncode == 0
 
 
 TESTPMD_MAC = bytes.fromhex("020000cc0003")
