@@ -16,7 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -35,11 +35,13 @@ from vhostkit.devices.net_swap import (
 )
 from vhostkit.errors import (
     DeviceUnavailable,
+    InvalidOperation,
     InvalidParam,
     SocketConnect,
     SocketInUse,
     SocketPathTaken,
 )
+from vhostkit.types import VringState
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature as VF
 
@@ -231,6 +233,61 @@ def test_running_rings_survive_a_refused_swap_and_a_user_plane_restart(
             assert nic.stop() == {RX: 0, TX: 24}
         device.wait_for(lambda: not device.device.owner)  # the front-end left
         assert device.status()["connected"] is False
+        assert not listener.errors
+
+
+class RefusingPlane(NetDevice):
+    """A second plane that starts the first ring it is given, then fails (as a kernel that
+    refuses a ring would): the swap must put every ring back where it was."""
+
+    def give_rings(self, states: Sequence[VringState]) -> None:
+        super().give_rings(states[:1])
+        raise InvalidOperation("this plane refuses the second ring")
+
+    def _close_nets(self) -> None:
+        """(What the kernel plane does when the rings leave it: nothing to do here.)"""
+
+
+def test_a_swap_that_fails_halfway_puts_the_rings_back(
+    device: SwappableNetDevice, tap, sock_dir: Path
+) -> None:
+    from vhostkit.guest.net import VirtioNetDriver
+    from vhostkit.testing.swap import frame_number, numbered, packet_socket
+    from vhostkit.user import BackendListener, Frontend
+
+    refusing = RefusingPlane(
+        tap,
+        features=device.user.offered_features & ~(1 << 30),
+        protocol_features=SWAP_PROTOCOL_FEATURES,
+    )
+    refusing.changed = device.changed
+    device.kernel = refusing  # the plane a swap to "kernel" goes to
+    with (
+        packet_socket(tap.name) as sniffer,
+        BackendListener(sock_dir / "net.sock", lambda: device, max_connections=1) as listener,
+    ):
+        sniffer.settimeout(10)
+        listener.start()
+        with (
+            Frontend.connect(listener.path, timeout=5) as fe,
+            VirtioNetDriver(fe, queue_size=64).start() as nic,
+        ):
+            device.wait_for(lambda: all(r.started for r in device.vrings))
+            assert nic.send([numbered(i) for i in range(4)]) == 4
+            assert nic.wait_tx_done(10)
+            with pytest.raises(InvalidOperation, match="refuses"):
+                device.swap("kernel")
+            assert device.plane is Plane.USER and device.device is device.user
+            assert sorted(device.user.active) == [RX, TX]  # both rings run here again
+            assert not refusing.active and not refusing.owner  # nothing left there
+            assert nic.send([numbered(i) for i in range(4, 8)]) == 4
+            got: list[int] = []
+            while len(got) < 8:
+                n = frame_number(sniffer.recv(65536))
+                if n is not None:
+                    got.append(n)
+            assert got == list(range(8))
+            assert nic.stop() == {RX: 0, TX: 8}
         assert not listener.errors
 
 

@@ -152,7 +152,8 @@ class SwapResult:
 # --- the state that moves -----------------------------------------------------------------------
 
 #: BackendDevice attributes that make up one connection's state (see BackendDevice._reset_state),
-#: plus the net planes' own: the header size the tap was told, which tap queues are attached.
+#: plus the net planes' own header size (the tap's). Which tap queues are attached is one list
+#: both planes share (made so in SwappableNetDevice).
 _CONNECTION_STATE = (
     "owner",
     "acked_features",
@@ -180,7 +181,6 @@ def _move_state(src: BackendDevice, dst: BackendDevice) -> None:
     ``dst`` owns it afterwards, ``src`` is left as if no front-end had come (nothing closed)."""
     for name in _CONNECTION_STATE:
         setattr(dst, name, getattr(src, name))
-    dst._tap_attached = list(src._tap_attached)  # type: ignore[attr-defined]
     config = src.config
     src._reset_state()
     src.config = bytearray(config)
@@ -270,6 +270,10 @@ class SwappableNetDevice(BackendHandler):
                 self.kernel.close()
             raise
         self.user.changed = self.changed
+        if self.kernel is not None:
+            # one view of which tap queues are attached, for both planes (the kernel plane's,
+            # made first: it has the queues beyond the pairs detached already)
+            self.user._tap_attached = self.kernel._tap_attached
         self._current: BackendDevice = self.kernel if plane is Plane.KERNEL else self.user
         self._plane = plane
 
@@ -376,6 +380,7 @@ class SwappableNetDevice(BackendHandler):
             if target is Plane.KERNEL:
                 if self.kernel is None:
                     self.kernel = self._make_kernel_plane()  # DeviceUnavailable: stays
+                    self.kernel._tap_attached = self.user._tap_attached
                     # making it probed the tap's offloads (and left none): set them again
                     if old.acked_features:
                         self.tap.set_offload(offload_for_features(old.acked_features))
