@@ -85,6 +85,7 @@ COMMANDS: tuple[Command, ...] = (
     ),
     Command("probe", "vhostkit.cli.probe", "what this host can do, and how to fix each 'no'"),
     Command("tap", "vhostkit.cli.tap", "create, list and delete tap devices"),
+    Command("swap", "vhostkit.cli.swap", "move a running net device to the other data plane"),
     Command("trace", "vhostkit.trace.cli", "trace a vhost-user connection, decoded"),
     Command("lab", "vhostkit.lab.cli", "scripted VM networking labs: check and run lab files"),
 )

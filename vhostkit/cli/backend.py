@@ -205,6 +205,13 @@ def add_net_arguments(parser: argparse.ArgumentParser) -> None:
         "(kernel: the frontend's rings, memory and eventfds are handed to /dev/vhost-net, and "
         "no Python runs per packet)",
     )
+    t.add_argument(
+        "--control",
+        metavar="PATH",
+        help="open a control socket at PATH (mode 0600): 'vhostkit swap PATH --to "
+        "kernel|user' then moves the running device between the data planes, live; the "
+        "features offered are then those both planes serve",
+    )
     parser.set_defaults(_serve=_serve_net)
 
 
@@ -228,10 +235,17 @@ def _serve_net(args: argparse.Namespace) -> int:
 
     options = _daemon_options(args)
     _check_socket(options)
+    if args.control is not None:
+        check_socket_path(args.control)
+        if not options.client and args.control == options.socket:
+            raise InvalidParam("--control needs a path of its own, not the vhost-user socket")
     with daemon_signals() as signals, Tap(args.tap, queues=args.queues, nonblocking=True) as tap:
-        if options.user is not None:
-            _set_tap_owner(tap, lookup_user(options.user).pw_uid)
+        uid = lookup_user(options.user).pw_uid if options.user is not None else None
+        if uid is not None:
+            _set_tap_owner(tap, uid)
         tap.up()
+        if args.control is not None:
+            return _serve_swappable_net(args, options, signals, tap, uid)
         device: NetDevice | KernelNetDevice
         if args.dataplane == "kernel":
             device = KernelNetDevice(tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues)
@@ -244,6 +258,23 @@ def _serve_net(args: argparse.Namespace) -> int:
             return run_daemon(device, options, signals, name=name)
         finally:
             device.close()
+
+
+def _serve_swappable_net(
+    args: argparse.Namespace, options: DaemonOptions, signals: Any, tap: Any, uid: int | None
+) -> int:
+    """The net daemon with a control socket: one SwappableNetDevice, both planes."""
+    from vhostkit.devices.net_swap import ControlServer, SwappableNetDevice
+    from vhostkit.user.backend.daemon import run_daemon
+
+    with (
+        SwappableNetDevice(
+            tap, mac=args.mac, mtu=args.mtu, queue_pairs=args.queues, plane=args.dataplane
+        ) as device,
+        ControlServer(args.control, device, owner=uid).start(),
+    ):
+        name = f"net backend: tap {tap.name} ({device.plane} plane, control {args.control})"
+        return run_daemon(device, options, signals, name=name)
 
 
 # --- blk ------------------------------------------------------------------------------------

@@ -41,9 +41,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vhostkit.errors import InvalidParam, VhostError
+from vhostkit.errors import InvalidOperation, InvalidParam, VhostError
 from vhostkit.kernel.ioctls import TunFlags
 from vhostkit.kernel.tap import Tap, offload_for_features
+from vhostkit.types import VringState
 from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.user.message import ProtocolFeature
@@ -286,6 +287,49 @@ class NetDevice(RingDevice):
         if pair < self.queue_pairs:
             rx, tx = self.vrings[2 * pair], self.vrings[2 * pair + 1]
             self._attach_tap_queue(pair, rx.enabled or tx.enabled)
+
+    # -- handing the rings to another data plane --
+
+    def take_rings(self) -> tuple[VringState, ...]:
+        """Stop the worker of every running ring; return the rings' positions.
+
+        The rings stay started as far as the front-end is concerned (addresses, memory, kick
+        and call eventfds are kept), so another data plane can serve them from these
+        positions, or :meth:`give_rings` can restart them here. A worker ends its round
+        before it stops: every chain it popped is completed (a received frame already read
+        from the tap is delivered), so nothing is held back. A ring whose worker failed is
+        left out (it stays stopped).
+        """
+        states = []
+        for index in sorted(self.active):
+            ring = self.vrings[index]
+            active = self._retire(index)
+            if active is None or active.error is not None:
+                log.warning("ring %d is broken: not handed over", index)
+                continue
+            held = active.queue.inflight
+            if held:
+                # cannot happen with this device's processing (it completes what it pops);
+                # the position would hand these chains over as not yet taken
+                log.error("ring %d: chains %s popped and not completed", index, held)
+            ring.base = active.queue.get_base()
+            states.append(VringState(index, ring.base))
+        self._changed()
+        return tuple(states)
+
+    def give_rings(self, states: Sequence[VringState]) -> None:
+        """Start workers again, from the given positions, on rings stopped by
+        :meth:`take_rings` (or served by another data plane since). A worker looks at its
+        ring once as it starts: what the driver queued meanwhile is served without a kick."""
+        for state in states:
+            ring = self._ring(state.index)
+            if state.index in self.active:
+                raise InvalidOperation(f"ring {state.index} is already running here")
+            if not ring.started or ring.addr is None:
+                raise InvalidOperation(f"ring {state.index} is not started by the front-end")
+            ring.base = state.num
+            self.ring_started(ring)
+        self._changed()
 
     def _attach_tap_queue(self, queue: int, attach: bool) -> None:
         """Attach or detach tap queue ``queue`` (multi-queue taps only; QEMU's own tap

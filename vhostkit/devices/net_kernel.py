@@ -29,9 +29,10 @@ virtio_user, vhostkit's own :class:`~vhostkit.user.Frontend`) like
 No Python runs per packet. Not offered: dirty logging (LOG_ALL, LOG_SHMFD), inflight tracking,
 packed rings, polling-mode kicks (the kernel needs a kick eventfd).
 
-For a live swap to another data plane (a later step), :meth:`KernelNetDevice.take_rings`
-stops the kernel and returns every running ring's position, the rings staying started for
-the front-end; :meth:`KernelNetDevice.give_rings` hands positions back and restarts them.
+For a live swap to another data plane (:mod:`vhostkit.devices.net_swap`),
+:meth:`KernelNetDevice.take_rings` stops the kernel and returns every running ring's position,
+the rings staying started for the front-end; :meth:`KernelNetDevice.give_rings` hands
+positions back and restarts them.
 """
 
 from __future__ import annotations
