@@ -4,6 +4,8 @@
 ``vhostkit demo``                  the README's main job (:mod:`vhostkit.cli.demo`)
 ``vhostkit backend net|blk ...``   the vhost-user back-end daemons (:mod:`vhostkit.cli.backend`);
                                    ``net-backend`` / ``blk-backend`` are aliases
+``vhostkit swap PATH --to ...``    move a running net device between its planes
+                                   (:mod:`vhostkit.cli.swap`)
 ``vhostkit probe [--json]``        what this host can do (:mod:`vhostkit.cli.probe`)
 ``vhostkit tap create|list|...``   tap devices for the data planes (:mod:`vhostkit.cli.tap`)
 ``vhostkit trace ...``             a decoding vhost-user proxy (:mod:`vhostkit.trace.cli`)
