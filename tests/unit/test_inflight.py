@@ -199,6 +199,7 @@ class PackedModel:
         self.data = data
         self.n = n
         self.flags = np.zeros(n, np.uint16)
+        self.ids = np.zeros(n, np.uint16)  # the id fields of the ring's used descriptors
         self.avail = (0, 1)
         self.used = (0, 1)
         self.inflight: list[tuple[int, np.ndarray]] = []  # (id, ring descriptors), pop order
@@ -244,11 +245,29 @@ class PackedModel:
         for _, d in batch:
             slots.append(pos)
             pos = self.step(pos, d.shape[0])
-        for i, w in slots[1:]:
+        for (i, w), (bid, _) in list(zip(slots, batch, strict=True))[1:]:
+            self.ids[i] = bid
             self.flags[i] = AVAIL | USED if w else 0
         if not skip_first:
             i, w = slots[0]
+            self.ids[i] = batch[0][0]
             self.flags[i] = AVAIL | USED if w else 0
+
+    def driver_sees(self) -> list[int]:
+        """The ids a driver would take from the used ring now, from its used position (it
+        skips each used chain's descriptors); stops after the first one not in flight."""
+        lengths = {b: d.shape[0] for b, d in self.inflight}
+        pos, out = self.used, []
+        while len(out) < len(lengths):
+            i, w = pos
+            if int(self.flags[i]) & (AVAIL | USED) != (AVAIL | USED if w else 0):
+                break
+            bid = int(self.ids[i])
+            out.append(bid)
+            if bid not in lengths or out.count(bid) > 1:
+                break
+            pos = self.step(pos, lengths[bid])
+        return out
 
 
 @settings(max_examples=150, deadline=None)
@@ -269,8 +288,10 @@ def test_packed_recovery_matches_a_model_whatever_the_crash_point(data: st.DataO
             else:
                 batch = data.draw(st.lists(st.sampled_from(m.inflight), min_size=1, unique_by=id))
                 ids = [b for b, _ in batch]
+                assert m.driver_sees() == []  # nothing used that the device did not complete
                 t.completing(ids)
                 m.write_used(batch)
+                assert m.driver_sees() == ids  # the batch, and nothing else
                 t.completed(ids)
                 m.used = m.step(m.used, sum(d.shape[0] for _, d in batch))
                 m.inflight = [c for c in m.inflight if c[0] not in ids]
@@ -314,6 +335,7 @@ def test_packed_recovery_matches_a_model_whatever_the_crash_point(data: st.DataO
         expected = np.concatenate([d for _, d in m.inflight]) if m.inflight else ring_descs([])
         assert rec.descs.tolist() == expected.tolist()
         assert (rec.used_idx, rec.used_wrap) == m.used
+        assert m.driver_sees() == []
         m.avail = m.step(m.used, m.outstanding())
         # every entry is either free or in exactly one chain in flight
         free, e = [], t.free_head
@@ -323,6 +345,126 @@ def test_packed_recovery_matches_a_model_whatever_the_crash_point(data: st.DataO
         in_chains = [e for hd in rec.heads for e in t.chain_entries(hd)]
         assert sorted(free + in_chains) == list(range(n))
         assert not t.desc["inflight"][free].any()
+
+
+class FlagsRing:
+    """A packed ring's descriptor flags as a driver and a device write them, one descriptor
+    per chain: the device's used descriptors first to last, the first one's flags last."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.flags = np.zeros(n, np.uint16)
+        self.avail = (0, 1)
+        self.used = (0, 1)
+
+    def _next(self, pos: tuple[int, int]) -> tuple[int, int]:
+        return (pos[0] + 1, pos[1]) if pos[0] + 1 < self.n else (0, pos[1] ^ 1)
+
+    def pop(self, t: PackedInflight, ids: list[int]) -> None:
+        rows = []
+        for bid in ids:
+            i, w = self.avail
+            self.flags[i] = AVAIL if w else USED
+            rows.append((0x1000 * (bid + 1), 64, bid, int(self.flags[i])))
+            self.avail = self._next(self.avail)
+        t.popped(ring_descs(rows))
+
+    def complete(self, t: PackedInflight, ids: list[int], written: int | None = None) -> None:
+        """Complete ``ids``; ``written``: die after writing the last ``written`` of them."""
+        t.completing(ids)
+        slots = []
+        for _ in ids:
+            slots.append(self.used)
+            self.used = self._next(self.used)
+        keep = len(ids) if written is None else written
+        for i, w in slots[len(ids) - keep :][::-1]:
+            self.flags[i] = AVAIL | USED if w else 0
+        if written is None:
+            t.completed(ids)
+
+
+def test_packed_rollback_unwrites_the_used_descriptors_a_dead_back_end_left() -> None:
+    """The example hypothesis found for the test above, pinned (queue of 5). A back-end dies
+    writing the used descriptors of [2, 3]: 3's is written, not 2's (whose flags publish the
+    batch). The next one resubmits both, completes 2 alone, takes 4 and dies completing 3
+    before writing anything to the ring: 3 and 4 are in flight. Before the fix the first
+    recovery left 3's stale used descriptor in the ring: the driver took it as soon as 2's was
+    written (3 completed before any back-end finished it), and the second recovery read it as
+    the interrupted completion of 3 having reached the driver, and dropped 3."""
+    n = 5
+    buf = packed_region(n)
+    r = FlagsRing(n)
+    t = PackedInflight(buf, n)
+    # a first lap and a half, all completed
+    r.pop(t, [0, 1, 2])
+    r.complete(t, [0, 1])
+    r.complete(t, [2])
+    for bid in (3, 4, 0, 1):
+        r.pop(t, [bid])
+        r.complete(t, [bid])
+    r.pop(t, [2, 3, 4])
+    r.complete(t, [2, 3])
+    r.complete(t, [4])
+    assert (r.avail, r.used) == ((0, 1), (0, 1))
+    r.pop(t, [0, 1, 2])
+    r.pop(t, [3])
+    r.complete(t, [0, 1])
+    r.complete(t, [2, 3], written=1)  # the crash: 3's used descriptor only
+    t = PackedInflight(buf, n)
+    rec = t.recover(r.flags)
+    assert rec.descs["id"].tolist() == [2, 3]
+    assert (rec.used_idx, rec.used_wrap) == (2, 1)
+    assert r.flags[3] == AVAIL  # reads as it did before the dead back-end wrote it
+    r.used, r.avail = (2, 1), (4, 1)
+    r.complete(t, [2])
+    assert r.flags[3] & (AVAIL | USED) == AVAIL  # the driver stops after 2
+    r.pop(t, [4])
+    r.complete(t, [3], written=0)  # the crash: used_idx advanced, nothing in the ring
+    rec = PackedInflight(buf, n).recover(r.flags)
+    assert rec.descs["id"].tolist() == [3, 4]
+    assert (rec.used_idx, rec.used_wrap) == (3, 1)
+
+
+def test_packed_restart_after_a_half_written_completion_hides_its_used_descriptors() -> None:
+    """Real driver and device queues: the back-end dies in the middle of writing a batch of
+    used descriptors (all but the first one's flags). The driver has seen none; after the
+    restart it sees exactly the chains the new back-end completes, in any order."""
+    features = int(F.RING_PACKED)
+    num = 4
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv = PackedDriverQueue(mem, num, 0, features=features)
+        for k, tok in enumerate("abc"):
+            drv.add([], [(0x90000 + 16 * k, 8)], token=tok)  # one descriptor each
+        drv.publish()
+        buf = packed_region(num)
+        dev = PackedDeviceQueue.from_gpa(mem, num, *drv.ring_gpas, features=features)
+        t = PackedInflight(buf, num)
+        batch = dev.pop_batch()
+        t.popped(*dev.last_popped)
+        ids = batch.ids.tolist()
+        head_flags = int(dev.ring_flags[0])
+        t.completing(ids[:2])
+        dev.complete(ids[:2], [8, 8])
+        dev.ring_flags[0] = head_flags  # died before the write that publishes the batch
+        assert drv.reap() == []
+        dev2 = PackedDeviceQueue.from_gpa(
+            mem, num, *drv.ring_gpas, features=features, base=encode_base(0, 1)
+        )
+        t2 = PackedInflight(buf, num)
+        rec = t2.recover(dev2.ring_flags)
+        again = dev2.resubmit(rec.descs, rec.counts, rec.used_idx, rec.used_wrap)
+        assert again.ids.tolist() == ids
+        t2.completing([ids[2]])  # c first: its used descriptor goes where a's was to go
+        dev2.complete([ids[2]], [8])
+        t2.completed([ids[2]])
+        assert [tok for tok, _ in drv.reap()] == ["c"]  # not b's stale one after it
+        t2.completing(ids[:2])
+        dev2.complete(ids[:2], [8, 8])
+        t2.completed(ids[:2])
+        assert sorted(tok for tok, _ in drv.reap()) == ["a", "b"]
+        assert drv.num_free == num
+        assert PackedInflight(buf, num).recover(dev2.ring_flags).heads == []
+        del batch, again
 
 
 def test_packed_queue_resubmits_direct_and_indirect_chains_after_a_crash() -> None:

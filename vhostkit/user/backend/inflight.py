@@ -25,12 +25,15 @@ descriptor in flight (the ring's slots are reused by used descriptors): see its 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from vhostkit.errors import InvalidParam
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PACKED_HEADER_DTYPE",
@@ -235,8 +238,9 @@ class PackedInflight:
     * before writing used descriptors: :meth:`completing` with the chains' buffer ids (links
       them back to the free list, advances ``used_idx``);
     * after the used descriptors are written: :meth:`completed` (inflight = 0, commit);
-    * on (re)start: :meth:`recover` with the ring's descriptor flags: commits or rolls back an
-      interrupted update and returns the chains to resubmit, rebuilt from the region.
+    * on (re)start: :meth:`recover` with the ring's descriptor flags (a writable view): commits
+      or rolls back an interrupted update (a rolled-back completion's used descriptors are made
+      available again in the ring) and returns the chains to resubmit, rebuilt from the region.
 
     The header fields are mirrored in attributes (this object is the region's only writer) and
     every change is written through, in the spec's order, so a crash at any point leaves a
@@ -419,6 +423,34 @@ class PackedInflight:
             self.desc["inflight"][self._head_of_id[i]] = 0
         self._commit()
 
+    def _unwrite_used(self, ring_flags: npt.NDArray[np.uint16]) -> None:
+        """Make the ring slots of the interrupted (unpublished) completion read as available."""
+        size = self.queue_size
+        span = self.used_idx - self.old_used_idx
+        if self.used_wrap != self.old_used_wrap:
+            span += size
+        if not 0 < span <= size or self.used_idx >= size:
+            raise InvalidParam(
+                f"inflight used position {self.used_idx} (wrap {self.used_wrap}) is not after "
+                f"the committed one {self.old_used_idx} (wrap {self.old_used_wrap})"
+            )
+        # slot old_used_idx + k, k in [1, span): its lap's wrap and the flags used/available
+        # descriptors have there (AVAIL and USED both equal to the wrap counter: used)
+        slots = self.old_used_idx + np.arange(1, span, dtype=np.intp)
+        wrap = np.full(slots.shape[0], self.old_used_wrap, dtype=np.intp)
+        crossed = slots >= size
+        slots[crossed] -= size
+        wrap[crossed] ^= 1
+        both = _F_AVAIL | _F_USED
+        used = np.where(wrap == 1, both, 0)
+        f = ring_flags[slots].astype(np.intp)
+        stale = (f & both) == used
+        if stale.any():
+            s = slots[stale]
+            avail = np.where(wrap[stale] == 1, _F_AVAIL, _F_USED)
+            ring_flags[s] = (f[stale] & ~both | avail).astype(np.uint16)
+            log.info("inflight: %d unpublished used descriptors made available again", len(s))
+
     def _commit(self) -> None:
         h = self._h
         self.old_free_head = self.free_head
@@ -428,23 +460,33 @@ class PackedInflight:
         self.old_used_wrap = self.used_wrap
         h["old_used_wrap_counter"] = self.used_wrap
 
-    def recover(self, ring_flags: npt.ArrayLike) -> PackedRecovery:
+    def recover(self, ring_flags: npt.NDArray[np.uint16]) -> PackedRecovery:
         """After a restart: finish or undo an interrupted update, return what to resubmit.
 
-        ``ring_flags`` are the flags of the ring's descriptors (at least the one at
-        ``old_used_idx`` is read): if it no longer reads as available with the old used wrap
-        counter, the interrupted completion had reached the driver and is committed; anything
-        else in progress is rolled back.
+        ``ring_flags`` are the flags of the ring's descriptors, writable (a live view of the
+        ring). The one at ``old_used_idx`` is read: if it no longer reads as available with the
+        old used wrap counter, the interrupted completion had reached the driver and is
+        committed; anything else in progress is rolled back.
+
+        Rolling back a completion also undoes its ring writes: a batch's used descriptors are
+        written first one's flags last, so a back-end that died in between left used
+        descriptors after ``old_used_idx`` that the driver has not seen yet, but will as soon
+        as the slot before them is used, whichever chain the next back-end completes there.
+        Those slots (the ones the interrupted batch covered, up to the region's ``used_idx``)
+        are made to read as available again; the driver does not look at them before then and
+        the chains they held are resubmitted from the region's copies.
         """
         size = self.queue_size
         h = self._h
         if (self.used_idx, self.used_wrap) != (self.old_used_idx, self.old_used_wrap):
             if self.old_used_idx >= size:
                 raise InvalidParam(f"inflight old_used_idx {self.old_used_idx} out of range")
-            f = int(np.asarray(ring_flags)[self.old_used_idx]) & (_F_AVAIL | _F_USED)
+            f = int(ring_flags[self.old_used_idx]) & (_F_AVAIL | _F_USED)
             avail = _F_AVAIL if self.old_used_wrap else _F_USED
             if f != avail:  # the used descriptors were written before the crash
                 self._commit()
+            else:
+                self._unwrite_used(ring_flags)
         # roll back whatever is still in progress
         self.free_head = self.old_free_head
         h["free_head"] = self.free_head
