@@ -20,6 +20,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -88,4 +89,11 @@ def test_blk_backend_killed_mid_stream_every_request_completes_once(
     finally:
         stream.close()
     assert len(errors) == N
-    assert resubmitted > 0, "no kill left a request in flight: the test did not test inflight"
+    # Whether a random kill lands while the daemon holds popped requests depends on timing: on
+    # a quiet machine 32 small writes can all complete before the kill, on a loaded one the
+    # kill can land before the daemon woke up. tests/unit/test_restart.py kills a back-end
+    # that deterministically holds requests in flight; here the long run must have hit it.
+    if LONG:
+        assert resubmitted > 0, "no kill left a request in flight: the test did not test inflight"
+    elif resubmitted == 0:
+        warnings.warn(f"none of {N} kills left a request in flight (seed {seed})", stacklevel=1)
