@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import gc
 import logging
 import mmap
@@ -41,12 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import HealthCheck, Phase, currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
 from vhostkit.devices.blk import BlkDevice
 from vhostkit.devices.echo import EchoDevice
-from vhostkit.errors import SocketRetry, VhostError
+from vhostkit.errors import RequestFailed, SocketRetry, VhostError
+from vhostkit.types import MemoryRegion, VringAddr
 from vhostkit.user.backend.device import BackendDevice
 from vhostkit.user.backend.ring_device import SinkDevice
 from vhostkit.user.backend_req_handler import BackendReqServer
@@ -471,7 +473,8 @@ def watching() -> Iterator[tuple[UntypedErrors, list[str]]]:
         logger.removeHandler(handler)
         device_log.removeHandler(starts)
         device_log.setLevel(old_level)
-        event("rings started: " + ("some" if starts.started else "none"))
+        if currently_in_test_context():
+            event("rings started: " + ("some" if starts.started else "none"))
 
 
 # -- one run ---------------------------------------------------------------------------------
@@ -603,3 +606,45 @@ def _describe(fd: int) -> str:
 @FUZZ
 def test_backend_server_survives_any_stream(kind: str, image: Path, stream) -> None:  # type: ignore[no-untyped-def]
     fuzz_device(kind, image, stream)
+
+
+# -- what the fuzzing found ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["kick", "call", "err"])
+@pytest.mark.parametrize("kind", ["null", "memfd", "pipe_r", "pipe_w", "socket"])
+def test_a_ring_fd_that_is_not_an_eventfd_is_refused(fd_check, which: str, kind: str) -> None:
+    """Found by the stream fuzz: a kick fd on /dev/null (or a call/err fd on a pipe) was taken;
+    the ring's worker then died of an untyped ``OSError`` reading or writing it."""
+    pool = FdPool()
+    device = SinkDevice(features=int(VF.VERSION_1), num_queues=1)
+    client, server_end = Connection.pair()
+    server = BackendReqServer(server_end, device)
+    thread = threading.Thread(target=server.serve, name="fuzz-eventfd-check")
+    thread.start()
+    try:
+        with watching() as (untyped, died), Frontend(client, reply_timeout=HANG) as fe:
+            fe.set_owner()
+            fe.negotiate(int(VF.VERSION_1), int(P.REPLY_ACK))
+            region = MemoryRegion(0, REGION_SIZE, UVA, REGION_OFF, pool.fds["guest"])
+            fe.set_mem_table([region])
+            base = UVA + RING_AREA
+            fe.set_vring_num(0, 8)
+            fe.set_vring_addr(VringAddr(0, base, base + 0x200, base + 0x100))
+            setter = getattr(fe, f"set_vring_{which}")
+            with pytest.raises(RequestFailed) as refused:
+                setter(0, pool.fds[kind])
+            assert refused.value.errno == errno.EINVAL
+            ring = device.vrings[0]
+            assert getattr(ring, f"{which}_fd") is None and not ring.started
+            setter(0, pool.fds["eventfd"])  # an eventfd is taken
+            if which != "kick":
+                fe.set_vring_kick(0, pool.fds["eventfd2"])
+            assert ring.started
+            os.eventfd_write(pool.fds["eventfd" if which == "kick" else "eventfd2"], 1)
+            fe.get_vring_base(0)
+        thread.join(HANG)
+        assert not untyped.records and not died, (untyped.records, died)
+    finally:
+        device.close()
+        pool.close()
