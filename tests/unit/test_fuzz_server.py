@@ -352,13 +352,21 @@ def ring_setup(draw: st.DrawFn, index: int, rate: int) -> list[Wire]:
         Wire(header(R.SET_VRING_NUM, 1, 8) + state),
         Wire(header(R.SET_VRING_BASE, 1, 8) + struct.pack("<II", index, 0)),
         Wire(header(R.SET_VRING_ADDR, 1, 40) + addr),
-        Wire(header(R.SET_VRING_CALL, 1, 8) + struct.pack("<Q", index), ("eventfd2",)),
-        Wire(header(R.SET_VRING_KICK, 1, 8) + struct.pack("<Q", index), ("eventfd",)),
+        Wire(header(R.SET_VRING_CALL, 1, 8) + struct.pack("<Q", index), (draw(kinds("eventfd2")),)),
+        Wire(header(R.SET_VRING_ERR, 1, 8) + struct.pack("<Q", index), (draw(kinds("eventfd2")),)),
+        Wire(header(R.SET_VRING_KICK, 1, 8) + struct.pack("<Q", index), (draw(kinds("eventfd")),)),
         Wire(header(R.SET_VRING_ENABLE, 1, 8) + struct.pack("<II", index, 1)),
+        Wire(kick="eventfd"),
     ]
     return [
-        draw(messages(w_request(w), 100)) if draw(st.integers(0, 99)) < rate else w for w in wires
+        draw(messages(w_request(w), 100)) if w.data and draw(st.integers(0, 99)) < rate else w
+        for w in wires
     ]
+
+
+def kinds(natural: str) -> st.SearchStrategy[str]:
+    """Mostly the fd a front-end would send, sometimes a file of any other kind."""
+    return st.sampled_from([natural] * len(FD_KINDS) + list(FD_KINDS))
 
 
 def w_request(w: Wire) -> R:
