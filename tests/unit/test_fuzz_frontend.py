@@ -22,6 +22,7 @@ Properties, for every script:
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import struct
@@ -34,20 +35,25 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from vhostkit.errors import TransportError, VhostError
+from vhostkit.errors import SocketRetry, TransportError, VhostError
 from vhostkit.types import MemoryRegion, VringAddr
-from vhostkit.user.codec import Message
+from vhostkit.user.codec import Channel, Message
 from vhostkit.user.connection import Connection
 from vhostkit.user.frontend import Frontend, InflightRegion
+from vhostkit.user.frontend_req_handler import FrontendReqHandler, FrontendReqServer
 from vhostkit.user.message import (
+    BACKEND_RULES,
     FRONTEND_RULES,
     HEADER,
     VRING_NOFD_MASK,
+    BackendReq,
     FdRule,
     FrontendReq,
+    IotlbMsg,
     MigrationPhase,
     ProtocolFeature,
     TransferDirection,
+    VringAreaDesc,
 )
 from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
 from vhostkit.virtio.features import VirtioFeature as VF
@@ -350,3 +356,123 @@ def _describe(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+# -- the back-end request channel: FrontendReqServer fed arbitrary requests ------------------
+
+
+class AcceptingHandler(FrontendReqHandler):
+    """A VMM that takes every back-end request (closes a host-notifier fd it is given)."""
+
+    def config_change(self) -> None:
+        pass
+
+    def vring_call(self, index: int) -> None:
+        pass
+
+    def vring_err(self, index: int) -> None:
+        pass
+
+    def host_notifier(self, area: VringAreaDesc, fd: int | None) -> None:
+        if fd is not None:
+            os.close(fd)
+
+    def iotlb_msg(self, msg: IotlbMsg) -> None:
+        pass
+
+    def shared_object_add(self, object_id: uuid.UUID) -> None:
+        pass
+
+    def shared_object_remove(self, object_id: uuid.UUID) -> None:
+        pass
+
+    def shared_object_lookup(self, object_id: uuid.UUID) -> int:
+        return os.memfd_create("fuzz-dmabuf", os.MFD_CLOEXEC)
+
+
+@st.composite
+def backend_requests(draw: st.DrawFn) -> tuple[bytes, int]:
+    """One back-end request (bytes, fds to attach): valid-sized payloads, sometimes mutated."""
+    request = draw(st.sampled_from(sorted(BACKEND_RULES)))
+    ptype = BACKEND_RULES[request].payload
+    sizes = [n for n in range(64) if ptype.size_ok(n)][:4]
+    n = draw(st.sampled_from(sizes))
+    payload = draw(st.binary(min_size=n, max_size=n))
+    if request is BackendReq.VRING_HOST_NOTIFIER_MSG and draw(st.booleans()):
+        payload = struct.pack("<QQQ", draw(st.sampled_from([0, 1, 0x100, 0x1FF])), 4096, 0)
+    flags = 1 | draw(st.sampled_from([0, 0x8]))
+    nfds = 1 if request is BackendReq.VRING_HOST_NOTIFIER_MSG else 0
+    number, size = int(request), len(payload)
+    match draw(st.sampled_from(["none"] * 8 + ["flags", "size", "request", "fds"])):
+        case "flags":
+            flags = draw(st.integers(0, 0xFFFF_FFFF))
+        case "size":
+            size = draw(st.integers(0, 0x1001))
+            return HEADER.pack(number, flags, size) + payload, nfds  # then the channel ends
+        case "request":
+            number = draw(st.integers(0, 64))
+        case "fds":
+            nfds = draw(st.integers(0, 10))
+    return HEADER.pack(number, flags & 0xFFFF_FFFF, size) + payload, nfds
+
+
+@given(
+    requests=st.lists(backend_requests(), max_size=16),
+    protocol=st.sampled_from(
+        [0, int(P.REPLY_ACK | P.BACKEND_REQ | P.CONFIG), (1 << 19) - 1, int(P.BACKEND_REQ)]
+    ),
+    accepting=st.booleans(),
+)
+@FUZZ
+def test_frontend_req_server_survives_any_backend_request(
+    requests: list[tuple[bytes, int]], protocol: int, accepting: bool
+) -> None:
+    before = open_fds()
+    ours, theirs = Connection.pair(Channel.BACKEND)
+    handler = AcceptingHandler() if accepting else FrontendReqHandler()
+    server = FrontendReqServer(ours, handler, protocol)
+    outcome: list[BaseException | None] = []
+
+    def serve() -> None:
+        try:
+            server.serve()
+        except BaseException as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=serve, name="fuzz-frontend-req-server")
+    thread.start()
+    try:
+        for data, nfds in requests:
+            fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+            try:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+                theirs.sock.sendmsg([data], anc)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        with contextlib.suppress(OSError):
+            theirs.sock.shutdown(socket.SHUT_WR)
+        while True:
+            try:
+                reply = theirs.recv(timeout=HANG)
+            except SocketRetry:
+                raise AssertionError("the front-end neither answered nor closed") from None
+            except TransportError:
+                break
+            except VhostError as exc:
+                raise AssertionError(f"the front-end sent a malformed reply: {exc}") from exc
+            reply.close_fds()
+            assert reply.is_reply
+        thread.join(HANG)
+        assert not thread.is_alive(), "FrontendReqServer hangs after the back-end left"
+    finally:
+        theirs.close()
+    (result,) = outcome
+    assert result is None or isinstance(result, VhostError), repr(result)
+    event("ended: " + (type(result).__name__ if result else "disconnect"))
+    leaked = open_fds() - before
+    assert not leaked, {fd: _describe(fd) for fd in leaked}
