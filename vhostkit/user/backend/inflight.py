@@ -293,6 +293,8 @@ class PackedInflight:
         if heads:
             h = np.asarray(heads, dtype=np.intp)
             last = self.desc["last"][h].astype(np.intp)
+            if int(last.max()) >= self.queue_size:  # the region is the front-end's to write
+                raise InvalidParam("an inflight chain's last entry lies outside the region")
             self._head_of_id[self.desc["id"][last]] = h
 
     def inflight_heads(self) -> list[int]:
