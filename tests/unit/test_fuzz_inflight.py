@@ -156,15 +156,49 @@ def packed_area(draw: st.DrawFn, num: int) -> bytes:
 
 
 @st.composite
-def restarts(draw: st.DrawFn, packed: bool) -> tuple[int, bytes, bytes, int]:
+def consistent_packed_area(draw: st.DrawFn, num: int) -> bytes:
+    """A packed region as a crashed back-end leaves it (chains in flight, the rest on the
+    free list), then a few fields overwritten: the recovery's deep paths, with hostile copies
+    of descriptors (any address, length, flags) to resubmit."""
+    lengths: list[int] = []
+    while sum(lengths) < num and draw(st.booleans()):
+        lengths.append(draw(st.integers(1, min(3, num - sum(lengths)))))
+    entries = [[0, 0, 0, 0, 0, 0, 0, 0, 0, 0] for _ in range(num)]
+    e = 0
+    for c, k in enumerate(lengths):
+        for i in range(k):
+            addr = draw(st.one_of(st.integers(0x1000, 0x2000), U64))
+            length = draw(st.one_of(st.integers(0, 64), st.integers(0, 0xFFFF_FFFF)))
+            flags = draw(st.sampled_from([0, 2, 4, 6])) | (1 if i < k - 1 else 0)
+            entries[e + i] = [0, 0, e + i + 1, 0, 0, 0, c, flags, length, addr]
+        entries[e][0], entries[e][3], entries[e][4], entries[e][5] = 1, e + k - 1, k, c + 1
+        e += k
+    free = list(range(e, num))
+    for a, b in zip(free, [*free[1:], num], strict=False):
+        entries[a][2] = b
+    free_head = free[0] if free else num
+    used = draw(st.integers(0, num - 1))
+    header = struct.pack("<QHHHHHHBB10x", 0, 1, num, free_head, free_head, used, used, 1, 1)
+    body = bytearray(header + b"".join(struct.pack("<BBHHHQHHIQ", *x) for x in entries))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(body) - 1))
+        body[at] = draw(st.integers(0, 255))
+    return bytes(body).ljust(packed_queue_region_size(num), b"\0")
+
+
+@st.composite
+def restarts(draw: st.DrawFn, packed: bool) -> tuple[int, bytes, bytes, int | None]:
     num = draw(st.sampled_from([1, 2, 4, 8, 16]))
-    area = draw(packed_area(num) if packed else split_area(num))
-    ring = draw(st.binary(max_size=0x600))
-    base = draw(st.one_of(st.just(0), st.integers(0, 2 * num), st.integers(0, 1 << 32)))
+    if packed:
+        area = draw(st.one_of(consistent_packed_area(num), packed_area(num)))
+    else:
+        area = draw(split_area(num))
+    ring = draw(st.one_of(st.just(b""), st.binary(max_size=0x600)))
+    base = draw(st.one_of(st.none(), st.just(0), st.integers(0, 2 * num), st.integers(0, 1 << 32)))
     return num, area, ring, base
 
 
-def restart(packed: bool, num: int, area: bytes, ring: bytes, base: int) -> str:
+def restart(packed: bool, num: int, area: bytes, ring: bytes, base: int | None) -> str:
     """Drive a fresh device through a front-end's restart sequence; return how it went."""
     guest = os.memfd_create("fuzz-inflight-guest", os.MFD_CLOEXEC)
     os.ftruncate(guest, FILE_SIZE)
@@ -188,7 +222,8 @@ def restart(packed: bool, num: int, area: bytes, ring: bytes, base: int) -> str:
             os.close(fd)  # refused: the server would close it
             raise
         device.set_vring_num(0, num)
-        device.set_vring_base(0, base)
+        if base is not None:
+            device.set_vring_base(0, base)
         device.set_vring_addr(VringAddr(0, UVA + DESC, UVA + USED, UVA + AVAIL))
         fd = os.dup(kick)
         try:
@@ -214,7 +249,7 @@ def restart(packed: bool, num: int, area: bytes, ring: bytes, base: int) -> str:
     return outcome
 
 
-def check(packed: bool, run: tuple[int, bytes, bytes, int]) -> None:
+def check(packed: bool, run: tuple[int, bytes, bytes, int | None]) -> None:
     before = held()
     with untyped_errors() as untyped:
         outcome = restart(packed, *run)
