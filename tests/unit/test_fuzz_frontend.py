@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 
 from vhostkit.errors import SocketRetry, TransportError, VhostError
 from vhostkit.types import MemoryRegion, VringAddr
+from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.codec import Channel, Message
 from vhostkit.user.connection import Connection
 from vhostkit.user.frontend import Frontend, InflightRegion
@@ -474,5 +475,124 @@ def test_frontend_req_server_survives_any_backend_request(
     (result,) = outcome
     assert result is None or isinstance(result, VhostError), repr(result)
     event("ended: " + (type(result).__name__ if result else "disconnect"))
+    leaked = open_fds() - before
+    assert not leaked, {fd: _describe(fd) for fd in leaked}
+
+
+# -- and the other way: BackendChannel fed arbitrary replies by a fake front-end -------------
+
+
+class FakeFrontend(threading.Thread):
+    """Answers the back-end's requests on the back-end channel as scripted."""
+
+    def __init__(self, conn: Connection, script: list[Answer]) -> None:
+        super().__init__(name="fuzz-fake-frontend")
+        self.conn = conn
+        self.script = list(script)
+        self.error: BaseException | None = None
+
+    def _send(self, data: bytes, nfds: int) -> None:
+        fds = [os.memfd_create("fuzz-dmabuf", os.MFD_CLOEXEC) for _ in range(nfds)]
+        try:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            self.conn.sock.sendmsg([data], anc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def run(self) -> None:
+        try:
+            while True:
+                try:
+                    msg = self.conn.recv(timeout=HANG)
+                except TransportError:
+                    return
+                msg.close_fds()
+                answer = self.script.pop(0) if self.script else Answer("good", b"", 0)
+                lookup = msg.request is BackendReq.SHARED_OBJECT_LOOKUP
+                if not (msg.need_reply or lookup) and answer.kind != "unsolicited":
+                    continue  # nothing owed
+                status = 0 if answer.number % 3 else answer.number
+                payload = struct.pack("<Q", status)
+                nfds = 1 if lookup and answer.number % 2 else 0
+                flags, number = 1 | 0x4, int(msg.request)
+                match answer.kind:
+                    case "empty":
+                        payload = b""
+                    case "other_request":
+                        number = answer.number % 12
+                    case "not_reply":
+                        flags = 1
+                    case "bad_flags":
+                        flags = answer.number
+                    case "bad_size" | "cut" | "garbage" | "hang_up":
+                        data = HEADER.pack(number, flags, answer.number & 0x1FFF) + payload
+                        self._send(data[: answer.number % (len(data) + 1)], 0)
+                        return
+                    case "extra_fds":
+                        nfds += 1 + answer.number % 9
+                    case "no_fds":
+                        nfds = 0
+                self._send(HEADER.pack(number, flags & 0xFFFF_FFFF, len(payload)) + payload, nfds)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.conn.close()
+
+
+CHANNEL_CALLS: dict[str, Callable[[BackendChannel], object]] = {
+    "config_change": lambda ch: ch.config_change(),
+    "vring_call": lambda ch: ch.vring_call(0),
+    "vring_err": lambda ch: ch.vring_err(1),
+    "remove_host_notifier": lambda ch: ch.remove_host_notifier(0),
+    "shared_object_add": lambda ch: ch.shared_object_add(uuid.UUID(int=1)),
+    "shared_object_remove": lambda ch: ch.shared_object_remove(uuid.UUID(int=1)),
+    "shared_object_lookup": lambda ch: ch.shared_object_lookup(uuid.UUID(int=1)),
+}
+
+
+@given(
+    script=st.lists(answers, max_size=16),
+    ops=st.lists(st.sampled_from(sorted(CHANNEL_CALLS)), min_size=1, max_size=12),
+    protocol=st.sampled_from(
+        [
+            int(P.BACKEND_REQ | P.REPLY_ACK | P.CONFIG | P.INBAND_NOTIFICATIONS | P.SHARED_OBJECT),
+            int(P.BACKEND_REQ | P.CONFIG | P.SHARED_OBJECT | P.INBAND_NOTIFICATIONS),
+            int(P.BACKEND_REQ),
+        ]
+    ),
+)
+@FUZZ
+def test_backend_channel_survives_any_reply(
+    script: list[Answer], ops: list[str], protocol: int
+) -> None:
+    before = open_fds()
+    ours, theirs = Connection.pair(Channel.BACKEND)
+    fake = FakeFrontend(theirs, script)
+    fake.start()
+    channel = BackendChannel(ours, protocol, reply_timeout=HANG)
+    outcomes: set[str] = set()
+    try:
+        for name in ops:
+            try:
+                result = CHANNEL_CALLS[name](channel)
+            except VhostError as exc:
+                outcomes.add(type(exc).__name__)
+                continue
+            except Exception as exc:
+                raise AssertionError(f"{name} raised {type(exc).__name__}: {exc}") from exc
+            outcomes.add("ok")
+            if name == "shared_object_lookup":
+                assert isinstance(result, int)
+                os.close(result)
+    finally:
+        channel.close()
+        fake.join(HANG)
+    assert not fake.is_alive(), "the fake front-end still waits"
+    assert fake.error is None, repr(fake.error)
+    for o in outcomes:
+        event(f"call: {o}")
     leaked = open_fds() - before
     assert not leaked, {fd: _describe(fd) for fd in leaked}
