@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno as _errno
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from vhostkit.errors import (
     Disconnected,
     IncorrectFds,
     InvalidOperation,
+    InvalidParam,
     InvalidPayload,
     ProtocolError,
     Unsupported,
@@ -301,6 +303,26 @@ def _optional_fd(fds: _Fds) -> int | None:
     return fds[0] if fds else None
 
 
+def _vring_eventfd(request: FrontendReq, fds: _Fds) -> int | None:
+    """The fd of SET_VRING_KICK/CALL/ERR, if any: it must be an eventfd.
+
+    A ring worker polls and reads the kick and writes the call and err fds as eventfds; any
+    other file (a pipe, a memfd, /dev/null) would fail there, in a worker, with an untyped
+    ``OSError``. The request is refused instead, as kernel vhost refuses it (EINVAL).
+    """
+    fd = _optional_fd(fds)
+    if fd is not None and not _is_eventfd(fd):
+        raise InvalidParam(f"{request.name}: fd {fd} is not an eventfd")
+    return fd
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return not os.path.isdir("/proc/self/fd")  # no /proc to ask: cannot tell, take it
+
+
 def _vring_index(request: FrontendReq, value: U64) -> int:
     """The ring index of SET_VRING_KICK/CALL/ERR (bit 8, no fd, is the codec's business)."""
     if value.value & ~(VRING_IDX_MASK | VRING_NOFD_MASK):
@@ -517,15 +539,18 @@ class BackendReqServer:
 
     @_route(_R.SET_VRING_KICK, U64)
     def _set_vring_kick(self, p: U64, fds: _Fds) -> None:
-        self.handler.set_vring_kick(_vring_index(_R.SET_VRING_KICK, p), _optional_fd(fds))
+        index = _vring_index(_R.SET_VRING_KICK, p)
+        self.handler.set_vring_kick(index, _vring_eventfd(_R.SET_VRING_KICK, fds))
 
     @_route(_R.SET_VRING_CALL, U64)
     def _set_vring_call(self, p: U64, fds: _Fds) -> None:
-        self.handler.set_vring_call(_vring_index(_R.SET_VRING_CALL, p), _optional_fd(fds))
+        index = _vring_index(_R.SET_VRING_CALL, p)
+        self.handler.set_vring_call(index, _vring_eventfd(_R.SET_VRING_CALL, fds))
 
     @_route(_R.SET_VRING_ERR, U64)
     def _set_vring_err(self, p: U64, fds: _Fds) -> None:
-        self.handler.set_vring_err(_vring_index(_R.SET_VRING_ERR, p), _optional_fd(fds))
+        index = _vring_index(_R.SET_VRING_ERR, p)
+        self.handler.set_vring_err(index, _vring_eventfd(_R.SET_VRING_ERR, fds))
 
     @_route(_R.SET_VRING_ENABLE, VringStatePayload)
     def _set_vring_enable(self, p: VringStatePayload, fds: _Fds) -> None:

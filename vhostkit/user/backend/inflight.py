@@ -163,9 +163,13 @@ class SplitInflight:
                     f"used index moved {batch} past the inflight record (queue {self.queue_size})"
                 )
             head = int(self._header["last_batch_head"][0])
+            done: list[int] = []
             for _ in range(batch):
-                self.desc["inflight"][head] = 0
+                if head >= self.queue_size:  # the region is the front-end's to write
+                    raise InvalidParam(f"the inflight batch list runs off the region at {head}")
+                done.append(head)
                 head = int(self.desc["next"][head])
+            self.desc["inflight"][done] = 0
             self._header["used_idx"] = ring_used_idx & 0xFFFF
         return self.inflight_heads()
 
@@ -297,6 +301,8 @@ class PackedInflight:
         if heads:
             h = np.asarray(heads, dtype=np.intp)
             last = self.desc["last"][h].astype(np.intp)
+            if int(last.max()) >= self.queue_size:  # the region is the front-end's to write
+                raise InvalidParam("an inflight chain's last entry lies outside the region")
             self._head_of_id[self.desc["id"][last]] = h
 
     def inflight_heads(self) -> list[int]:
