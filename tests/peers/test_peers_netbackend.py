@@ -16,17 +16,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import socket
 import struct
 import time
-from pathlib import Path
 
 import pytest
+from helpers.dnsmasq import Dnsmasq
 from helpers.net_backend import net_backend
 
 from vhostkit.testing.packets import mac_bytes
-from vhostkit.testing.peers import PeerProcess, QemuVirtioNet, Testpmd, which_or_skip
+from vhostkit.testing.peers import QemuVirtioNet, Testpmd, which_or_skip
 
 pytestmark = [
     pytest.mark.peer,
@@ -35,38 +34,6 @@ pytestmark = [
 
 ETH_P_ALL = 0x0003
 ETH_EXPERIMENTAL = 0x88B5
-
-
-class Dnsmasq(PeerProcess):
-    """``dnsmasq`` as a DHCP-only server on ``interface`` inside the namespace ``netns``.
-
-    No DNS (``--port=0``), no resolv.conf or /etc/hosts, no config file; it stays in the
-    foreground and logs to stderr (captured), including every DHCP packet (``--log-dhcp``).
-    Ready once it logged its DHCP range (printed after the DHCP socket was set up).
-    """
-
-    name = "dnsmasq"
-
-    def __init__(
-        self, netns: str, interface: str, dhcp_range: str, leasefile: Path, **kw: object
-    ) -> None:
-        self.leasefile = leasefile
-        argv = [
-            "ip", "netns", "exec", netns,  # ip execs dnsmasq: signals reach it directly
-            "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0", "--no-resolv",
-            "--no-hosts", f"--interface={interface}", "--bind-interfaces",
-            f"--dhcp-range={dhcp_range}", f"--dhcp-leasefile={leasefile}", "--log-dhcp",
-            "--log-facility=-", "--pid-file=", "--user=root",
-        ]  # fmt: skip
-        super().__init__(argv, **kw)  # type: ignore[arg-type]
-
-    def _wait_ready(self) -> None:
-        self.wait_for_line(r"DHCP, IP range", self.ready_timeout)
-
-    def _request_stop(self) -> bool:
-        # dnsmasq >= 2.79 catches SIGINT (DNSSEC time check) and keeps running: use SIGTERM.
-        self._signal(signal.SIGTERM)
-        return True
 
 
 # --- 1. QEMU + iPXE: DHCP through the back-end, answered by dnsmasq --------------------------
