@@ -332,7 +332,8 @@ def test_a_back_end_killed_while_the_front_end_waits_gives_a_typed_error(
                 with pytest.raises(TransportError):  # the connection stays failed
                     fe.get_features()
         finally:
-            if not killed.is_set():
-                os.kill(pid, signal.SIGKILL)
+            # the killer always kills (once the child is ready, or after its wait): a kill from
+            # here as well raced it (the child already killed and reaped: ESRCH)
             t.join()
+            assert killed.is_set()
             os.unlink(path)
