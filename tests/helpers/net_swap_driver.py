@@ -9,6 +9,11 @@ one JSON line on stdout:
   -> ``{"sent": n}``;
 * ``recv N T``: receive until ``N`` numbered frames came since the last ``recv``, or ``T``
   seconds passed -> ``{"numbers": [...]}`` (in arrival order);
+* ``duplex RATE T``: receive until the frame numbered :data:`END` came, or ``T`` seconds
+  passed, while sending numbered frames ``0, 1, ...`` at ``RATE`` a second, as a guest's I/O
+  loop does (queue what is due, wait for room when the ring is full, reap what came) ->
+  ``{"numbers": [...], "end": bool, "sent": n, "longest_send": s}`` (the numbers received
+  before END, in arrival order; the longest wait for transmit room, in seconds);
 * ``detach``: stop the rings on the back-end (GET_VRING_BASE), keep their positions and hang
   up -> ``{"positions": {ring: base}}``; the driver's rings, memory and eventfds stay as they
   are (the back-end can now be restarted);
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve()
+#: The number of the frame that ends a stream into the driver (``duplex``).
+END = 0xFFFFFFFF
 
 
 class DriverProcess:
@@ -61,22 +68,34 @@ class DriverProcess:
         )
         self.ready = self._answer()
 
-    def _answer(self) -> Any:
+    def _answer(self, timeout: float | None = None) -> Any:
         assert self.proc is not None and self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        ready, _, _ = select.select([fd], [], [], self.timeout)
+        timeout = self.timeout if timeout is None else timeout
+        ready, _, _ = select.select([fd], [], [], timeout)
         if not ready:
-            raise TimeoutError(f"the driver process said nothing in {self.timeout}s")
+            raise TimeoutError(f"the driver process said nothing in {timeout}s")
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the driver process exited ({self.proc.wait(5)})")
         return json.loads(line)
 
     def call(self, command: str) -> Any:
+        """Send ``command``; wait for its answer."""
+        self.begin(command)
+        return self._answer()
+
+    def begin(self, command: str) -> None:
+        """Send ``command`` without waiting (the process works on it while the test goes on);
+        :meth:`result` then waits for its answer."""
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(command.encode() + b"\n")
         self.proc.stdin.flush()
-        return self._answer()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The answer to the command :meth:`begin` sent (waiting up to ``timeout`` seconds,
+        the process's timeout by default)."""
+        return self._answer(timeout)
 
     def close(self) -> int:
         """Wait for the process to end (killed if it does not); its exit code."""
@@ -140,6 +159,30 @@ def _serve(socket_path: str) -> int:
                         if n is not None and frame[6:12] == PEER_MAC:
                             numbers.append(n)
                 say({"numbers": numbers})
+            elif cmd == "duplex":
+                rate, deadline = float(args[0]), time.monotonic() + float(args[1])
+                numbers, end, sent, longest = [], False, 0, 0.0
+                start = time.monotonic()
+                while not end and time.monotonic() < deadline:
+                    due = int((time.monotonic() - start) * rate) - sent
+                    frames = [numbered(i, GUEST_MAC, PEER_MAC) for i in range(sent, sent + due)]
+                    began = time.monotonic()
+                    while frames:
+                        queued = nic.send(frames)
+                        sent += queued
+                        frames = frames[queued:]
+                        if frames:
+                            nic.wait_tx_done(timeout=1.0)
+                    longest = max(longest, time.monotonic() - began)
+                    for frame in nic.recv(timeout=0.002):
+                        n = frame_number(frame)
+                        if n is None or frame[6:12] != PEER_MAC:
+                            continue
+                        if n == END:
+                            end = True
+                            break
+                        numbers.append(n)
+                say({"numbers": numbers, "end": end, "sent": sent, "longest_send": longest})
             elif cmd == "detach":
                 positions = {i: fe.get_vring_base(i) for i in nic.ring_indices}
                 nic.backend = _Gone(positions)  # type: ignore[assignment]

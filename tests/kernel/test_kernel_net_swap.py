@@ -18,12 +18,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.net_swap_driver import DriverProcess
+from helpers.net_swap_driver import END, DriverProcess
 
 from vhostkit.devices.net_swap import SwapResult, status, swap
 from vhostkit.guest.rings import wait_readable
@@ -238,4 +239,72 @@ def test_testpmd_virtio_user_across_two_swaps(sock_dir: Path) -> None:
             # macswap: each frame comes back from testpmd's TX ring with the addresses swapped
             got += sniff_numbers(ps, 30, TESTPMD_MAC)
         assert got == list(range(90))
+    assert d.returncode == 0
+
+
+def tap_counter(tap: str, name: str) -> int:
+    """One of the tap's interface statistics (``tx_dropped``: frames the tap's queue had no
+    room for, dropped before any data plane could read them)."""
+    return int(Path(f"/sys/class/net/{tap}/statistics/{name}").read_text())
+
+
+def test_frames_into_the_guest_while_it_swaps(sock_dir: Path) -> None:
+    """Numbered frames go into the tap at a steady few hundred per second while the driver
+    receives them (reaping and posting its buffers again all along) and sends a stream of its
+    own, as a guest's I/O loop does, and the daemon swaps kernel -> user -> kernel three times:
+    every frame, both ways, arrives exactly once, in order."""
+    sock, control = sock_dir / "rx.sock", sock_dir / "rx.ctl"
+    tap = f"vhksr{os.getpid() % 10000}"
+    rate = 400  # into the guest; out of it twice as many
+    planes = ["user", "kernel"] * 3
+    with (
+        ipv6_off_for_new_links(),
+        daemon(sock, control, tap, "kernel") as d,
+        packet_socket(tap) as ps,
+        DriverProcess(sock) as driver,
+    ):
+        dropped_before = tap_counter(tap, "tx_dropped")
+        driver.begin(f"duplex {2 * rate} 120")
+        stop = threading.Event()
+        sent: list[int] = []
+
+        def send() -> None:
+            start = time.monotonic()
+            i = 0
+            while not stop.is_set():
+                ps.send(numbered(i, src=PEER_MAC, dst=GUEST_MAC))
+                i += 1
+                pause = start + i / rate - time.monotonic()
+                if pause > 0:
+                    stop.wait(pause)  # the stream's pace
+            sent.append(i)
+
+        sender = threading.Thread(target=send, name="rx-stream", daemon=True)
+        sender.start()
+        results = []
+        try:
+            for plane in planes:
+                stop.wait(0.4)  # the stream's pace: each plane serves a few hundred frames
+                results.append(swap(control, plane))
+            stop.wait(0.4)
+        finally:
+            stop.set()
+            sender.join(30)
+        ps.send(numbered(END, src=PEER_MAC, dst=GUEST_MAC))
+        answer = driver.result(150)
+        got, total = answer["numbers"], sent[0]
+        dropped = tap_counter(tap, "tx_dropped") - dropped_before
+        missing = sorted(set(range(total)) - set(got))
+        detail = (
+            f"{total} sent, {len(got)} received, end frame seen: {answer['end']}; "
+            f"{len(missing)} missing {missing[:10]}...{missing[-10:]}; the tap's queue "
+            f"overflowed {dropped} times; the driver sent {answer['sent']} and waited "
+            f"{answer['longest_send']:.3f} s at most for ring room; swaps "
+            f"{[(str(r.to_plane), dict(r.positions)) for r in results]}\n{d.tail(30)}"
+        )
+        assert got == list(range(total)), detail
+        assert answer["end"], detail
+        tx = sniff_numbers(ps, answer["sent"], GUEST_MAC)
+        assert tx == list(range(answer["sent"])), detail  # and out of the guest, the same
+        check_swaps(results, planes)
     assert d.returncode == 0
