@@ -53,7 +53,7 @@ from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
 from vhostkit.virtio.packed import PackedDeviceQueue
 from vhostkit.virtio.ring import Chain, ChainBatch
 
-__all__ = ["DEFAULT_NET_FEATURES", "NetDevice", "main", "net_config"]
+__all__ = ["DEFAULT_NET_FEATURES", "NetDevice", "TapQueues", "main", "net_config"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,34 @@ def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
                 break
         written.append(pos - start)
     return written
+
+
+class TapQueues:
+    """Which queues of a tap are attached (``TUNSETQUEUE``), for the data planes that use it.
+
+    A multi-queue tap's queue is detached while nobody reads it, so that the tap steers no flow
+    there; a single-queue tap is left alone. The planes that take turns on one tap (user and
+    kernel, see :mod:`vhostkit.devices.net_swap`) share one record.
+    """
+
+    def __init__(self, tap: Tap) -> None:
+        self.tap = tap
+        #: tap queue i attached
+        self.attached = [True] * len(tap.fds)
+
+    def set(self, queue: int, attach: bool) -> None:
+        """Attach or detach tap queue ``queue`` (multi-queue taps only; QEMU's own tap
+        back-end does the same when the driver turns queue pairs on and off)."""
+        tap = self.tap
+        if tap.closed or TunFlags.MULTI_QUEUE not in tap.flags:
+            return
+        if self.attached[queue] != attach:
+            try:
+                tap.set_queue_enabled(queue, attach)
+            except VhostError as exc:
+                log.warning("tap queue %d: %s", queue, exc)
+                return
+            self.attached[queue] = attach
 
 
 class _RxRing:
@@ -227,10 +255,8 @@ class NetDevice(RingDevice):
         #: per receive ring (by index), made by its worker when it first receives
         self._rx_rings: dict[int, _RxRing] = {}
         self._stats_lock = threading.Lock()
-        #: tap queue i attached (TUNSETQUEUE); a multi-queue tap's queue is detached while
-        #: both rings of pair i are disabled, so that the tap steers no flow to a queue
-        #: nobody reads
-        self._tap_attached = [True] * len(tap.fds)
+        #: a multi-queue tap's queue i is detached while both rings of pair i are disabled
+        self.tap_queues = TapQueues(tap)
         # tap queues beyond the pairs would get flows nobody reads: detached until close()
         for queue in range(queue_pairs, len(tap.fds)):
             self._attach_tap_queue(queue, False)
@@ -331,19 +357,12 @@ class NetDevice(RingDevice):
             self.ring_started(ring)
         self._changed()
 
+    @property
+    def _tap_attached(self) -> list[bool]:
+        return self.tap_queues.attached
+
     def _attach_tap_queue(self, queue: int, attach: bool) -> None:
-        """Attach or detach tap queue ``queue`` (multi-queue taps only; QEMU's own tap
-        back-end does the same when the driver turns queue pairs on and off)."""
-        tap = self.tap
-        if tap.closed or TunFlags.MULTI_QUEUE not in tap.flags:
-            return
-        if self._tap_attached[queue] != attach:
-            try:
-                tap.set_queue_enabled(queue, attach)
-            except VhostError as exc:
-                log.warning("tap queue %d: %s", queue, exc)
-                return
-            self._tap_attached[queue] = attach
+        self.tap_queues.set(queue, attach)
 
     def _release(self) -> None:
         super()._release()

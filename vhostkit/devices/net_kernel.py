@@ -44,6 +44,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 
+from vhostkit.devices.net import TapQueues
 from vhostkit.errors import (
     GuestMemoryError,
     InvalidOperation,
@@ -280,7 +281,8 @@ class KernelNetDevice(BackendDevice):
         self._programmed: set[int] = set()
         #: ring indices attached to their tap queue (NET_SET_BACKEND)
         self._attached: set[int] = set()
-        self._tap_attached = [True] * len(tap.fds)
+        #: a multi-queue tap's queue i is detached while pair i is not served
+        self.tap_queues = TapQueues(tap)
         for queue in range(queue_pairs, len(tap.fds)):
             self._attach_tap_queue(queue, False)
         offered = kernel_net_features(
@@ -619,18 +621,12 @@ class KernelNetDevice(BackendDevice):
 
     # -- the tap --
 
+    @property
+    def _tap_attached(self) -> list[bool]:
+        return self.tap_queues.attached
+
     def _attach_tap_queue(self, queue: int, attach: bool) -> None:
-        """Attach or detach tap queue ``queue`` of a multi-queue tap (as NetDevice does)."""
-        tap = self.tap
-        if tap.closed or TunFlags.MULTI_QUEUE not in tap.flags:
-            return
-        if self._tap_attached[queue] != attach:
-            try:
-                tap.set_queue_enabled(queue, attach)
-            except VhostError as exc:
-                log.warning("tap queue %d: %s", queue, exc)
-                return
-            self._tap_attached[queue] = attach
+        self.tap_queues.set(queue, attach)
 
     # -- net requests --
 

@@ -273,7 +273,7 @@ class SwappableNetDevice(BackendHandler):
         if self.kernel is not None:
             # one view of which tap queues are attached, for both planes (the kernel plane's,
             # made first: it has the queues beyond the pairs detached already)
-            self.user._tap_attached = self.kernel._tap_attached
+            self.user.tap_queues = self.kernel.tap_queues
         self._current: BackendDevice = self.kernel if plane is Plane.KERNEL else self.user
         self._plane = plane
 
@@ -380,7 +380,7 @@ class SwappableNetDevice(BackendHandler):
             if target is Plane.KERNEL:
                 if self.kernel is None:
                     self.kernel = self._make_kernel_plane()  # DeviceUnavailable: stays
-                    self.kernel._tap_attached = self.user._tap_attached
+                    self.kernel.tap_queues = self.user.tap_queues
                     # making it probed the tap's offloads (and left none): set them again
                     if old.acked_features:
                         self.tap.set_offload(offload_for_features(old.acked_features))
