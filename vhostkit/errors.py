@@ -27,6 +27,8 @@ import os
 __all__ = [
     "BadFlags",
     "BadVersion",
+    "DeviceStateError",
+    "DeviceStateMismatch",
     "DeviceUnavailable",
     "Disconnected",
     "FeatureNotNegotiated",
@@ -46,6 +48,7 @@ __all__ = [
     "SocketInUse",
     "SocketPathTaken",
     "SocketRetry",
+    "StateFormatError",
     "TooManyRegions",
     "TransportError",
     "UnexpectedReply",
@@ -264,6 +267,28 @@ class GuestMemoryError(VhostError):
 
 class VirtqueueError(VhostError):
     """A virtqueue is malformed (descriptor loop, index out of range, ...); the queue is broken."""
+
+    default_errno = _errno.EINVAL
+
+
+# --- device state (migration) ----------------------------------------------------------------
+
+
+class DeviceStateError(VhostError):
+    """A device state transfer failed (SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE)."""
+
+    default_errno = _errno.EIO
+
+
+class StateFormatError(DeviceStateError):
+    """Saved device state is malformed: bad magic or version, truncated, corrupt, a bad field."""
+
+    default_errno = _errno.EBADMSG
+
+
+class DeviceStateMismatch(DeviceStateError):
+    """Well-formed device state that this device cannot take: another device type, another
+    disk, features or rings the device does not have."""
 
     default_errno = _errno.EINVAL
 

@@ -18,6 +18,12 @@ the device to another data plane without the guest noticing:
 Frames that reached the tap during the move wait in the tap's queue and are read by the new
 data plane; buffers the guest published during the move are processed from the positions on.
 
+:meth:`VirtioNetDevice.migrate` is the same move between two vhost-user back-ends that also
+carries the back-end's own state (protocol feature ``DEVICE_STATE``, the vhost-user spec's
+"Migrating back-end state"): once the old back-end's rings are stopped its state is saved
+(``SET_DEVICE_STATE_FD`` SAVE, read to end-of-file, ``CHECK_DEVICE_STATE``) and loaded into the
+new back-end (LOAD, ``CHECK_DEVICE_STATE``) before it gets memory and rings.
+
 Data planes (:class:`NetDataPlane`):
 
 * :class:`KernelNetPlane`: ``/dev/vhost-net`` with a tap (one tap queue per queue pair);
@@ -34,8 +40,9 @@ import threading
 from typing import TYPE_CHECKING, Any, Self
 
 from vhostkit.backend import VhostBackend
-from vhostkit.errors import InvalidOperation
+from vhostkit.errors import InvalidOperation, Unsupported
 from vhostkit.guest.net import VirtioNetDriver
+from vhostkit.user.message import ProtocolFeature
 
 if TYPE_CHECKING:
     from vhostkit.kernel import Tap, VhostNet
@@ -145,6 +152,8 @@ class VirtioNetDevice:
         self.nic = VirtioNetDriver(plane.backend, **driver_args)
         #: the positions handed over by each swap, oldest first
         self.swaps: list[dict[int, int]] = []
+        #: the back-end states carried by each :meth:`migrate`, oldest first (opaque bytes)
+        self.states: list[bytes] = []
 
     def start(self) -> Self:
         self.nic.start()
@@ -166,6 +175,51 @@ class VirtioNetDevice:
         new.attach(self.nic)
         self.swaps.append(positions)
         log.info("virtio-net moved from %s to %s at %s", old.name, new.name, positions)
+        return old
+
+    def migrate(self, new: NetDataPlane) -> NetDataPlane:
+        """Move the running device to another vhost-user back-end together with the old
+        back-end's device state; returns the old data plane (stopped, open).
+
+        Both must be vhost-user planes whose back-ends offer ``DEVICE_STATE``, and the current
+        one must have negotiated it (give the device ``protocol_features`` that include it).
+        Everything is checked before the old back-end is stopped. A state the new back-end
+        refuses raises :class:`~vhostkit.errors.RequestFailed`; the old back-end then is
+        stopped but keeps its state, as the spec wants of a failed migration's source.
+        """
+        old = self.plane
+        if new is old:
+            raise InvalidOperation("the device already runs on that data plane")
+        if not isinstance(old, VhostUserNetPlane) or not isinstance(new, VhostUserNetPlane):
+            raise Unsupported("device state moves between vhost-user back-ends only")
+        wanted = ProtocolFeature.DEVICE_STATE
+        if not old.frontend.has_protocol_feature(wanted):
+            raise Unsupported(
+                "the current back-end did not negotiate DEVICE_STATE "
+                "(ask for it in the device's protocol_features)"
+            )
+        new.frontend.get_features()
+        if not new.frontend.get_protocol_features() & wanted:
+            raise Unsupported("the new back-end does not offer DEVICE_STATE")
+        self.nic.wanted_protocol_features |= int(wanted)
+
+        def handover(_old: VhostBackend, _new: VhostBackend) -> None:
+            state = old.frontend.save_device_state()
+            new.frontend.load_device_state(state)
+            self.states.append(state)
+
+        old.detach(self.nic)
+        positions = self.nic.switch_backend(new.backend, handover=handover)
+        self.plane = new
+        new.attach(self.nic)
+        self.swaps.append(positions)
+        log.info(
+            "virtio-net migrated from %s to %s at %s with %d bytes of device state",
+            old.name,
+            new.name,
+            positions,
+            len(self.states[-1]),
+        )
         return old
 
     def stop(self) -> dict[int, int]:

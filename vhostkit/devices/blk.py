@@ -52,7 +52,11 @@ front-end negotiated ``BACKEND_REQ`` and ``CONFIG``; QEMU then re-reads the conf
 notifies the guest.
 
 Protocol features: the generic set of :class:`~vhostkit.user.backend.device.BackendDevice` minus
-``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running).
+``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running), plus
+``DEVICE_STATE``: a suspended device saves which disk it serves (capacity, block size, read-only,
+serial, config space) and each ring's size, position, enabled state and held requests; a
+destination serving the same image checks and loads them
+(:mod:`vhostkit.user.backend.migration`).
 ``INFLIGHT_SHMFD`` is offered: a restarted back-end resubmits the requests its predecessor
 had taken and not completed (:mod:`vhostkit.user.backend.inflight`, split and packed rings). A ring
 larger than the inflight area allows runs untracked (QEMU's virtio-mmio makes such rings).
@@ -83,9 +87,11 @@ from typing import Self
 
 import numpy as np
 
-from vhostkit.errors import InvalidOperation, InvalidParam, VirtqueueError
+from vhostkit.errors import DeviceStateMismatch, InvalidOperation, InvalidParam, VirtqueueError
 from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
-from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
+from vhostkit.user.backend.migration import MigratableRingDevice
+from vhostkit.user.backend.ring_device import ActiveRing
+from vhostkit.user.backend.state import BlkState, DeviceState, DeviceType, NetState
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.blk import (
     BLK_CONFIG_SIZE,
@@ -129,7 +135,9 @@ _ZEROES = bytes(1 << 20)
 
 
 #: Protocol features the blk device offers (see the module docstring).
-BLK_PROTOCOL_FEATURES = ProtocolFeature(DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD)
+BLK_PROTOCOL_FEATURES = ProtocolFeature(
+    (DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD) | ProtocolFeature.DEVICE_STATE
+)
 
 
 def blk_features(*, read_only: bool = False, packed: bool = True) -> int:
@@ -248,7 +256,7 @@ def _vectored(
 # --- the device -----------------------------------------------------------------------------
 
 
-class BlkDevice(RingDevice):
+class BlkDevice(MigratableRingDevice):
     """A virtio-blk back-end serving ``image`` (a regular file or a block device).
 
     ``num_queues`` request queues; ``read_only`` opens the image ``O_RDONLY`` and offers
@@ -258,6 +266,8 @@ class BlkDevice(RingDevice):
     driver without indirect descriptors must fit a request in the ring). The device owns the
     image fd: :meth:`close` (or leaving the ``with`` block) closes it.
     """
+
+    device_type = DeviceType.BLK
 
     def __init__(
         self,
@@ -516,6 +526,22 @@ class BlkDevice(RingDevice):
             if n <= 0:
                 raise OSError(errno.EIO, f"writing zeroes at {offset} failed")
             offset += n
+
+    # -- device state --
+
+    def device_records(self) -> tuple[NetState | None, BlkState | None]:
+        return None, BlkState(self.capacity, self.blk_size, self.read_only, self.serial)
+
+    def check_state(self, state: DeviceState) -> None:
+        assert state.blk is not None  # a BLK state always has the record
+        mine = BlkState(self.capacity, self.blk_size, self.read_only, self.serial)
+        if state.blk != mine:
+            raise DeviceStateMismatch(
+                f"the source served another disk ({state.blk}), this device serves {mine}"
+            )
+        with self._config_lock:
+            if state.config != bytes(self.config):
+                raise DeviceStateMismatch("the source's config space differs from this device's")
 
     # -- lifetime --
 

@@ -22,6 +22,9 @@
 * A started but disabled TX ring is consumed and its frames dropped; a disabled RX ring gets
   nothing (the spec's "no side effects" rule for net).
 * SEND_RARP writes a RARP announcement for the given MAC to the tap.
+* Device state (``DEVICE_STATE``): a suspended device saves its config space (MAC, status,
+  MTU), queue pairs, each ring's size, position and enabled state, and loads them on a
+  destination (:mod:`vhostkit.user.backend.migration`).
 
 Run it from the command line with ``vhostkit backend net`` (:mod:`vhostkit.cli.backend`;
 ``python3 -m vhostkit.devices.net`` is an alias).
@@ -41,12 +44,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vhostkit.errors import InvalidOperation, InvalidParam, VhostError
+from vhostkit.errors import DeviceStateMismatch, InvalidOperation, InvalidParam, VhostError
 from vhostkit.kernel.ioctls import TunFlags
 from vhostkit.kernel.tap import Tap, offload_for_features
 from vhostkit.types import VringState
 from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
-from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
+from vhostkit.user.backend.migration import MigratableRingDevice
+from vhostkit.user.backend.ring_device import ActiveRing
+from vhostkit.user.backend.state import BlkState, DeviceState, DeviceType, NetState
 from vhostkit.user.message import ProtocolFeature
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
@@ -80,13 +85,14 @@ DEFAULT_NET_FEATURES = int(
     | NF.STATUS
 )
 
-#: Protocol features: everything generic, plus the net ones (MQ, MTU, RARP). CONFIG is left
-#: out: QEMU's virtio-net warns that it does not use it.
+#: Protocol features: everything generic, plus the net ones (MQ, MTU, RARP) and DEVICE_STATE.
+#: CONFIG is left out: QEMU's virtio-net warns that it does not use it.
 NET_PROTOCOL_FEATURES = int(
     (DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.CONFIG)
     | ProtocolFeature.MQ
     | ProtocolFeature.MTU
     | ProtocolFeature.RARP
+    | ProtocolFeature.DEVICE_STATE
 )
 
 #: Largest frame a tap hands over with GSO: 64 KiB of payload plus headers.
@@ -223,7 +229,7 @@ def rarp_frame(mac: bytes) -> bytes:
     ).ljust(60, b"\0")
 
 
-class NetDevice(RingDevice):
+class NetDevice(MigratableRingDevice):
     """virtio-net over a tap. ``tap`` needs ``queue_pairs`` queues, a vnet header and
     non-blocking fds (``Tap(..., nonblocking=True)``); the device borrows it (the caller closes
     it). A multi-queue tap with more queues than ``queue_pairs`` has the extra ones detached
@@ -269,6 +275,8 @@ class NetDevice(RingDevice):
             num_queues=2 * queue_pairs,
             config=net_config(mac, queue_pairs, mtu),
         )
+
+    device_type = DeviceType.NET
 
     # -- features --
 
@@ -600,6 +608,25 @@ class NetDevice(RingDevice):
     def net_set_mtu(self, mtu: int) -> None:
         super().net_set_mtu(mtu)
         self.config[10:12] = struct.pack("<H", mtu)
+
+    # -- device state --
+
+    def device_records(self) -> tuple[NetState | None, BlkState | None]:
+        return NetState(self.queue_pairs, self.mtu or 0), None
+
+    def check_state(self, state: DeviceState) -> None:
+        assert state.net is not None  # a NET state always has the record
+        if state.net.queue_pairs > self.queue_pairs:
+            raise DeviceStateMismatch(
+                f"the source served {state.net.queue_pairs} queue pairs, this device "
+                f"{self.queue_pairs}"
+            )
+
+    def apply_state(self, state: DeviceState) -> None:
+        assert state.net is not None
+        self.config[:] = state.config  # the guest keeps its MAC, link status and MTU
+        self.mac = bytes(state.config[:6])
+        self.mtu = state.net.mtu or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self
 
@@ -284,6 +284,49 @@ class BlkDriver:
             fe.set_vring_kick(index, self.kicks[index])
             if self.features & VirtioFeature.PROTOCOL_FEATURES:
                 fe.set_vring_enable(index, True)
+
+    def switch_frontend(
+        self,
+        new: Frontend,
+        *,
+        handover: Callable[[Frontend, Frontend], None] | None = None,
+    ) -> dict[int, int]:
+        """Move the running rings to another back-end; returns the positions handed over.
+
+        The old back-end's rings are stopped (GET_VRING_BASE; it stays open, the caller's to
+        close). ``handover(old, new)`` runs once the new one has negotiated the same features,
+        before it gets memory and rings (the moment to move device state: see
+        :meth:`Frontend.save_device_state`). The new back-end then gets the same memory, rings,
+        positions and eventfds, and every ring is kicked once: requests published meanwhile
+        are served. Outstanding requests stay outstanding, to be :meth:`wait`-ed for as before.
+        """
+        self._check_open()
+        if not self.queues:
+            raise InvalidOperation("the blk driver is not started")
+        old = self.fe
+        positions = {index: old.get_vring_base(index) for index in range(self.num_queues)}
+        new.set_owner()
+        features, protocol = new.negotiate(self.features, self.wanted_protocol)
+        if features != self.features:
+            raise InvalidOperation(
+                f"the new back-end acked {features:#x}, the driver runs {self.features:#x}"
+            )
+        if handover is not None:
+            handover(old, new)
+        new.set_mem_table(self.mem.regions)
+        for index, q in enumerate(self.queues):
+            new.set_vring_num(index, self.layout.queue_size)
+            new.set_vring_base(index, positions[index])
+            new.set_vring_addr(q.vring_addr())
+            new.set_vring_call(index, self.calls[index])
+            new.set_vring_err(index, self.errs[index])
+            if features & VirtioFeature.PROTOCOL_FEATURES:
+                new.set_vring_enable(index, True)
+            new.set_vring_kick(index, self.kicks[index])
+        self.fe, self.protocol = new, protocol
+        for kick in self.kicks:
+            kick_eventfd(kick)
+        return positions
 
     def config(self, size: int = BLK_CONFIG_SIZE) -> BlkConfig:
         """The device's config space (GET_CONFIG of its first ``size`` bytes)."""

@@ -36,7 +36,7 @@ import logging
 import os
 import select
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Self
 
 from vhostkit.backend import VhostBackend
@@ -378,7 +378,12 @@ class VirtioGuest:
 
     # -- moving to another data plane ------------------------------------------------------
 
-    def switch_backend(self, new: VhostBackend) -> dict[int, int]:
+    def switch_backend(
+        self,
+        new: VhostBackend,
+        *,
+        handover: Callable[[VhostBackend, VhostBackend], None] | None = None,
+    ) -> dict[int, int]:
         """Move the running rings to another data plane; returns the positions handed over.
 
         The old data plane must already have stopped touching the rings where its
@@ -389,6 +394,10 @@ class VirtioGuest:
         eventfds, and must ack the same features: everything the guest already relies on.
         Buffers added while the move happens are not lost: the new data plane starts at the
         positions and every ring is kicked once it runs.
+
+        ``handover(old, new)`` is called once the old data plane is stopped and the new one has
+        negotiated, before it gets memory or rings: the moment to move device state
+        (vhost-user ``DEVICE_STATE``, see :meth:`vhostkit.vmm.VirtioNetDevice.migrate`).
         """
         self._check_running()
         offered = new.get_features()
@@ -407,6 +416,8 @@ class VirtioGuest:
             raise Unsupported(
                 f"the new data plane acked {int(acked):#x}, the guest runs {self.acked_features:#x}"
             )
+        if handover is not None:
+            handover(old, new)
         new.set_mem_table(self.memory.regions)
         for ring in self._rings:
             new.set_vring_num(ring.index, self.queue_size)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import threading
 import uuid
@@ -33,6 +34,7 @@ from vhostkit.errors import (
     InvalidOperation,
     InvalidParam,
     RequestFailed,
+    SocketRetry,
     UnexpectedReply,
 )
 from vhostkit.types import LogRegion, MemoryRegion, VringAddr
@@ -433,12 +435,92 @@ class Frontend(VhostBackend):
                 f"back-end reports a failed state transfer ({status:#x})", status=status
             )
 
+    def save_device_state(self, *, limit: int = 64 << 20) -> bytes:
+        """The whole SAVE of the spec's "Migrating back-end state": the back-end (suspended:
+        every ring stopped with GET_VRING_BASE) writes its state into a pipe, or into a
+        channel of its own that it returns; it is read to end-of-file (at most ``limit``
+        bytes), then CHECK_DEVICE_STATE must answer 0. Returns the state, opaque."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(r, False)  # ours; the back-end's end stays blocking
+        try:
+            theirs = self.set_device_state_fd(TransferDirection.SAVE, w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)  # the back-end has its own copy: end-of-file comes when it closes it
+        if theirs is not None:
+            os.close(r)
+            r = theirs
+        try:
+            data = _read_to_eof(r, limit, self.reply_timeout)
+        finally:
+            os.close(r)
+        self.check_device_state()
+        return data
+
+    def load_device_state(self, data: bytes) -> None:
+        """The whole LOAD: ``data`` (from :meth:`save_device_state` on the source) is written
+        into a pipe the back-end reads (or its own channel, if it returns one) and the channel
+        closed; CHECK_DEVICE_STATE must then answer 0 (else :class:`RequestFailed`)."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(w, False)  # ours; the back-end's end stays blocking
+        try:
+            theirs = self.set_device_state_fd(TransferDirection.LOAD, r)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+        if theirs is not None:
+            os.close(w)
+            w = theirs
+        try:
+            _write_all(w, data, self.reply_timeout)
+        finally:
+            os.close(w)
+        self.check_device_state()
+
     # -- lifetime --
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             self.conn.close()
+
+
+def _wait_fd(fd: int, events: int, timeout: float | None, what: str) -> None:
+    poller = select.poll()
+    poller.register(fd, events)
+    if not poller.poll(None if timeout is None else int(timeout * 1000)):
+        raise SocketRetry(f"device state transfer: the back-end did not {what} in {timeout}s")
+
+
+def _read_to_eof(fd: int, limit: int, timeout: float | None) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        _wait_fd(fd, select.POLLIN, timeout, "write its state")
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > limit:
+            raise InvalidParam(f"device state larger than {limit} bytes")
+        chunks.append(chunk)
+
+
+def _write_all(fd: int, data: bytes, timeout: float | None) -> None:
+    view = memoryview(data)
+    while view:
+        _wait_fd(fd, select.POLLOUT, timeout, "read the state")
+        try:
+            view = view[os.write(fd, view[: 1 << 16]) :]
+        except BlockingIOError:
+            continue
 
 
 def _region_fds(regions: Sequence[MemoryRegion]) -> list[int]:

@@ -11,6 +11,8 @@ keeps ``vhost-user-backend`` apart from ``vhost``:
 * :mod:`~vhostkit.user.backend.listener`: :class:`BackendListener` (server socket mode, one
   device per frontend) and :class:`BackendClient` (client mode, with reconnect).
 * :mod:`~vhostkit.user.backend.inflight`: inflight I/O tracking for restart.
+* :mod:`~vhostkit.user.backend.state`, :mod:`~vhostkit.user.backend.migration`: device state
+  (DEVICE_STATE): the saved format and :class:`MigratableRingDevice`'s transfer.
 """
 
 from vhostkit.user.backend.device import BackendDevice, VringInfo
