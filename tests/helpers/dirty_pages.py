@@ -79,7 +79,8 @@ def wait_used(mem: GuestMemory, ring: GuestRing, target: int, timeout: float) ->
 
 
 def ring_parts(q: SplitDriverQueue) -> dict[str, set[int]]:
-    """The pages of a split ring's descriptor table and of its used ring."""
+    """The pages of a split ring's descriptor table and of its used ring (with 256 entries or
+    more, the table fills whole pages and shares none with the used ring)."""
     desc, _, used = q.ring_gpas
     return {
         "desc": span_pages(desc, 16 * q.num),
