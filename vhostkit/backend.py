@@ -7,6 +7,15 @@ them to a data plane through :class:`VhostBackend`. The same calls drive:
   ``/dev/vhost-net`` and ``/dev/vhost-vsock``;
 * :class:`vhostkit.user.Frontend`: vhost-user messages to a backend process.
 
+Dirty logging (live migration) has one shape on every plane, QEMU's: the VMM gives the data
+plane a :class:`~vhostkit.virtio.dirty_log.DirtyLog` (:meth:`VhostBackend.set_dirty_log`: the
+kernel gets its address in this process, vhost-user its file), then turns logging on for the
+running rings with :meth:`VhostBackend.start_dirty_log` (``SET_FEATURES`` with
+``VHOST_F_LOG_ALL`` added, then ``SET_VRING_ADDR`` again on each ring with
+``VHOST_VRING_F_LOG`` and ``log`` = the guest-physical address of its used ring), collects dirty
+pages from the log, and turns logging off with :meth:`VhostBackend.stop_dirty_log` (the same
+two steps without the bits).
+
 Addresses: ``MemoryRegion.userspace_addr`` and every address in :class:`VringAddr` are addresses
 in the *calling* process (the VMM), which is what both the kernel and vhost-user expect. A
 vhost-user backend translates them through the memory table it received.
@@ -18,12 +27,20 @@ caller keeps ownership of its own copy.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import logging
 from collections.abc import Sequence
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
+from vhostkit.errors import FeatureNotNegotiated, InvalidParam
 from vhostkit.types import VHOST_VRING_F_LOG, LogRegion, MemoryRegion, VringAddr, VringState
+from vhostkit.virtio.features import VirtioFeature
+
+if TYPE_CHECKING:
+    from vhostkit.virtio.dirty_log import DirtyLog
 
 __all__ = [
+    "VHOST_F_LOG_ALL",
     "VHOST_VRING_F_LOG",
     "LogRegion",
     "MemoryRegion",
@@ -31,6 +48,11 @@ __all__ = [
     "VringAddr",
     "VringState",
 ]
+
+_log = logging.getLogger(__name__)
+
+#: ``VHOST_F_LOG_ALL``, virtio feature bit 26: the data plane logs every write it makes.
+VHOST_F_LOG_ALL = int(VirtioFeature.LOG_ALL)
 
 
 class VhostBackend(abc.ABC):
@@ -106,6 +128,53 @@ class VhostBackend(abc.ABC):
     def set_vring_err(self, index: int, fd: int | None) -> None:
         """The eventfd the data plane signals when ring ``index`` fails."""
 
+    # -- dirty logging (live migration) --
+
+    def check_dirty_log(self) -> None:
+        """Raise :class:`FeatureNotNegotiated` unless this data plane can log dirty pages.
+
+        The default asks for ``VHOST_F_LOG_ALL`` in :meth:`get_features`; vhost-user also
+        needs the LOG_SHMFD protocol feature.
+        """
+        offered = self.get_features()
+        if not offered & VHOST_F_LOG_ALL:
+            raise FeatureNotNegotiated(
+                f"the data plane does not offer VHOST_F_LOG_ALL (features {offered:#x})"
+            )
+
+    @abc.abstractmethod
+    def set_dirty_log(self, log: DirtyLog) -> None:
+        """Hand the data plane ``log`` (borrowed: keep it open while logging is on).
+
+        The kernel takes the log's address in this process (``VHOST_SET_LOG_BASE``);
+        vhost-user takes its file (``SET_LOG_BASE`` with the memfd).
+        """
+
+    def start_dirty_log(self, log: DirtyLog, features: int, rings: Sequence[VringAddr]) -> None:
+        """Log every write to guest memory into ``log``, on running rings, as QEMU does.
+
+        ``features`` are the features acked now; ``rings`` the current address of every ring,
+        each with ``log`` set to the guest-physical address of its used ring (the device area
+        of a packed ring). In order: :meth:`check_dirty_log`, :meth:`set_dirty_log`,
+        :meth:`set_features` with ``VHOST_F_LOG_ALL`` added, then :meth:`set_vring_addr` on
+        each ring with ``VHOST_VRING_F_LOG`` set. Nothing is sent when the check fails.
+        """
+        self.check_dirty_log()
+        _check_log_addrs(rings)
+        self.set_dirty_log(log)
+        self.set_features(features | VHOST_F_LOG_ALL)
+        for addr in rings:
+            self.set_vring_addr(dataclasses.replace(addr, flags=addr.flags | VHOST_VRING_F_LOG))
+        _log.info("dirty logging on for rings %s", [a.index for a in rings])
+
+    def stop_dirty_log(self, features: int, rings: Sequence[VringAddr]) -> None:
+        """Stop logging: :meth:`set_features` without ``VHOST_F_LOG_ALL``, then every ring's
+        address without ``VHOST_VRING_F_LOG``. The log may be released afterwards."""
+        self.set_features(features & ~VHOST_F_LOG_ALL)
+        for addr in rings:
+            self.set_vring_addr(dataclasses.replace(addr, flags=addr.flags & ~VHOST_VRING_F_LOG))
+        _log.info("dirty logging off for rings %s", [a.index for a in rings])
+
     # -- generic steps with a default --
 
     def negotiate(self, features: int, protocol_features: int = 0) -> tuple[int, int]:
@@ -138,3 +207,12 @@ class VhostBackend(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _check_log_addrs(rings: Sequence[VringAddr]) -> None:
+    for addr in rings:
+        if not addr.log:
+            # DPDK refuses to map a ring whose log address is 0 once VHOST_VRING_F_LOG is set
+            raise InvalidParam(
+                f"ring {addr.index}: give the guest-physical address of its used ring as log"
+            )

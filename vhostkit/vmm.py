@@ -24,6 +24,13 @@ carries the back-end's own state (protocol feature ``DEVICE_STATE``, the vhost-u
 (``SET_DEVICE_STATE_FD`` SAVE, read to end-of-file, ``CHECK_DEVICE_STATE``) and loaded into the
 new back-end (LOAD, ``CHECK_DEVICE_STATE``) before it gets memory and rings.
 
+Live migration starts with dirty logging, on either plane through the same calls
+(:meth:`VirtioNetDevice.start_dirty_log`, :meth:`~VirtioNetDevice.collect_dirty`,
+:meth:`~VirtioNetDevice.stop_dirty_log`): the data plane marks in a shared bitmap every page of
+guest memory it writes (received frames, used rings), and the VMM copies those pages again.
+Kernel vhost-net gets the log's address (``VHOST_SET_LOG_BASE``), a vhost-user back-end its
+memfd (``SET_LOG_BASE``, which needs the LOG_SHMFD protocol feature: the device asks for it).
+
 Data planes (:class:`NetDataPlane`):
 
 * :class:`KernelNetPlane`: ``/dev/vhost-net`` with a tap (one tap queue per queue pair);
@@ -39,10 +46,14 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Self
 
+import numpy as np
+import numpy.typing as npt
+
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import InvalidOperation, Unsupported
-from vhostkit.guest.net import VirtioNetDriver
+from vhostkit.guest.net import DEFAULT_PROTOCOL_FEATURES, VirtioNetDriver
 from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.dirty_log import DirtyLog
 
 if TYPE_CHECKING:
     from vhostkit.kernel import Tap, VhostNet
@@ -57,6 +68,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The vhost-user LOG_SHMFD protocol feature bit (1): the dirty log travels as a file.
+_LOG_SHMFD = 1 << 1
 
 
 class NetDataPlane(abc.ABC):
@@ -149,6 +163,8 @@ class VirtioNetDevice:
 
     def __init__(self, plane: NetDataPlane, **driver_args: Any) -> None:
         self.plane = plane
+        # A VMM device that can migrate asks vhost-user back-ends for the dirty log's file.
+        driver_args.setdefault("protocol_features", DEFAULT_PROTOCOL_FEATURES | _LOG_SHMFD)
         self.nic = VirtioNetDriver(plane.backend, **driver_args)
         #: the positions handed over by each swap, oldest first
         self.swaps: list[dict[int, int]] = []
@@ -222,8 +238,27 @@ class VirtioNetDevice:
         )
         return old
 
+    # -- dirty logging --
+
+    def start_dirty_log(self) -> DirtyLog:
+        """Turn dirty logging on for the running rings on the current data plane; returns
+        the log (owned by the device). :class:`~vhostkit.errors.FeatureNotNegotiated` when the
+        plane cannot log; a swap is refused while logging is on."""
+        return self.nic.start_dirty_log()
+
+    def collect_dirty(self) -> npt.NDArray[np.int64]:
+        """The 4 KiB guest pages written by the data plane since the last call (cleared)."""
+        return self.nic.collect_dirty()
+
+    def stop_dirty_log(self) -> None:
+        """Turn dirty logging off and release the log."""
+        self.nic.stop_dirty_log()
+
     def stop(self) -> dict[int, int]:
-        """Stop the rings on the current data plane; returns their positions."""
+        """Stop the rings on the current data plane; returns their positions.
+
+        With dirty logging on, the log stays readable (:meth:`collect_dirty`): the last pass
+        of a migration reads what the stopped device wrote."""
         self.plane.detach(self.nic)
         return self.nic.stop()
 

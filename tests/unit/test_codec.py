@@ -42,6 +42,7 @@ from vhostkit.user.message import (
     IotlbMsg,
     IotlbPerm,
     IotlbType,
+    LogBaseReply,
     LogDesc,
     MemRegionMsg,
     MemTablePayload,
@@ -54,6 +55,7 @@ from vhostkit.user.message import (
     VringAddrPayload,
     VringAreaDesc,
     VringStatePayload,
+    classify_log_base_reply,
 )
 
 R = FrontendReq
@@ -332,6 +334,33 @@ def test_an_empty_reply_is_the_failure_convention() -> None:
     h = parse_header(header(R.GET_CONFIG, 0x5, 0))
     msg = decode(h, b"")
     assert msg.is_reply and isinstance(msg.payload, Empty)
+
+
+@pytest.mark.parametrize(
+    ("body", "form"),
+    [
+        # Quirk "DPDK: empty SET_LOG_BASE reply": DPDK's vhost library answers with no payload
+        # (it says QEMU expects none); here that is not the "failed" convention.
+        (b"", LogBaseReply.EMPTY),
+        # Quirk "libvhost-user: SET_LOG_BASE echoes the size": it answers in the request's own
+        # buffer, whose first u64 is the log size.
+        (struct.pack("<Q", 0x2000), LogBaseReply.SIZE_ECHOED),
+        # vhostkit's and rust-vmm's back-ends: a REPLY_ACK-style status
+        (struct.pack("<Q", 0), LogBaseReply.OK),
+        (struct.pack("<Q", 22), LogBaseReply.FAILED),
+    ],
+    ids=["dpdk-empty", "libvhost-user-echo", "status-0", "status-22"],
+)
+def test_set_log_base_reply_forms(body: bytes, form: LogBaseReply) -> None:
+    msg = decode(parse_header(header(R.SET_LOG_BASE, 0x5, len(body))), body)
+    assert msg.is_reply and msg.fds == ()
+    assert classify_log_base_reply(msg.payload, 0x2000) is form
+
+
+def test_set_log_base_reply_without_the_request_size() -> None:
+    # a tracer that joined late: a non-zero u64 cannot be told from a status
+    assert classify_log_base_reply(U64(0x2000), None) is LogBaseReply.FAILED
+    assert classify_log_base_reply(Empty(), None) is LogBaseReply.EMPTY
 
 
 # --- the streaming parser -------------------------------------------------------------------

@@ -36,7 +36,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from vhostkit.errors import SocketRetry, TransportError, VhostError
-from vhostkit.types import MemoryRegion, VringAddr
+from vhostkit.types import LogRegion, MemoryRegion, VringAddr
 from vhostkit.user.backend_req import BackendChannel
 from vhostkit.user.codec import Channel, Message
 from vhostkit.user.connection import Connection
@@ -57,6 +57,7 @@ from vhostkit.user.message import (
     VringAreaDesc,
 )
 from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
+from vhostkit.virtio.dirty_log import DirtyLog
 from vhostkit.virtio.features import VirtioFeature as VF
 
 pytestmark = pytest.mark.reliability
@@ -123,9 +124,12 @@ def _reply_payload(request: R, answer: Answer) -> bytes:
     data = (answer.values * (want // max(len(answer.values), 1) + 1))[:want]
     data = data.ljust(want, b"\0")
     if request is R.GET_FEATURES and len(answer.values) % 2:
-        data = struct.pack("<Q", [int(VF.VERSION_1 | VF.PROTOCOL_FEATURES), 0][answer.number % 2])
+        offer = int(VF.VERSION_1 | VF.PROTOCOL_FEATURES | VF.LOG_ALL)
+        data = struct.pack("<Q", [offer, 0][answer.number % 2])
     if request is R.GET_PROTOCOL_FEATURES and len(answer.values) % 2:
-        data = struct.pack("<Q", int(P.REPLY_ACK | P.CONFIG | P.INFLIGHT_SHMFD | P.MQ))
+        data = struct.pack(
+            "<Q", int(P.REPLY_ACK | P.CONFIG | P.INFLIGHT_SHMFD | P.MQ | P.LOG_SHMFD)
+        )
     return data
 
 
@@ -258,12 +262,20 @@ def _close_result(result: object) -> None:
         result.close()
 
 
+def _start_dirty_log(fe: Frontend) -> None:
+    with DirtyLog.allocate(8) as dlog:
+        fe.start_dirty_log(dlog, fe.acked_features, [VringAddr(0, 0x1000, 0x3000, 0x2000, 0x3000)])
+
+
 def calls(s: Scratch) -> dict[str, Callable[[Frontend], object]]:
     region = MemoryRegion(0, 1 << 16, 0x7F00_0000_0000, 0, s.guest)
     return {
         "negotiate": lambda fe: fe.negotiate(
-            int(VF.VERSION_1 | VF.RING_PACKED), int(P.REPLY_ACK | P.CONFIG | P.INFLIGHT_SHMFD)
+            int(VF.VERSION_1 | VF.RING_PACKED),
+            int(P.REPLY_ACK | P.CONFIG | P.INFLIGHT_SHMFD | P.LOG_SHMFD),
         ),
+        "set_log_base": lambda fe: fe.set_log_base(0, LogRegion(s.guest, 4096, 0)),
+        "start_dirty_log": lambda fe: _start_dirty_log(fe),
         "get_features": lambda fe: fe.get_features(),
         "get_protocol_features": lambda fe: fe.get_protocol_features(),
         "set_owner": lambda fe: fe.set_owner(),

@@ -135,8 +135,10 @@ def test_without_reply_ack_only_always_replying_requests_wait() -> None:
     assert n.may_send(R.GET_QUEUE_NUM) == REPLIED
     assert n.may_send(R.SET_FEATURES) == PLAIN
     assert n.may_send(R.SET_VRING_ENABLE) == PLAIN
-    # SET_LOG_BASE is acked whenever it is allowed (LOG_SHMFD), without NEED_REPLY
-    assert n.may_send(R.SET_LOG_BASE) == Exchange(VHOST_USER_VERSION, ReplyKind.ACK)
+    # SET_LOG_BASE gets a reply whenever it is allowed (LOG_SHMFD), without NEED_REPLY; its
+    # form differs between peers (empty from DPDK, the size echoed by libvhost-user), so it
+    # is not read as a status
+    assert n.may_send(R.SET_LOG_BASE) == Exchange(VHOST_USER_VERSION, ReplyKind.SYNC)
 
 
 def test_with_reply_ack_every_other_request_asks_for_an_ack() -> None:
@@ -144,7 +146,8 @@ def test_with_reply_ack_every_other_request_asks_for_an_ack() -> None:
     assert n.may_send(R.SET_FEATURES) == ACKED
     assert n.may_send(R.SET_MEM_TABLE) == ACKED
     assert n.may_send(R.GET_FEATURES) == REPLIED  # has its own reply: no NEED_REPLY
-    assert n.may_send(R.SET_LOG_BASE) == Exchange(VHOST_USER_VERSION, ReplyKind.ACK)
+    # QEMU sends SET_LOG_BASE without NEED_REPLY even with REPLY_ACK: its reply is its own
+    assert n.may_send(R.SET_LOG_BASE) == Exchange(VHOST_USER_VERSION, ReplyKind.SYNC)
 
 
 @pytest.mark.parametrize("request_", list(FrontendReq), ids=lambda r: r.name)

@@ -42,6 +42,7 @@ from vhostkit.user.message import (
     MemTablePayload,
     MigrationPhase,
     Payload,
+    ProtocolFeature,
     RawPayload,
     SharedObject,
     TransferDirection,
@@ -210,6 +211,34 @@ def test_empty_reply_is_the_failure_answer():
     dec.decode(Channel.MAIN, TO_BE, wire(Message(R.GET_CONFIG, SAMPLES[ConfigPayload])), 0, 0)
     rec = dec.decode(Channel.MAIN, TO_FE, wire(Message(R.GET_CONFIG).reply(Empty())), 0, 0)
     assert rec.malformed is None and "empty reply (the request failed)" in format_text(rec)
+
+
+@pytest.mark.parametrize(
+    ("reply", "summary"),
+    [
+        # Quirk "DPDK: empty SET_LOG_BASE reply": not the failure convention here
+        (Empty(), "log mapped (empty reply, as DPDK sends it)"),
+        # Quirk "libvhost-user: SET_LOG_BASE echoes the size"
+        (U64(0x4000), "log mapped (size 16384 echoed, as libvhost-user does)"),
+        (U64(0), "ok"),
+        (U64(5), "failed (5)"),
+    ],
+    ids=["dpdk-empty", "libvhost-user-echo", "status-0", "status-5"],
+)
+def test_set_log_base_reply_forms_are_named(reply, summary):
+    dec = TraceDecoder()
+    dec.decode(
+        Channel.MAIN,
+        TO_BE,
+        wire(Message(R.SET_PROTOCOL_FEATURES, U64(ProtocolFeature.LOG_SHMFD))),
+        0,
+        0,
+    )
+    req = dec.decode(Channel.MAIN, TO_BE, wire(Message(R.SET_LOG_BASE, LogDesc(0x4000, 0))), 1, 1)
+    rec = dec.decode(Channel.MAIN, TO_FE, wire(Message(R.SET_LOG_BASE).reply(reply)), 0, 1.5)
+    assert rec.malformed is None and rec.reply_to == req.seq
+    assert rec.summary == summary
+    check_renders(rec)
 
 
 # --- malformed ------------------------------------------------------------------------------

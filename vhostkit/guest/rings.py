@@ -28,6 +28,13 @@ Device drivers (:class:`~vhostkit.guest.net.VirtioNetDriver`,
 * :meth:`~VirtioGuest._quiesce`: stop the data plane before the ring positions are read, where
   that data plane needs it (kernel vhost-vsock's SET_RUNNING 0);
 * :meth:`~VirtioGuest._release`: drop views of guest memory before it is unmapped.
+
+Dirty logging (the first step of live migration) on the running rings, over either plane:
+:meth:`VirtioGuest.start_dirty_log` allocates a log that covers the guest memory and hands it
+to the data plane (:meth:`VhostBackend.start_dirty_log`), :meth:`~VirtioGuest.collect_dirty`
+takes the pages the data plane wrote since the last call, :meth:`~VirtioGuest.stop_dirty_log`
+turns logging off and releases the log. Pages stay collectable after :meth:`~VirtioGuest.stop`
+(the last pass of a migration reads the log of a stopped device).
 """
 
 from __future__ import annotations
@@ -39,8 +46,13 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Self
 
+import numpy as np
+import numpy.typing as npt
+
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import InvalidOperation, InvalidParam, Unsupported
+from vhostkit.types import VringAddr
+from vhostkit.virtio.dirty_log import DirtyLog, log_size_for
 from vhostkit.virtio.features import DeviceStatus, VirtioFeature
 from vhostkit.virtio.memory import PAGE_SIZE, GuestMemory
 from vhostkit.virtio.packed import PackedDriverQueue, encode_base
@@ -201,6 +213,7 @@ class VirtioGuest:
         self._rings: list[GuestRing] = []
         self._fds: list[int] = []
         self._carve_at = 0
+        self._dirty_log: DirtyLog | None = None
         self._started = False
         self._stopped = False
         self._closed = False
@@ -376,6 +389,58 @@ class VirtioGuest:
             for r in rings:
                 r.queue.disable_interrupts()
 
+    # -- dirty logging ----------------------------------------------------------------------
+
+    def vring_addrs(self) -> list[VringAddr]:
+        """Every ring's current address, with ``log`` = the guest-physical address of its used
+        ring (the device area of a packed ring), as dirty logging wants it (flags clear)."""
+        self._check_running()
+        return [r.queue.vring_addr(log=r.queue.ring_gpas[2]) for r in self._rings]
+
+    @property
+    def dirty_log(self) -> DirtyLog | None:
+        """The log while dirty logging is on (owned by the guest), else ``None``."""
+        return self._dirty_log
+
+    def start_dirty_log(self) -> DirtyLog:
+        """Turn dirty logging on for the running rings; returns the log (the guest's).
+
+        Raises :class:`~vhostkit.errors.FeatureNotNegotiated` when the data plane cannot log
+        (no VHOST_F_LOG_ALL; for vhost-user also no LOG_SHMFD negotiated): nothing changed.
+        """
+        self._check_running()
+        if self._dirty_log is not None:
+            raise InvalidOperation("dirty logging is already on")
+        assert self.memory is not None
+        dlog = DirtyLog.allocate(log_size_for(self.memory.regions), name=f"{self.name}-log")
+        try:
+            self.backend.start_dirty_log(dlog, self.acked_features, self.vring_addrs())
+        except BaseException:
+            dlog.close()
+            raise
+        self._dirty_log = dlog
+        log.info("%s: dirty logging on (%d pages)", self.name, dlog.pages)
+        return dlog
+
+    def collect_dirty(self) -> npt.NDArray[np.int64]:
+        """The guest pages (4 KiB page numbers, sorted) the data plane wrote since the last
+        call; each is cleared as it is taken."""
+        if self._dirty_log is None:
+            raise InvalidOperation("dirty logging is not on")
+        return self._dirty_log.collect()
+
+    def stop_dirty_log(self) -> None:
+        """Turn dirty logging off (on running rings: SET_FEATURES without LOG_ALL, the ring
+        addresses without VHOST_VRING_F_LOG) and release the log. Idempotent."""
+        dlog, self._dirty_log = self._dirty_log, None
+        if dlog is None:
+            return
+        try:
+            if self.running:
+                self.backend.stop_dirty_log(self.acked_features, self.vring_addrs())
+        finally:
+            dlog.close()
+
     # -- moving to another data plane ------------------------------------------------------
 
     def switch_backend(
@@ -400,6 +465,8 @@ class VirtioGuest:
         (vhost-user ``DEVICE_STATE``, see :meth:`vhostkit.vmm.VirtioNetDevice.migrate`).
         """
         self._check_running()
+        if self._dirty_log is not None:
+            raise InvalidOperation("stop dirty logging before moving to another data plane")
         offered = new.get_features()
         missing = self.acked_features & ~offered & ~_PROTOCOL_FEATURES_BIT
         if missing:
@@ -465,6 +532,9 @@ class VirtioGuest:
         try:
             self._release()
         finally:
+            if self._dirty_log is not None:
+                self._dirty_log.close()
+                self._dirty_log = None
             self._rings = []
             fds, self._fds = self._fds, []
             for fd in fds:

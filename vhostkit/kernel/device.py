@@ -49,6 +49,7 @@ from vhostkit.kernel.ioctls import (
     vhost_worker_state,
 )
 from vhostkit.types import LogRegion, MemoryRegion, VringAddr
+from vhostkit.virtio.dirty_log import DirtyLog
 
 __all__ = ["ENOIOCTLCMD", "KernelVhostDevice"]
 
@@ -332,8 +333,15 @@ class KernelVhostDevice(VhostBackend):
             raise InvalidParam(f"log base {base:#x} does not fit in 64 bits")
         self._ioctl(VhostIoctl.SET_LOG_BASE, ctypes.c_uint64(base), f"log base {base:#x}")
 
-    def set_log_fd(self, fd: int) -> None:
+    def set_log_fd(self, fd: int | None) -> None:
+        """An eventfd the kernel signals after it wrote to the log (``None``: none)."""
         self._ioctl(VhostIoctl.SET_LOG_FD, ctypes.c_int(_fd_arg(fd)), f"log fd {fd}")
+
+    def set_dirty_log(self, log: DirtyLog) -> None:
+        """``VHOST_SET_LOG_BASE`` with the log's address in this process: the kernel's worker
+        writes the bits through this process's mapping, so the log stays mapped (open) for as
+        long as logging is on."""
+        self.set_log_base(log.address)
 
     # -- rings --
 

@@ -56,6 +56,7 @@ from vhostkit.user.message import (
     HeaderFlags,
     InflightDesc,
     IotlbMsg,
+    LogBaseReply,
     LogDesc,
     MemRegionMsg,
     MemTablePayload,
@@ -67,6 +68,7 @@ from vhostkit.user.message import (
     VringAddrPayload,
     VringAreaDesc,
     VringStatePayload,
+    classify_log_base_reply,
 )
 from vhostkit.virtio.features import DeviceStatus, VirtioFeature, VirtioNetFeature, feature_names
 
@@ -164,6 +166,8 @@ class _Pending:
 class _SessionState:
     acked_features: int = 0
     protocol_features: int = 0
+    #: the size in the last SET_LOG_BASE request (its reply may echo it)
+    log_size: int | None = None
     pending: dict[tuple[Channel, Direction, int], deque[_Pending]] = field(default_factory=dict)
 
 
@@ -367,6 +371,9 @@ class TraceDecoder:
         p: Payload = msg.payload
         req = msg.request
         reply = msg.is_reply
+        if reply and req is _F.SET_LOG_BASE:
+            self._log_base_reply(d, p)
+            return
         if isinstance(p, Empty):
             if reply and msg.rule.reply_payload is not Empty:
                 d.add("empty_reply", True, "empty reply (the request failed)")
@@ -412,6 +419,7 @@ class TraceDecoder:
         elif isinstance(p, MemRegionMsg):
             _region_fields(d, p.region)
         elif isinstance(p, LogDesc):
+            self._state.log_size = p.mmap_size
             d.add("mmap_size", p.mmap_size, f"log {human_size(p.mmap_size)}")
             d.add("mmap_offset", p.mmap_offset, f"at offset {p.mmap_offset:#x}")
         elif isinstance(p, IotlbMsg):
@@ -445,6 +453,20 @@ class TraceDecoder:
             d.add("raw", p.data[:RAW_KEEP].hex(), _raw_text(p.data))
         else:  # pragma: no cover - every payload type of message.py is handled above
             d.add("payload", type(p).__name__, type(p).__name__)
+
+    def _log_base_reply(self, d: _Described, p: Payload) -> None:
+        """SET_LOG_BASE's reply comes in several forms, all meaning "mapped" but one."""
+        form = classify_log_base_reply(p, self._state.log_size)
+        value = p.value if isinstance(p, U64) else None
+        text = {
+            LogBaseReply.EMPTY: "log mapped (empty reply, as DPDK sends it)",
+            LogBaseReply.SIZE_ECHOED: f"log mapped (size {value} echoed, as libvhost-user does)",
+            LogBaseReply.OK: "ok",
+            LogBaseReply.FAILED: f"failed ({value})",
+        }[form]
+        d.add("log_base_reply", form.value, text)
+        if value is not None:
+            d.add("u64", value)
 
     def _describe_u64(
         self, d: _Described, req: FrontendReq | BackendReq, reply: bool, value: int

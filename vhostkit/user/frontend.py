@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from vhostkit.backend import VhostBackend
 from vhostkit.errors import (
+    FeatureNotNegotiated,
     IncorrectFds,
     InvalidOperation,
     InvalidParam,
@@ -52,6 +53,7 @@ from vhostkit.user.message import (
     FrontendReq,
     InflightDesc,
     IotlbMsg,
+    LogBaseReply,
     LogDesc,
     MemRegionMsg,
     MemTablePayload,
@@ -63,8 +65,11 @@ from vhostkit.user.message import (
     TransferDirection,
     VringAddrPayload,
     VringStatePayload,
+    classify_log_base_reply,
 )
 from vhostkit.user.negotiation import Negotiation, ReplyKind, Role
+from vhostkit.virtio.dirty_log import DirtyLog
+from vhostkit.virtio.features import VirtioFeature
 
 __all__ = ["Frontend", "InflightRegion"]
 
@@ -100,6 +105,8 @@ class Frontend(VhostBackend):
         self._lock = threading.RLock()
         #: what was offered and acked on this connection, and what that allows
         self.negotiation = Negotiation(Role.FRONTEND)
+        #: the form of the last SET_LOG_BASE reply (peers differ; ``None``: none yet)
+        self.log_base_reply: LogBaseReply | None = None
         self._closed = False
 
     # -- construction --
@@ -153,6 +160,8 @@ class Frontend(VhostBackend):
                 f"sent {request.name}, got {reply.request.name}"
                 f"{' reply' if reply.is_reply else ' request'}"
             )
+        if exchange.reply is ReplyKind.SYNC:
+            return reply  # its form is the caller's to judge (SET_LOG_BASE)
         if exchange.reply is ReplyKind.ACK:
             reply.close_fds()
             status = reply.payload.value if isinstance(reply.payload, U64) else None
@@ -204,9 +213,52 @@ class Frontend(VhostBackend):
         self._request(_R.SET_MEM_TABLE, MemTablePayload(tuple(regions)), fds)
 
     def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
+        """Hand the back-end the dirty log file (needs LOG_SHMFD; ``base`` is not used).
+
+        The reply is accepted in each form real back-ends send (empty from DPDK, the size
+        echoed by libvhost-user, a zero status from vhostkit and rust-vmm); a non-zero status
+        raises :class:`RequestFailed`. :attr:`log_base_reply` records the form seen.
+        """
         if region is None:
             raise InvalidParam("vhost-user shares the dirty log through a file: give a LogRegion")
-        self._request(_R.SET_LOG_BASE, LogDesc(region.size, region.offset), [region.fd])
+        reply = self._request(_R.SET_LOG_BASE, LogDesc(region.size, region.offset), [region.fd])
+        assert reply is not None
+        reply.close_fds()
+        form = classify_log_base_reply(reply.payload, region.size)
+        if form is LogBaseReply.FAILED:
+            status = reply.payload.value if isinstance(reply.payload, U64) else -1
+            raise RequestFailed(
+                f"back-end failed SET_LOG_BASE (status {status:#x})",
+                status=status,
+                errno=status if 0 < status < 4096 else None,
+            )
+        self.log_base_reply = form
+        log.debug("SET_LOG_BASE of %d bytes: reply %s", region.size, form.value)
+
+    # -- dirty logging (VhostBackend) --
+
+    def check_dirty_log(self) -> None:
+        """Raise :class:`FeatureNotNegotiated` unless the back-end offers VHOST_F_LOG_ALL and
+        LOG_SHMFD was negotiated (nothing is sent but GET_FEATURES when the offer is not
+        known yet)."""
+        offered = self.negotiation.offered_features
+        if offered is None:
+            offered = self.get_features()
+        if not offered & VirtioFeature.LOG_ALL:
+            raise FeatureNotNegotiated(
+                f"the back-end does not offer VHOST_F_LOG_ALL (features {offered:#x})"
+            )
+        if not self.has_protocol_feature(ProtocolFeature.LOG_SHMFD):
+            offer = self.negotiation.offered_protocol_features
+            why = (
+                "the back-end does not offer it"
+                if offer is not None and not offer & ProtocolFeature.LOG_SHMFD
+                else "it was not acked (ask for it when negotiating)"
+            )
+            raise FeatureNotNegotiated(f"dirty logging needs protocol feature LOG_SHMFD: {why}")
+
+    def set_dirty_log(self, log: DirtyLog) -> None:
+        self.set_log_base(0, LogRegion(log.fd, log.size, 0))
 
     def set_log_fd(self, fd: int) -> None:
         self._request(_R.SET_LOG_FD, None, [fd])

@@ -58,6 +58,7 @@ __all__ = [
     "IotlbMsg",
     "IotlbPerm",
     "IotlbType",
+    "LogBaseReply",
     "LogDesc",
     "MemRegionMsg",
     "MemTablePayload",
@@ -73,6 +74,7 @@ __all__ = [
     "VringAddrPayload",
     "VringAreaDesc",
     "VringStatePayload",
+    "classify_log_base_reply",
 ]
 
 HEADER = struct.Struct("<III")
@@ -672,7 +674,43 @@ class ReplyRule(enum.Enum):
 
     ALWAYS = "always"  #: a reply with the reply payload, whatever the flags
     ACK = "ack"  #: a u64 status only when NEED_REPLY is set (REPLY_ACK negotiated)
-    LOG_SHMFD = "log-shmfd"  #: SET_LOG_BASE: a reply when LOG_SHMFD is negotiated
+    #: SET_LOG_BASE: a reply when LOG_SHMFD is negotiated. The spec gives it no payload that
+    #: means anything, and peers differ (see :func:`classify_log_base_reply`).
+    LOG_SHMFD = "log-shmfd"
+
+
+class LogBaseReply(enum.Enum):
+    """The forms of the SET_LOG_BASE reply (LOG_SHMFD) that real back-ends send.
+
+    The spec says the back-end replies once the log is mapped, and says nothing about the
+    payload; QEMU reads the reply and ignores what is in it. So all of these mean "mapped":
+
+    * ``EMPTY``: no payload (DPDK's vhost library, quirk "DPDK: empty SET_LOG_BASE reply");
+    * ``SIZE_ECHOED``: the u64 log size sent back (libvhost-user: it answers in the same
+      buffer, whose first u64 is the size; quirk "libvhost-user: SET_LOG_BASE echoes the size");
+    * ``OK``: a u64 status 0 (vhostkit's and rust-vmm's back-ends ack it like REPLY_ACK).
+
+    ``FAILED``: any other u64, a non-zero status from a back-end of the last kind.
+    """
+
+    EMPTY = "empty"
+    SIZE_ECHOED = "size-echoed"
+    OK = "ok"
+    FAILED = "failed"
+
+
+def classify_log_base_reply(payload: Payload, mmap_size: int | None) -> LogBaseReply:
+    """Which form of the SET_LOG_BASE reply ``payload`` is, for a request of ``mmap_size``
+    (``None``: the size is not known, as for a tracer that missed the request)."""
+    if isinstance(payload, Empty):
+        return LogBaseReply.EMPTY
+    if not isinstance(payload, U64):
+        return LogBaseReply.FAILED
+    if payload.value == 0:
+        return LogBaseReply.OK
+    if mmap_size is not None and payload.value == mmap_size:
+        return LogBaseReply.SIZE_ECHOED
+    return LogBaseReply.FAILED
 
 
 class ProtocolBitRule(enum.Enum):

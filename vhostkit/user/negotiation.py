@@ -49,6 +49,9 @@ class ReplyKind(enum.Enum):
     NONE = "none"  #: nothing
     ACK = "ack"  #: a u64 status: 0 for success, else an error number
     PAYLOAD = "payload"  #: the request's reply payload (its rule's ``reply_payload``)
+    #: a reply that only says the request was carried out, in a form that differs between
+    #: peers (SET_LOG_BASE with LOG_SHMFD: see :class:`~vhostkit.user.message.LogBaseReply`)
+    SYNC = "sync"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,15 +178,16 @@ class Negotiation:
         """Check that ``request`` may be sent now; return its flags and what comes back.
 
         A request that always replies waits for its reply payload; SET_LOG_BASE (LOG_SHMFD)
-        is always acked; any other request asks for an ack (``NEED_REPLY``) once REPLY_ACK is
-        negotiated, and otherwise gets nothing back.
+        always gets a reply, without ``NEED_REPLY``, whose form the peers do not agree on
+        (:attr:`ReplyKind.SYNC`); any other request asks for an ack (``NEED_REPLY``) once
+        REPLY_ACK is negotiated, and otherwise gets nothing back.
         """
         self._gate(request, carries_fds)
         reply = rule_for(request).reply
         if reply is ReplyRule.ALWAYS:
             return Exchange(VHOST_USER_VERSION, ReplyKind.PAYLOAD)
         if reply is ReplyRule.LOG_SHMFD:
-            return Exchange(VHOST_USER_VERSION, ReplyKind.ACK)
+            return Exchange(VHOST_USER_VERSION, ReplyKind.SYNC)
         if self.has(ProtocolFeature.REPLY_ACK):
             return Exchange(VHOST_USER_VERSION | HeaderFlags.NEED_REPLY, ReplyKind.ACK)
         return Exchange(VHOST_USER_VERSION, ReplyKind.NONE)
@@ -196,7 +200,9 @@ class Negotiation:
         """What the receiver of ``request`` must send back, whether it accepts it or not.
 
         ``NEED_REPLY`` is honoured even when REPLY_ACK was not negotiated (answering costs
-        nothing, and a sender that asks waits for it).
+        nothing, and a sender that asks waits for it). SET_LOG_BASE is answered with a u64
+        status (0 once the log is mapped), the form vhostkit's and rust-vmm's back-ends use
+        and every front-end accepts.
         """
         reply = rule_for(request).reply
         if reply is ReplyRule.ALWAYS:

@@ -169,6 +169,12 @@ class DirtyLog:
         return self._fd
 
     @property
+    def address(self) -> int:
+        """Where the log starts in this process (what kernel ``VHOST_SET_LOG_BASE`` takes)."""
+        self._check_open()
+        return self._base
+
+    @property
     def pages(self) -> int:
         """How many 4 KiB guest pages the log covers."""
         return self._size * 8
