@@ -102,8 +102,9 @@ def _linux_unsupported(lab: Lab) -> list[str]:
         p = step.params
         if step.kind is StepKind.SWAP and kinds.get(p["guest"]) is GuestKind.LINUX:
             found.append(f"step {step.name}: swapping a linux guest's NIC")
-        if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
-            found.append(f"step {step.name}: restarting a NIC's back-end")
+        linux_nic = p.get("nic") is not None and kinds.get(p["guest"]) is GuestKind.LINUX
+        if step.kind is StepKind.RESTART_BACKEND and linux_nic:
+            found.append(f"step {step.name}: restarting a linux guest NIC's back-end")
         if step.kind is StepKind.TCP and kinds.get(p["to"]) is GuestKind.VIRTUAL:
             found.append(f"step {step.name}: TCP to a virtual guest (it has no TCP stack)")
         if step.kind is StepKind.STREAM and kinds.get(p["to"]) is GuestKind.LINUX:
@@ -125,6 +126,10 @@ class _Run:
         self.processes: list[LabProcess] = []
         #: the control socket of each (guest, nic) whose back-end a swap step moves
         self.controls: dict[tuple[str, int], Path] = {}
+        #: the back-end daemon of each (guest, nic) of a virtual guest not on plane kernel,
+        #: and the plane it serves now (a swap moves it)
+        self.backends: dict[tuple[str, int], LabProcess] = {}
+        self.planes: dict[tuple[str, int], Plane] = {}
         self.guests: dict[str, GuestProcess] = {}
         self.linux: dict[str, linux.LinuxGuest] = {}
         self.dhcp: list[linux.NamespaceDhcp] = []
@@ -230,6 +235,8 @@ class _Run:
             popen = self._spawn(argv, keep=(ready_w,), log=log)
             proc = LabProcess(f"back-end {guest}.nic{nic}", popen)
             self.processes.append(proc)
+            self.backends[(guest, nic)] = proc
+            self.planes[(guest, nic)] = plane
             os.close(ready_w)
             ready_w = -1
             with os.fdopen(ready_r, "rb", buffering=0) as ready:
@@ -308,6 +315,8 @@ class _Run:
             return {"seconds": p["seconds"]}
         if step.kind is StepKind.SWAP:
             return self._swap(p["guest"], p["nic"], Plane(p["to"]))
+        if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
+            return self._restart_nic(p["guest"], p["nic"], p["signal"])
         if step.kind is StepKind.LINK:
             up = p["state"] == "up"
             if p.get("guest"):
@@ -332,10 +341,51 @@ class _Run:
             done = net_swap.swap(control, "kernel" if to is Plane.OFFLOAD else "user")
         except VhostError as exc:
             raise LabError(f"swap of {guest}.nic{nic} to {to.value} failed: {exc}") from exc
+        self.planes[(guest, nic)] = to
         return {
             "from": str(done.from_plane),
             "to": str(done.to_plane),
             "pause": round(done.pause_ms, 3),
+        }
+
+    def _restart_nic(self, guest: str, nic: int, signame: str) -> dict[str, Any]:
+        """Send ``signame`` to a virtual guest NIC's back-end, start another on the same
+        socket, tap and plane, and wait until the guest has carried on over it.
+
+        The guest notices the hang-up of its vhost-user connection and connects again by
+        itself (:mod:`vhostkit.lab.guest`); the step ends once it says so. Frames sent to the
+        guest meanwhile are lost on the tap, which has no reader; a stream running across
+        the restart measures them.
+        """
+        key = (guest, nic)
+        old = self.backends[key]
+        before = self.guests[guest].request("info")["nics"][nic]["reconnects"]
+        t0 = time.monotonic()
+        old.popen.send_signal(signal.Signals[f"SIG{signame}"])
+        try:
+            old.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            old.popen.kill()
+            old.popen.wait()
+        old.stop()
+        if key in self.controls:  # the dead one's control socket is stale
+            self.controls[key].unlink(missing_ok=True)
+        tap = self.network.tap_name(guest, nic)
+        self.progress(f"back-end {guest}.nic{nic}: pid {old.popen.pid} gone ({signame}); "
+                      "starting another")  # fmt: skip
+        self._start_backend(guest, nic, tap, self.planes[key])
+        listening = time.monotonic()
+        answer = self.guests[guest].request(
+            "wait-reconnect", wait=_START_TIMEOUT + 5, nic=nic, count=before + 1,
+            timeout=_START_TIMEOUT,
+        )  # fmt: skip
+        return {
+            "signal": signame,
+            "old_pid": old.popen.pid,
+            "pid": self.backends[key].popen.pid,
+            "listening_seconds": round(listening - t0, 3),
+            "outage": answer["outage"],
+            "seconds": round(time.monotonic() - t0, 3),
         }
 
     def _do_linux(self, step: Step) -> dict[str, Any] | None:
@@ -483,6 +533,7 @@ class _Run:
             "sent": sent,
             "received": count.received,
             "lost": count.lost(sent),
+            "longest_gap": count.longest_gap(sent),
             "duplicates": count.duplicates,
             "reordered": count.reordered,
         }
