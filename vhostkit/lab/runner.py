@@ -37,7 +37,15 @@ from vhostkit.lab.spec import Guest, GuestKind, Lab, Plane, Step, StepKind, pars
 from vhostkit.lab.traffic import NamespaceCounter, icmp_ping
 from vhostkit.testing.kernel_vm.common import GUEST_ENV_VAR
 
-__all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
+__all__ = [
+    "SUPPORTED",
+    "LabResult",
+    "Outcome",
+    "StepResult",
+    "run_lab",
+    "runs_in_vm",
+    "unsupported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,9 @@ _START_TIMEOUT = 30.0
 VHOST_NET = "/dev/vhost-net"
 
 
-def unsupported(lab: Lab) -> list[str]:
-    """What ``lab`` asks for that this runner cannot do yet (empty when it can run it)."""
+def unsupported(lab: Lab, *, vm: str = "auto") -> list[str]:
+    """What ``lab`` asks for that this runner cannot do yet, or not where it would run
+    (``vm``: ``vhostkit lab run --vm``); empty when it can run it."""
     found = []
     for guest in lab.guests:
         if guest.kind not in SUPPORTED["guests"]:
@@ -75,19 +84,56 @@ def unsupported(lab: Lab) -> list[str]:
     for step in lab.steps:
         if step.kind not in SUPPORTED["steps"]:
             found.append(f"step {step.name}: '{step.kind.value}' steps")
-    found += _linux_unsupported(lab)
+    found += _linux_unsupported(lab, vm)
     return found
 
 
-def _linux_unsupported(lab: Lab) -> list[str]:
-    """What of the linux guests' part of ``lab`` this runner cannot do yet."""
+def runs_in_vm(lab: Lab, vm: str = "auto") -> str:
+    """Why ``lab`` would run inside the kernel VM with ``--vm vm`` ("" when it would not)."""
+    if os.environ.get(GUEST_ENV_VAR) == "1":
+        return "it is inside the kernel VM already"
+    if vm == "always":
+        return "--vm always"
+    if vm == "auto" and lab.needs_kernel_vhost and not Path(VHOST_NET).exists():
+        users = _kernel_users(lab)
+        return f"it needs kernel vhost-net for {', '.join(users)}, and this host has no {VHOST_NET}"
+    return ""
+
+
+def _kernel_users(lab: Lab) -> list[str]:
+    """Which NICs use kernel vhost-net (their plane, or a swap to it)."""
+    kernel = {Plane.KERNEL, Plane.OFFLOAD}
+    users = [
+        f"{guest.name}.nic{j} on plane {nic.plane.value}"
+        for guest in lab.guests
+        for j, nic in enumerate(guest.nics)
+        if nic.plane in kernel
+    ]
+    users += [
+        f"{step.params['guest']}.nic{step.params['nic']} in step {step.name}"
+        for step in lab.steps
+        if step.kind is StepKind.SWAP and Plane(step.params["to"]) in kernel
+    ]
+    return users
+
+
+def _linux_unsupported(lab: Lab, vm: str) -> list[str]:
+    """What of the linux guests' part of ``lab`` this runner cannot do yet, or not here."""
     found = []
     kinds = {guest.name: guest.kind for guest in lab.guests}
-    in_vm = os.environ.get(GUEST_ENV_VAR) == "1"
-    if lab.needs_qemu and (in_vm or (lab.needs_kernel_vhost and not Path(VHOST_NET).exists())):
+    why = runs_in_vm(lab, vm)
+    if lab.needs_qemu and why:
+        names = ", ".join(g.name for g in lab.guests if g.kind is GuestKind.LINUX)
+        fix = (
+            "--vm auto or never"
+            if vm == "always"
+            else f"a host with {VHOST_NET} (modprobe vhost_net), or the linux guests in a lab "
+            "of their own with their NICs on plane vhostkit"
+        )
         found.append(
-            "linux guests in a lab that runs inside the kernel VM (it needs kernel vhost-net, "
-            "which this host lacks): QEMU under QEMU's TCG cannot boot them in useful time"
+            f"linux guests in a lab that runs inside the kernel VM ({why}): linux guest(s) "
+            f"{names} would be QEMU under the VM's own software emulation, which does not "
+            f"boot a guest in useful time; what would work: {fix}"
         )
     for guest in lab.guests:
         for j, nic in enumerate(guest.nics):
