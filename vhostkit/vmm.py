@@ -15,6 +15,9 @@ the device to another data plane without the guest noticing:
    vhost-user back-end already has its own handle on the tap;
 4. every ring is kicked once, so what the guest queued during the move is picked up.
 
+:meth:`VirtioNetDevice.reconnect` is the same move when the old data plane cannot take part
+(its vhost-user back-end was killed): the positions come from the rings' used indices.
+
 Frames that reached the tap during the move wait in the tap's queue and are read by the new
 data plane; buffers the guest published during the move are processed from the positions on.
 
@@ -170,6 +173,8 @@ class VirtioNetDevice:
         self.swaps: list[dict[int, int]] = []
         #: the back-end states carried by each :meth:`migrate`, oldest first (opaque bytes)
         self.states: list[bytes] = []
+        #: the positions each :meth:`reconnect` started from, oldest first
+        self.reconnects: list[dict[int, int]] = []
 
     def start(self) -> Self:
         self.nic.start()
@@ -253,6 +258,22 @@ class VirtioNetDevice:
     def stop_dirty_log(self) -> None:
         """Turn dirty logging off and release the log."""
         self.nic.stop_dirty_log()
+
+    def reconnect(self, new: NetDataPlane) -> NetDataPlane:
+        """Carry on over ``new`` after the current data plane died (its vhost-user back-end
+        was killed, say, and another one started on the same tap); returns the old plane,
+        for the caller to close. The rings restart where the device's used index stands
+        (:meth:`~vhostkit.guest.rings.VirtioGuest.reconnect`), so a frame the dead one had
+        taken and not completed is sent again; the guest keeps its memory and buffers."""
+        if new is self.plane:
+            raise InvalidOperation("the device already runs on that data plane")
+        old = self.plane
+        positions = self.nic.reconnect(new.backend)
+        self.plane = new
+        new.attach(self.nic)
+        self.reconnects.append(positions)
+        log.info("virtio-net reconnected from %s to %s at %s", old.name, new.name, positions)
+        return old
 
     def stop(self) -> dict[int, int]:
         """Stop the rings on the current data plane; returns their positions.

@@ -62,6 +62,10 @@ def test_streams_are_counted_with_duplicates_and_reordering() -> None:
     count = b.streams[3]
     assert (count.received, count.duplicates, count.reordered) == (9, 1, 1)
     assert count.lost(10) == 1
+    assert count.longest_gap(10) == 1
+    count.seen -= {1, 2, 3}  # a run of three gone, and frame 6
+    assert count.longest_gap(10) == 3 and count.longest_gap(12) == 3
+    assert count.longest_gap(20) == 20 - 10  # the ten after 9 never arrived
 
 
 def test_pending_frames_wait_for_arp_and_are_bounded() -> None:

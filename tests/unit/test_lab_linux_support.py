@@ -101,7 +101,7 @@ to = "vhostkit"
         in on_offload
     )
     found = unsupported(lab("vhostkit", steps))
-    assert "step restart-backend-1: restarting a NIC's back-end" in found
+    assert "step restart-backend-1: restarting a linux guest NIC's back-end" in found
     assert "step tcp-2: TCP to a virtual guest (it has no TCP stack)" in found
     assert "step stream-3: a stream to a linux guest (use 'tcp')" in found
     assert "step swap-4: swapping a linux guest's NIC" in found
@@ -146,3 +146,10 @@ kind = "virtual"
         assert any(refusal in item for item in unsupported(mixed))
     monkeypatch.setenv("VHOSTKIT_IN_VM", "1")  # the lab is already inside the VM
     assert any(refusal in item for item in unsupported(lab()))
+
+
+def test_a_virtual_guests_nic_back_end_restart_is_supported() -> None:
+    """Lab 6: the runner restarts a virtual guest NIC's daemon (the guest reconnects)."""
+    lab6 = load_lab(LABS / "06-nic-restart.toml")
+    assert any(s.kind.value == "restart-backend" and s.params["nic"] == 0 for s in lab6.steps)
+    assert unsupported(lab6) == []

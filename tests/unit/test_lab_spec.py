@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -270,3 +272,101 @@ def test_a_nic_on_the_guests_own_vhost_net_cannot_be_swapped() -> None:
     assert (line, key) == (41, "step[1].to")
     assert "virtual guest's NIC can only be swapped between offload and vhostkit" in message
     assert "(this NIC starts on kernel)" in message
+
+
+#: Kinds of mistake, each made in GOOD (or alone), with the line, key and words
+#: ``vhostkit lab check`` must print for it.
+MISTAKES = {
+    "not-toml": (None, "count = = 3", 3, "", "not valid TOML"),
+    "unknown-key": (
+        ('  plane = "offload"', '  plane = "offload"\n  adress = "10.77.0.9/24"'),
+        None, 20, "guest[0].nic[0].adress", "did you mean 'address'",
+    ),
+    "wrong-type": (
+        ("timeout = 60", 'timeout = "soon"'), None, 3, "lab.timeout", "must be a number"
+    ),
+    "missing-key": (
+        ('do = "run"\nguest = "b"\n', 'do = "run"\n'), None, 48, "step[3]",
+        "missing required key 'guest'",
+    ),
+    "no-such-bridge": (
+        ('  bridge = "br0"\n  plane = "offload"', '  bridge = "br1"\n  plane = "offload"'),
+        None, 18, "guest[0].nic[0].bridge", "no bridge called 'br1'",
+    ),
+    "swap-plane": (
+        ('guest = "a"\nto = "vhostkit"', 'guest = "b"\nto = "kernel"'), None, 41, "step[1].to",
+        "can only be swapped between offload and vhostkit",
+    ),
+    "unknown-plane": (
+        ('plane = "offload"', 'plane = "kernal"'), None, 19, "guest[0].nic[0].plane",
+        "did you mean 'kernel'",
+    ),
+    "unknown-step": (
+        ('do = "swap"', 'do = "swapp"'), None, 39, "step[1].do", "did you mean 'swap'"
+    ),
+    "unknown-guest": (
+        ('guest = "a"\nto', 'guest = "c"\nto'), None, 40, "step[1].guest",
+        "no guest called 'c' (guests: a, b)",
+    ),
+    "stop-not-running": (
+        ('step = "s1"', 'step = "s2"'), None, 45, "step[2].step", "running: s1"
+    ),
+    "public-address": (
+        ("10.77.0.1/24", "8.8.8.8/24"), None, 12, "namespace[0].link[0].address", "not a private"
+    ),
+    "duplicate-name": (
+        ('[[bridge]]\nname = "br0"\n', '[[bridge]]\nname = "br0"\n[[bridge]]\nname = "br0"\n'),
+        None, 8, "bridge[1].name", "already the name of bridge[0]",
+    ),
+    "unmeasured-expectation": (
+        ('to = "vhostkit"', 'to = "vhostkit"\nexpect = { lost_max = 0 }'), None, 42,
+        "step[1].expect.lost_max", "unknown key",
+    ),
+    "shell-in-virtual-guest": (
+        ('guest = "b"\ncommand', 'guest = "a"\ncommand'), None, 50, "step[3].guest",
+        "'a' is a virtual guest: it has no shell",
+    ),
+}  # fmt: skip
+
+
+def test_lab_check_prints_each_kind_of_mistake_with_its_line(tmp_path: Path) -> None:
+    """Through the real entry point: one ``vhostkit lab check`` over a file per mistake."""
+    assert len(MISTAKES) >= 10
+    paths = []
+    for name, (change, alone, *_) in MISTAKES.items():
+        path = tmp_path / f"{name}.toml"
+        if alone is not None:
+            text = f'[lab]\nname = "x"\n{alone}\n'
+        else:
+            assert change is not None and change[0] in GOOD, name
+            text = GOOD.replace(change[0], change[1])
+        path.write_text(text)
+        paths.append(str(path))
+    done = subprocess.run(
+        [sys.executable, "-m", "vhostkit", "lab", "check", *paths],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = done.stdout.splitlines()
+    for name, (_, _, line, key, words) in MISTAKES.items():
+        where = f"{tmp_path / name}.toml:{line}: " + (f"{key}: " if key else "")
+        mine = [text for text in lines if text.startswith(where)]
+        assert mine and words in mine[0], (name, where, lines)
+    assert len(lines) == len(MISTAKES), lines  # one message per mistake, nothing else
+
+
+def test_every_shipped_lab_is_run_by_the_suite() -> None:
+    """tests/kernel runs the labs that need kernel vhost-net, tests/host those that need
+    neither it nor QEMU (both pick them by those properties), and tests/guests names each lab
+    with linux guests; none needs both (it would be refused: nested TCG)."""
+    tests = LABS.parent / "tests"
+    kernel = (tests / "kernel" / "test_kernel_lab.py").read_text()
+    host = (tests / "host" / "test_lab_run.py").read_text()
+    linux = (tests / "guests" / "test_lab_linux.py").read_text()
+    assert "if load_lab(p).needs_kernel_vhost]" in kernel
+    assert "if not load_lab(p).needs_kernel_vhost and not load_lab(p).needs_qemu" in host
+    for path in sorted(LABS.glob("*.toml")):
+        lab = load_lab(path)
+        if lab.needs_qemu:
+            assert not lab.needs_kernel_vhost, path.name
+            assert f'LABS / "{path.name}"' in linux, f"{path.name} is not run by tests/guests"

@@ -249,6 +249,15 @@ class VirtioNetDriver(VirtioGuest):
             assert p.rx_ring is not None
             p.rx_ring.notify()  # tell a device that waits for kicks that buffers are there
 
+    def _on_reconnect(self) -> None:
+        # A mergeable frame the old device had started and not finished: when nothing it
+        # used is left to reap, the rest of that frame died with it.
+        for p in self._pairs:
+            assert p.rx is not None
+            if p.partial_left and not p.rx.pending_used():
+                log.info("%s: dropping a frame the old device left half written", self.name)
+                p.partial, p.partial_hdr, p.partial_left = [], None, 0
+
     def _release(self) -> None:
         pairs, self._pairs = self._pairs, []
         for p in pairs:

@@ -27,7 +27,9 @@ Device drivers (:class:`~vhostkit.guest.net.VirtioNetDriver`,
 * :meth:`~VirtioGuest._on_enabled`: e.g. kick the receive rings once;
 * :meth:`~VirtioGuest._quiesce`: stop the data plane before the ring positions are read, where
   that data plane needs it (kernel vhost-vsock's SET_RUNNING 0);
-* :meth:`~VirtioGuest._release`: drop views of guest memory before it is unmapped.
+* :meth:`~VirtioGuest._release`: drop views of guest memory before it is unmapped;
+* :meth:`~VirtioGuest._on_reconnect`: forget half-done work when :meth:`VirtioGuest.reconnect`
+  moves the rings to a new back-end after the old one died.
 
 Dirty logging (the first step of live migration) on the running rings, over either plane:
 :meth:`VirtioGuest.start_dirty_log` allocates a log that covers the guest memory and hands it
@@ -239,6 +241,10 @@ class VirtioGuest:
 
     def _release(self) -> None:
         """Called by :meth:`close` before the guest memory is unmapped: drop views of it."""
+
+    def _on_reconnect(self) -> None:
+        """Called by :meth:`reconnect` before the new data plane gets the rings: forget what
+        the old device left half done (a frame spread over receive buffers, say)."""
 
     # -- layout -----------------------------------------------------------------------------
 
@@ -465,8 +471,49 @@ class VirtioGuest:
         (vhost-user ``DEVICE_STATE``, see :meth:`vhostkit.vmm.VirtioNetDevice.migrate`).
         """
         self._check_running()
+        self._check_not_logging()
+        self._check_features(new)
+        old = self.backend
+        positions = {index: old.get_vring_base(index) for index in self.ring_indices}
+        self._hand_over(new, positions, None if handover is None else lambda: handover(old, new))
+        log.info("%s: moved to %s at positions %s", self.name, type(new).__name__, positions)
+        return positions
+
+    def reconnect(self, new: VhostBackend) -> dict[int, int]:
+        """Set the running rings up on ``new`` after their data plane went away; returns the
+        positions handed over.
+
+        For a vhost-user back-end that died (killed, crashed) and was started again: the old
+        one cannot say where it stopped, so each ring restarts where the device's used index
+        stands, as QEMU does when a back-end reconnects without inflight tracking. What the
+        old device used is done; what it took from the ring and did not mark used is done
+        again by the new one (a transmit buffer may go out twice, a receive buffer is filled
+        anew). The device must use buffers in the order they were made available (vhostkit's
+        net back-end does). The guest keeps its memory, rings, buffers and eventfds, and
+        every ring is kicked once the new data plane runs. Split rings only.
+
+        The old backend is neither stopped nor closed (it is gone): that is the caller's.
+        """
+        self._check_running()
+        if self.packed:
+            raise Unsupported("reconnecting packed rings is not done (split rings only)")
+        self._check_not_logging()
+        self._check_features(new)
+        positions = {}
+        for ring in self._rings:
+            q = ring.queue
+            assert isinstance(q, SplitDriverQueue)
+            positions[ring.index] = (q.last_used_idx + q.pending_used()) & 0xFFFF
+        self._on_reconnect()
+        self._hand_over(new, positions)
+        log.info("%s: reconnected to %s at positions %s", self.name, type(new).__name__, positions)
+        return positions
+
+    def _check_not_logging(self) -> None:
         if self._dirty_log is not None:
             raise InvalidOperation("stop dirty logging before moving to another data plane")
+
+    def _check_features(self, new: VhostBackend) -> None:
         offered = new.get_features()
         missing = self.acked_features & ~offered & ~_PROTOCOL_FEATURES_BIT
         if missing:
@@ -474,8 +521,16 @@ class VirtioGuest:
                 f"the new data plane lacks features {missing:#x} the guest negotiated; "
                 "nothing was changed"
             )
-        old = self.backend
-        positions = {index: old.get_vring_base(index) for index in self.ring_indices}
+
+    def _hand_over(
+        self,
+        new: VhostBackend,
+        positions: dict[int, int],
+        before_rings: Callable[[], None] | None = None,
+    ) -> None:
+        """Give ``new`` everything the rings run on, starting at ``positions``; kick them.
+
+        ``before_rings`` runs once ``new`` has negotiated, before it gets memory or rings."""
         assert self.memory is not None
         new.set_owner()
         acked, protocol = new.negotiate(self.acked_features, self.wanted_protocol_features)
@@ -483,8 +538,8 @@ class VirtioGuest:
             raise Unsupported(
                 f"the new data plane acked {int(acked):#x}, the guest runs {self.acked_features:#x}"
             )
-        if handover is not None:
-            handover(old, new)
+        if before_rings is not None:
+            before_rings()
         new.set_mem_table(self.memory.regions)
         for ring in self._rings:
             new.set_vring_num(ring.index, self.queue_size)
@@ -504,8 +559,6 @@ class VirtioGuest:
         self.backend = new
         for ring in self._rings:
             ring.notify()  # whatever was published during the move is picked up now
-        log.info("%s: moved to %s at positions %s", self.name, type(new).__name__, positions)
-        return positions
 
     # -- stop and close ---------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """``vhostkit lab check|run|clean``: the command line of :mod:`vhostkit.lab` (thin).
 
-* ``vhostkit lab check FILE...``: check lab files; every mistake with its line and key.
+* ``vhostkit lab check FILE...``: check lab files; every mistake with its line and key, and
+  what ``lab run`` would refuse of a valid one on this host (and why).
 * ``vhostkit lab run FILE [--json] [--keep-going] [--vm auto|always|never]``: run a lab, with
   live progress, then a table of every expectation and a timing line (``--json``: one JSON
   document instead). A lab that needs kernel vhost-net on a host without ``/dev/vhost-net``
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "check",
         help="check lab files and show each mistake with its line",
         description="Check lab files: every mistake is shown with its line, its key and what "
-        "would be right. Exit 0 when all files are valid, 2 otherwise.",
+        "would be right; of a valid file, what 'lab run' would refuse on this host, and why. "
+        "Exit 0 when all files are valid and runnable here, 2 otherwise.",
     )
     check.add_argument("files", nargs="+", type=Path, metavar="FILE", help="a lab file (TOML)")
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
@@ -85,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(files: list[Path], as_json: bool, out: TextIO) -> int:
+    from vhostkit.lab.runner import unsupported
+
     report: list[dict[str, Any]] = []
     status = EXIT_OK
     for path in files:
@@ -98,7 +102,13 @@ def _check(files: list[Path], as_json: bool, out: TextIO) -> int:
                 for issue in exc.issues:
                     print(issue, file=out)
             continue
-        report.append({"file": str(path), "valid": True, "issues": []})
+        refused = unsupported(lab)
+        report.append({"file": str(path), "valid": True, "issues": [], "refused": refused})
+        if refused:
+            status = EXIT_SETUP
+            if not as_json:
+                print(f"{path}: a valid lab, but {_refusal(refused)}", file=out)
+            continue
         if not as_json:
             print(
                 f"{path}: ok: lab {lab.name}, {len(lab.guests)} guest(s), {len(lab.steps)} step(s)",
@@ -135,13 +145,23 @@ def _runner_pid(name: str) -> int | None:
     return int(head[3:])
 
 
+def _refusal(missing: list[str]) -> str:
+    return "this lab needs what the runner cannot do here:\n" + "\n".join(
+        f"  - {item}" for item in missing
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
-    from vhostkit.lab.runner import run_lab, signals_interrupt
+    from vhostkit.lab.runner import run_lab, signals_interrupt, unsupported
 
     try:
         lab = load_lab(args.file)
     except LabFileError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_SETUP
+    missing = unsupported(lab, vm=args.vm)
+    if missing:  # before anything is built or booted
+        print(f"vhostkit lab run: {_refusal(missing)}", file=sys.stderr)
         return EXIT_SETUP
     progress, done = _progress(quiet=False)
     if args.progress_file is not None:

@@ -10,8 +10,20 @@ plane:
   its vhost-user socket.
 
 Each NIC runs an :class:`~vhostkit.lab.iphost.IpHost` (ARP, ICMP echo, numbered streams).
-One thread does all the I/O: it waits on the NICs' receive interrupts and a wake-up eventfd,
-answers frames, sends stream frames when they are due, and runs requests between batches.
+One thread does all the I/O. It sleeps in one ``poll`` on a wake-up eventfd (requests), each
+NIC's receive call eventfd with receive interrupts enabled (so a frame wakes it at once), its
+transmit call eventfd while frames wait for room in the transmit ring, and, on the vhostkit
+plane, its vhost-user connection; the timeout is the next stream frame or ping that is due.
+Awake, it drains what fired, answers frames, queues and sends what is due, and runs requests.
+Frames to send wait in a per-NIC backlog while the ring is full (receiving goes on meanwhile);
+past :data:`BACKLOG_MAX` new ones are dropped and counted, as a full qdisc would.
+
+When a NIC's back-end goes away (its daemon killed: the connection hangs up), the NIC keeps
+its rings and backlog and the thread connects to the socket again every
+:data:`RECONNECT_INTERVAL` seconds (nothing signals that a socket listens again) until a new
+back-end answers, then carries on over it (:meth:`~vhostkit.vmm.VirtioNetDevice.reconnect`).
+Frames that arrived on the tap while no back-end ran are lost; frames this guest queued
+meanwhile are sent by the new back-end.
 
 Requests (``{"op": ...}``) and their answers:
 
@@ -21,7 +33,11 @@ Requests (``{"op": ...}``) and their answers:
   starts sending and answers at once; ``stream-stop`` ``stream`` -> ``sent``;
 * ``count`` ``stream`` -> what this guest received of a stream: ``received``, ``duplicates``,
   ``reordered``, ``seen`` (the sequence numbers, for the sender's total);
-* ``info`` -> each NIC's MAC, address and plane; ``quit``.
+* ``info`` -> each NIC's MAC, address, plane, ``connected``, ``reconnects`` and ``dropped``;
+* ``wait-reconnect`` ``nic``, ``count``, ``timeout`` -> answers once the NIC has reconnected
+  ``count`` times in all: ``reconnects``, ``outage`` (seconds from the hang-up it noticed to
+  carrying on over the new back-end);
+* ``quit``.
 
 Errors come back as ``{"error": "..."}``; the process keeps serving.
 """
@@ -29,23 +45,29 @@ Errors come back as ``{"error": "..."}``; the process keeps serving.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
 import os
 import queue
 import select
+import socket
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
+from vhostkit.errors import VhostError
+from vhostkit.guest.rings import drain_eventfd
 from vhostkit.lab.iphost import IpHost
 
-__all__ = ["GuestNic", "VirtualGuest", "main"]
+__all__ = ["BACKLOG_MAX", "RECONNECT_INTERVAL", "GuestNic", "VirtualGuest", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +105,48 @@ class _Stream:
     sent: int = 0
 
 
+#: Frames a NIC holds back while its transmit ring is full; more are dropped (and counted).
+BACKLOG_MAX = 4096
+#: Seconds between attempts to reach a NIC's back-end again after it went away.
+RECONNECT_INTERVAL = 0.05
+#: The longest sleep of the I/O thread when nothing is due (everything else wakes it).
+_IDLE_MS = 1000
+
+
+class _Nic:
+    """One NIC of the guest: its device, IP host, back-end connection and transmit backlog
+    (internal to the I/O thread)."""
+
+    def __init__(self, spec: GuestNic, device: Any, host: IpHost, frontend: Any) -> None:
+        self.spec = spec
+        self.device = device
+        self.host = host
+        #: the vhost-user front-end (vhostkit plane), None on the kernel plane
+        self.frontend = frontend
+        self.backlog: deque[bytes] = deque()
+        self.dropped = 0
+        self.connected = True
+        self.reconnects = 0
+        self.down_since = 0.0
+        self.outage = 0.0
+        self.retry_at = 0.0
+        #: ``wait-reconnect`` requests: (reconnect count wanted, deadline, answer)
+        self.waiters: list[tuple[int, float, queue.Queue[dict[str, Any]]]] = []
+
+    def conn_fd(self) -> int | None:
+        """The vhost-user connection to watch for a hang-up (None: kernel plane or down)."""
+        if self.frontend is None or not self.connected:
+            return None
+        return int(self.frontend.conn.fileno())
+
+
 class VirtualGuest:
     """The NICs, their IP hosts and the I/O thread (see the module docstring)."""
 
     def __init__(self, nics: Sequence[GuestNic]) -> None:
         self.specs = list(nics)
         self.stack = ExitStack()
-        self.devices: list[Any] = []
-        self.hosts: list[IpHost] = []
+        self.nics: list[_Nic] = []
         self.streams: dict[int, _Stream] = {}
         self.requests: queue.Queue[tuple[dict[str, Any], queue.Queue[dict[str, Any]]]] = (
             queue.Queue()
@@ -102,6 +158,14 @@ class VirtualGuest:
         self._ping_ids = iter(range(0x4C00, 0x10000))  # a fresh echo id for every ping
         self.thread = threading.Thread(target=self._loop, name="guest-io", daemon=True)
 
+    @property
+    def devices(self) -> list[Any]:
+        return [nic.device for nic in self.nics]
+
+    @property
+    def hosts(self) -> list[IpHost]:
+        return [nic.host for nic in self.nics]
+
     def start(self) -> VirtualGuest:
         from vhostkit.kernel import Tap
         from vhostkit.testing.packets import mac_bytes
@@ -110,6 +174,7 @@ class VirtualGuest:
 
         try:
             for spec in self.specs:
+                frontend = None
                 if spec.plane == "kernel":
                     tap = self.stack.enter_context(Tap(spec.tap, queues=spec.queues))
                     plane: Any = self.stack.enter_context(KernelNetPlane(tap))
@@ -120,10 +185,8 @@ class VirtualGuest:
                     raise ValueError(f"plane {spec.plane!r} is not served by this guest")
                 device = self.stack.enter_context(VirtioNetDevice(plane))
                 device.start()
-                self.devices.append(device)
-                self.hosts.append(
-                    IpHost(mac_bytes(spec.mac), ipaddress.IPv4Interface(spec.address))
-                )
+                host = IpHost(mac_bytes(spec.mac), ipaddress.IPv4Interface(spec.address))
+                self.nics.append(_Nic(spec, device, host, frontend))
         except BaseException:
             self.stack.close()
             raise
@@ -142,44 +205,151 @@ class VirtualGuest:
     # -- the I/O thread --
 
     def _loop(self) -> None:
-        poller = select.poll()
-        poller.register(self.wake, select.POLLIN)
-        fds = {}
-        for i, device in enumerate(self.devices):
-            rx_call, _tx_call = device.nic.call_fds()
-            poller.register(rx_call, select.POLLIN)
-            fds[rx_call] = i
         while self.running:
-            timeout_ms = self._next_due_ms()
-            for fd, _ in poller.poll(timeout_ms):
-                if fd == self.wake:
-                    os.eventfd_read(self.wake)
+            self._wait()
             self._serve_requests()
-            for i, device in enumerate(self.devices):
-                frames = device.nic.recv(timeout=0)
-                out = [answer for frame in frames for answer in self.hosts[i].receive(frame)]
+            for i, nic in enumerate(self.nics):
+                if not nic.connected:
+                    continue
+                frames = nic.device.nic.recv(timeout=0)
+                out = [answer for frame in frames for answer in nic.host.receive(frame)]
                 if out:
                     self._send(i, out)
+                self._flush(nic)
             self._send_streams()
             self._finish_pings()
+            self._reconnect_due()
+            self._answer_waiters()
+
+    def _wait(self) -> None:
+        """Sleep until an eventfd fires, a connection hangs up or something is due."""
+        poller = select.poll()
+        poller.register(self.wake, select.POLLIN)
+        armed = []
+        timeout_ms = self._next_due_ms()
+        conns: dict[int, _Nic] = {}
+        for nic in self.nics:
+            fd = nic.conn_fd()
+            if fd is not None:
+                poller.register(fd, select.POLLIN | select.POLLRDHUP)
+                conns[fd] = nic
+            if not nic.connected:
+                continue
+            driver = nic.device.nic
+            rings = [driver.ring(0)]  # receive: always wanted
+            if nic.backlog:
+                rings.append(driver.ring(1))  # transmit: only while frames wait for room
+            for ring in rings:
+                armed.append(ring)
+                if ring.queue.enable_interrupts():
+                    timeout_ms = 0  # used entries already there
+                poller.register(ring.call, select.POLLIN)
+        try:
+            for fd, _ in poller.poll(timeout_ms):
+                if fd in conns:
+                    self._check_connection(conns[fd])
+                else:
+                    drain_eventfd(fd)
+        finally:
+            for ring in armed:
+                ring.queue.disable_interrupts()
 
     def _next_due_ms(self) -> int:
         now = time.monotonic()
         due = [s.start + s.sent / s.rate for s in self.streams.values()]
         due += [p[1]["next"] for p in self._pings]
         due += [p[1]["deadline"] for p in self._pings if p[1]["next"] == float("inf")]
+        due += [nic.retry_at for nic in self.nics if not nic.connected]
+        due += [w[1] for nic in self.nics for w in nic.waiters]
         if not due:
-            return 50
-        return max(0, min(50, int((min(due) - now) * 1000) + 1))
+            return _IDLE_MS
+        return max(0, min(_IDLE_MS, int((min(due) - now) * 1000) + 1))
 
-    def _send(self, nic: int, frames: list[bytes]) -> None:
-        device = self.devices[nic]
-        while frames:
-            sent = device.nic.send(frames)
-            frames = frames[sent:]
-            if frames:
-                device.nic.wait_tx_done(timeout=1.0)
+    def _send(self, index: int, frames: list[bytes]) -> None:
+        """Queue ``frames`` on NIC ``index`` and send what the ring has room for; the rest
+        waits in the backlog (the loop sends it as completions free buffers)."""
+        nic = self.nics[index]
+        room = BACKLOG_MAX - len(nic.backlog)
+        if len(frames) > room:
+            nic.dropped += len(frames) - max(room, 0)
+            frames = frames[: max(room, 0)]
+        nic.backlog.extend(frames)
+        self._flush(nic)
 
+    def _flush(self, nic: _Nic) -> None:
+        backlog = nic.backlog
+        driver = nic.device.nic
+        while backlog:
+            batch = list(islice(backlog, 0, driver.queue_size))
+            sent = driver.send(batch)
+            if not sent:
+                return
+            for _ in range(sent):
+                backlog.popleft()
+
+    # -- the back-end going away and coming back --
+
+    def _check_connection(self, nic: _Nic) -> None:
+        """The connection polled readable: the back-end hung up (or sent something)."""
+        conn = nic.frontend.conn
+        try:
+            data = conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:  # a message nobody asked for: read and drop it
+            with contextlib.suppress(VhostError):
+                conn.recv(timeout=0).close_fds()
+            return
+        log.info("nic %s: the back-end went away; reconnecting", nic.spec.tap)
+        nic.connected = False
+        nic.down_since = nic.retry_at = time.monotonic()
+
+    def _reconnect_due(self) -> None:
+        from vhostkit.user import Frontend
+        from vhostkit.vmm import VhostUserNetPlane
+
+        now = time.monotonic()
+        for nic in self.nics:
+            if nic.connected or now < nic.retry_at:
+                continue
+            nic.retry_at = now + RECONNECT_INTERVAL
+            try:
+                frontend = Frontend.connect(nic.spec.socket)
+            except VhostError:
+                continue  # not listening (yet)
+            plane = VhostUserNetPlane(frontend)
+            try:
+                old = nic.device.reconnect(plane)
+            except VhostError as exc:
+                log.info("nic %s: reconnect failed (%s); trying again", nic.spec.tap, exc)
+                plane.close()
+                continue
+            self.stack.callback(plane.close)
+            old.close()
+            nic.frontend = frontend
+            nic.connected = True
+            nic.reconnects += 1
+            nic.outage = time.monotonic() - nic.down_since
+            log.info("nic %s: carried on over a new back-end", nic.spec.tap)
+
+    def _answer_waiters(self) -> None:
+        now = time.monotonic()
+        for nic in self.nics:
+            for entry in list(nic.waiters):
+                count, deadline, answer = entry
+                if nic.connected and nic.reconnects >= count:
+                    answer.put({"reconnects": nic.reconnects, "outage": round(nic.outage, 3)})
+                elif now >= deadline:
+                    state = "connected" if nic.connected else "still down"
+                    why = f"no reconnect {count} in time ({nic.reconnects} so far, {state})"
+                    answer.put({"error": why})
+                else:
+                    continue
+                nic.waiters.remove(entry)
+
+    # -- requests --
     def _serve_requests(self) -> None:
         while True:
             try:
@@ -200,8 +370,25 @@ class VirtualGuest:
         op = req.get("op")
         if op == "info":
             return {
-                "nics": [{"mac": s.mac, "address": s.address, "plane": s.plane} for s in self.specs]
+                "nics": [
+                    {
+                        "mac": nic.spec.mac,
+                        "address": nic.spec.address,
+                        "plane": nic.spec.plane,
+                        "connected": nic.connected,
+                        "reconnects": nic.reconnects,
+                        "dropped": nic.dropped,
+                    }
+                    for nic in self.nics
+                ]
             }
+        if op == "wait-reconnect":
+            target = self.nics[int(req.get("nic", 0))]
+            if target.frontend is None:
+                raise ValueError("a NIC on the kernel plane has no back-end to reconnect to")
+            deadline = time.monotonic() + float(req.get("timeout", 30.0))
+            target.waiters.append((int(req.get("count", 1)), deadline, answer))
+            return None
         if op == "ping":
             nic = int(req.get("nic", 0))
             state = {

@@ -93,6 +93,15 @@ class StreamCount:
         """How many of sequence numbers ``0 .. sent - 1`` never arrived."""
         return sent - len([s for s in self.seen if s < sent])
 
+    def longest_gap(self, sent: int) -> int:
+        """The longest run of consecutive sequence numbers of ``0 .. sent - 1`` that never
+        arrived (an outage shows as one long gap; scattered drops as many short ones)."""
+        longest = run = 0
+        for seq in range(sent):
+            run = 0 if seq in self.seen else run + 1
+            longest = max(longest, run)
+        return longest
+
 
 class IpHost:
     """One IPv4 address on one Ethernet NIC, answering and counting (see the module doc)."""

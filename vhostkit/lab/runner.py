@@ -37,7 +37,15 @@ from vhostkit.lab.spec import Guest, GuestKind, Lab, Plane, Step, StepKind, pars
 from vhostkit.lab.traffic import NamespaceCounter, icmp_ping
 from vhostkit.testing.kernel_vm.common import GUEST_ENV_VAR
 
-__all__ = ["SUPPORTED", "LabResult", "Outcome", "StepResult", "run_lab", "unsupported"]
+__all__ = [
+    "SUPPORTED",
+    "LabResult",
+    "Outcome",
+    "StepResult",
+    "run_lab",
+    "runs_in_vm",
+    "unsupported",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,9 @@ _START_TIMEOUT = 30.0
 VHOST_NET = "/dev/vhost-net"
 
 
-def unsupported(lab: Lab) -> list[str]:
-    """What ``lab`` asks for that this runner cannot do yet (empty when it can run it)."""
+def unsupported(lab: Lab, *, vm: str = "auto") -> list[str]:
+    """What ``lab`` asks for that this runner cannot do yet, or not where it would run
+    (``vm``: ``vhostkit lab run --vm``); empty when it can run it."""
     found = []
     for guest in lab.guests:
         if guest.kind not in SUPPORTED["guests"]:
@@ -75,19 +84,56 @@ def unsupported(lab: Lab) -> list[str]:
     for step in lab.steps:
         if step.kind not in SUPPORTED["steps"]:
             found.append(f"step {step.name}: '{step.kind.value}' steps")
-    found += _linux_unsupported(lab)
+    found += _linux_unsupported(lab, vm)
     return found
 
 
-def _linux_unsupported(lab: Lab) -> list[str]:
-    """What of the linux guests' part of ``lab`` this runner cannot do yet."""
+def runs_in_vm(lab: Lab, vm: str = "auto") -> str:
+    """Why ``lab`` would run inside the kernel VM with ``--vm vm`` ("" when it would not)."""
+    if os.environ.get(GUEST_ENV_VAR) == "1":
+        return "it is inside the kernel VM already"
+    if vm == "always":
+        return "--vm always"
+    if vm == "auto" and lab.needs_kernel_vhost and not Path(VHOST_NET).exists():
+        users = _kernel_users(lab)
+        return f"it needs kernel vhost-net for {', '.join(users)}, and this host has no {VHOST_NET}"
+    return ""
+
+
+def _kernel_users(lab: Lab) -> list[str]:
+    """Which NICs use kernel vhost-net (their plane, or a swap to it)."""
+    kernel = {Plane.KERNEL, Plane.OFFLOAD}
+    users = [
+        f"{guest.name}.nic{j} on plane {nic.plane.value}"
+        for guest in lab.guests
+        for j, nic in enumerate(guest.nics)
+        if nic.plane in kernel
+    ]
+    users += [
+        f"{step.params['guest']}.nic{step.params['nic']} in step {step.name}"
+        for step in lab.steps
+        if step.kind is StepKind.SWAP and Plane(step.params["to"]) in kernel
+    ]
+    return users
+
+
+def _linux_unsupported(lab: Lab, vm: str) -> list[str]:
+    """What of the linux guests' part of ``lab`` this runner cannot do yet, or not here."""
     found = []
     kinds = {guest.name: guest.kind for guest in lab.guests}
-    in_vm = os.environ.get(GUEST_ENV_VAR) == "1"
-    if lab.needs_qemu and (in_vm or (lab.needs_kernel_vhost and not Path(VHOST_NET).exists())):
+    why = runs_in_vm(lab, vm)
+    if lab.needs_qemu and why:
+        names = ", ".join(g.name for g in lab.guests if g.kind is GuestKind.LINUX)
+        fix = (
+            "--vm auto or never"
+            if vm == "always"
+            else f"a host with {VHOST_NET} (modprobe vhost_net), or the linux guests in a lab "
+            "of their own with their NICs on plane vhostkit"
+        )
         found.append(
-            "linux guests in a lab that runs inside the kernel VM (it needs kernel vhost-net, "
-            "which this host lacks): QEMU under QEMU's TCG cannot boot them in useful time"
+            f"linux guests in a lab that runs inside the kernel VM ({why}): linux guest(s) "
+            f"{names} would be QEMU under the VM's own software emulation, which does not "
+            f"boot a guest in useful time; what would work: {fix}"
         )
     for guest in lab.guests:
         for j, nic in enumerate(guest.nics):
@@ -102,8 +148,9 @@ def _linux_unsupported(lab: Lab) -> list[str]:
         p = step.params
         if step.kind is StepKind.SWAP and kinds.get(p["guest"]) is GuestKind.LINUX:
             found.append(f"step {step.name}: swapping a linux guest's NIC")
-        if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
-            found.append(f"step {step.name}: restarting a NIC's back-end")
+        linux_nic = p.get("nic") is not None and kinds.get(p["guest"]) is GuestKind.LINUX
+        if step.kind is StepKind.RESTART_BACKEND and linux_nic:
+            found.append(f"step {step.name}: restarting a linux guest NIC's back-end")
         if step.kind is StepKind.TCP and kinds.get(p["to"]) is GuestKind.VIRTUAL:
             found.append(f"step {step.name}: TCP to a virtual guest (it has no TCP stack)")
         if step.kind is StepKind.STREAM and kinds.get(p["to"]) is GuestKind.LINUX:
@@ -125,6 +172,10 @@ class _Run:
         self.processes: list[LabProcess] = []
         #: the control socket of each (guest, nic) whose back-end a swap step moves
         self.controls: dict[tuple[str, int], Path] = {}
+        #: the back-end daemon of each (guest, nic) of a virtual guest not on plane kernel,
+        #: and the plane it serves now (a swap moves it)
+        self.backends: dict[tuple[str, int], LabProcess] = {}
+        self.planes: dict[tuple[str, int], Plane] = {}
         self.guests: dict[str, GuestProcess] = {}
         self.linux: dict[str, linux.LinuxGuest] = {}
         self.dhcp: list[linux.NamespaceDhcp] = []
@@ -230,6 +281,8 @@ class _Run:
             popen = self._spawn(argv, keep=(ready_w,), log=log)
             proc = LabProcess(f"back-end {guest}.nic{nic}", popen)
             self.processes.append(proc)
+            self.backends[(guest, nic)] = proc
+            self.planes[(guest, nic)] = plane
             os.close(ready_w)
             ready_w = -1
             with os.fdopen(ready_r, "rb", buffering=0) as ready:
@@ -308,6 +361,8 @@ class _Run:
             return {"seconds": p["seconds"]}
         if step.kind is StepKind.SWAP:
             return self._swap(p["guest"], p["nic"], Plane(p["to"]))
+        if step.kind is StepKind.RESTART_BACKEND and p.get("nic") is not None:
+            return self._restart_nic(p["guest"], p["nic"], p["signal"])
         if step.kind is StepKind.LINK:
             up = p["state"] == "up"
             if p.get("guest"):
@@ -332,10 +387,51 @@ class _Run:
             done = net_swap.swap(control, "kernel" if to is Plane.OFFLOAD else "user")
         except VhostError as exc:
             raise LabError(f"swap of {guest}.nic{nic} to {to.value} failed: {exc}") from exc
+        self.planes[(guest, nic)] = to
         return {
             "from": str(done.from_plane),
             "to": str(done.to_plane),
             "pause": round(done.pause_ms, 3),
+        }
+
+    def _restart_nic(self, guest: str, nic: int, signame: str) -> dict[str, Any]:
+        """Send ``signame`` to a virtual guest NIC's back-end, start another on the same
+        socket, tap and plane, and wait until the guest has carried on over it.
+
+        The guest notices the hang-up of its vhost-user connection and connects again by
+        itself (:mod:`vhostkit.lab.guest`); the step ends once it says so. Frames sent to the
+        guest meanwhile are lost on the tap, which has no reader; a stream running across
+        the restart measures them.
+        """
+        key = (guest, nic)
+        old = self.backends[key]
+        before = self.guests[guest].request("info")["nics"][nic]["reconnects"]
+        t0 = time.monotonic()
+        old.popen.send_signal(signal.Signals[f"SIG{signame}"])
+        try:
+            old.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            old.popen.kill()
+            old.popen.wait()
+        old.stop()
+        if key in self.controls:  # the dead one's control socket is stale
+            self.controls[key].unlink(missing_ok=True)
+        tap = self.network.tap_name(guest, nic)
+        self.progress(f"back-end {guest}.nic{nic}: pid {old.popen.pid} gone ({signame}); "
+                      "starting another")  # fmt: skip
+        self._start_backend(guest, nic, tap, self.planes[key])
+        listening = time.monotonic()
+        answer = self.guests[guest].request(
+            "wait-reconnect", wait=_START_TIMEOUT + 5, nic=nic, count=before + 1,
+            timeout=_START_TIMEOUT,
+        )  # fmt: skip
+        return {
+            "signal": signame,
+            "old_pid": old.popen.pid,
+            "pid": self.backends[key].popen.pid,
+            "listening_seconds": round(listening - t0, 3),
+            "outage": answer["outage"],
+            "seconds": round(time.monotonic() - t0, 3),
         }
 
     def _do_linux(self, step: Step) -> dict[str, Any] | None:
@@ -483,6 +579,7 @@ class _Run:
             "sent": sent,
             "received": count.received,
             "lost": count.lost(sent),
+            "longest_gap": count.longest_gap(sent),
             "duplicates": count.duplicates,
             "reordered": count.reordered,
         }
