@@ -496,9 +496,14 @@ class RingDevice(BackendDevice):
             super().set_vring_kick(index, fd)
             return
         # The worker polls the old fd: stop it, swap, start a new worker on the same queue.
+        # If the swap is refused the ring is still started: its worker comes back on
+        # whatever kick the ring kept (none: it polls), or the ring would hang for good.
         self._stop_worker(active)
-        super().set_vring_kick(index, fd)
-        self._start_worker(active)
+        try:
+            super().set_vring_kick(index, fd)
+        finally:
+            if self.active.get(index) is active:
+                self._start_worker(active)
 
     def set_mem_table(self, regions: tuple) -> None:  # type: ignore[type-arg]
         # Running rings move to the new memory with all their state: their positions, and the
