@@ -16,6 +16,7 @@ from vhostkit.errors import InvalidParam, RequestFailed
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
 from vhostkit.user.backend.device import BackendDevice
 from vhostkit.user.backend.ring_device import RingDevice, SinkDevice
+from vhostkit.virtio.features import DeviceStatus
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDriverQueue, decode_base, encode_base
 from vhostkit.virtio.split import SplitDriverQueue
@@ -200,6 +201,7 @@ def test_a_broken_ring_signals_its_error_fd_and_spares_the_others(setup: Setup) 
     os.eventfd_write(s.kicks[0], 1)
     wait_readable(s.errs[0])
     s.device.wait_for(lambda: s.device.active[0].error is not None)
+    assert s.device.get_status() & DeviceStatus.NEEDS_RESET
     # ring 1 keeps working
     s.send(1, 20)
     assert reap_all(s, 1, 20) == list(range(20))
@@ -227,6 +229,7 @@ def test_a_ring_left_outside_a_new_memory_table_is_broken(setup: Setup) -> None:
     wait_readable(s.errs[0])
     error = s.device.active[0].error
     assert error is not None and "not in the new memory table" in str(error)
+    assert s.device.get_status() & DeviceStatus.NEEDS_RESET
 
 
 class OutOfOrder(RingDevice):
