@@ -286,6 +286,10 @@ class ForkedDaemon(Daemon):
         self, zygote: Zygote, argv: Sequence[str], *, pause_after: int | None = None
     ) -> None:
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self._lines = None  # output to the file, not watched
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = None
         self.probe = -1
         fds: list[int] = []
         try:
