@@ -82,7 +82,9 @@ def test_blk_backend_killed_mid_stream_every_request_completes_once(
     rng = random.Random(int(os.environ.get("VHOSTKIT_SEED", "0")) or None)
     seed = rng.randrange(1 << 32)
     rng.seed(seed)
-    total = N * PER_KILL * 2  # room for every kill's requests, whichever kinds come
+    # room for every kill's requests: a quiet daemon completes the whole window (32) before
+    # a random kill lands, so a kill can take up to 2 * PER_KILL + WINDOW of them
+    total = N * (PER_KILL + 2 * WINDOW)
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(total * SECTOR))
     sock = sock_dir / "blk.sock"
