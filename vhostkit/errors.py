@@ -13,7 +13,9 @@ wrong in a way a caller can act on:
 * :class:`FeatureNotNegotiated`, :class:`InvalidOperation`, :class:`InvalidParam`: the caller
   asked for something the current state does not allow. :class:`SocketInUse` and
   :class:`SocketPathTaken` (both :class:`InvalidOperation`) refuse a socket path that a live
-  peer listens on or that holds something other than a socket.
+  peer listens on or that holds something other than a socket. :class:`TapInUse` (also an
+  :class:`InvalidOperation`) refuses a tap queue that another vhost-net device has attached;
+  :class:`TapGone` says a tap in use was deleted under it.
 * :class:`Unsupported`, :class:`DeviceUnavailable`: the running kernel or the peer cannot do it.
 * :class:`GuestMemoryError`, :class:`VirtqueueError`: guest-controlled data (an address, a ring)
   is out of bounds or malformed. These never read or write memory outside the guest's regions.
@@ -49,6 +51,8 @@ __all__ = [
     "SocketPathTaken",
     "SocketRetry",
     "StateFormatError",
+    "TapGone",
+    "TapInUse",
     "TooManyRegions",
     "TransportError",
     "UnexpectedReply",
@@ -242,6 +246,20 @@ class SocketPathTaken(InvalidOperation):
     it is left untouched."""
 
     default_errno = _errno.EEXIST
+
+
+class TapInUse(InvalidOperation):
+    """A tap queue is already attached to another vhost-net device (the kernel would take
+    it twice: vhostkit refuses)."""
+
+    default_errno = _errno.EBUSY
+
+
+class TapGone(VhostError):
+    """A tap queue is no longer attached to an interface: the tap was deleted (or the queue
+    detached) under the data plane using it."""
+
+    default_errno = _errno.ENODEV
 
 
 class Unsupported(VhostError):

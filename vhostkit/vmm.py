@@ -131,7 +131,7 @@ class KernelNetPlane(NetDataPlane):
         self.tap.set_vnet_hdr_size(nic.header_size)
         self.tap.set_offload(offload_for_features(nic.acked_features))
         for index in nic.ring_indices:
-            self.net.set_backend(index, self.tap.fds[index // 2])
+            self.net.set_backend(index, self.tap, tap_queue=index // 2)
             self._attached.append(index)
 
     def detach(self, nic: VirtioNetDriver) -> None:

@@ -125,6 +125,28 @@ class BlkStream:
                     f"{sum(self.done.values())} done"
                 )
 
+    def run_until(self, fd: int, timeout: float = 10.0) -> None:
+        """Keep the window full until ``fd`` is readable (a back-end's own signal)."""
+        while True:
+            self.fill()
+            self.reap()
+            ready, _, _ = select.select([self.call, fd], [], [], timeout)
+            if fd in ready:
+                return
+            if not ready:
+                raise TimeoutError(
+                    f"no signal and no completion in {timeout} s: "
+                    f"{len(self.outstanding)} outstanding, {sum(self.done.values())} done"
+                )
+            try:
+                os.eventfd_read(self.call)
+            except BlockingIOError:
+                pass
+
+    @property
+    def completed(self) -> int:
+        return sum(self.done.values())
+
     @property
     def finished(self) -> bool:
         return sum(self.done.values()) >= self.total and not self.outstanding

@@ -5,9 +5,12 @@ Each ends in a typed error or a clean state, never a hang: after a VMM process (
 the test, it owns the vhost-net fd and streams TX frames) is SIGKILLed at a random moment, the
 kernel releases the tap and a new VhostNet on the same tap sends a frame out of it; a
 VhostNet closed while its worker is busy refuses further calls with
-:class:`~vhostkit.errors.InvalidOperation`; once the tap is deleted the running ring still
-completes what it is given (the kernel drops the frames), the ring stops, and re-attaching the
-dead tap or configuring it raises a typed error.
+:class:`~vhostkit.errors.InvalidOperation`; once the tap is deleted the kernel stops taking TX
+frames (no error comes by itself), but the tap fd reports POLLERR at once, so a VMM polling it
+wakes up and :meth:`VhostNet.check_backends` raises :class:`~vhostkit.errors.TapGone`; the
+ring stops, and re-attaching the dead tap or configuring it raises a typed error. A second
+VhostNet on a tap queue a running one has attached is refused with
+:class:`~vhostkit.errors.TapInUse` (the kernel would accept it).
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ from typing import Any
 
 import pytest
 
-from vhostkit.errors import InvalidOperation, InvalidParam, RequestFailed, VhostError
+from vhostkit.errors import (
+    InvalidOperation,
+    InvalidParam,
+    RequestFailed,
+    TapGone,
+    TapInUse,
+    VhostError,
+)
 from vhostkit.kernel import Tap, VhostNet, VhostNetQueue
 
 pytestmark = [pytest.mark.kernel, pytest.mark.reliability]
 
 LONG = os.environ.get("VHOSTKIT_LONG") == "1"
 #: VMM processes killed while their rings run (the VM runs under TCG: keep it short)
-VMM_KILLS = 100 if LONG else 10
+VMM_KILLS = 1000 if LONG else 100
 VIRTIO_F_VERSION_1 = 32
 ETHERTYPE = 0x88B5
 VNET_HDR_LEN = 12
@@ -89,7 +99,7 @@ def setup_ring(dev: VhostNet, ring: Any, kick: int, call: int) -> None:
     dev.set_vring_call(ring.index, call)
 
 
-def start_net(mem: Any, tx: Any, rx: Any, kick: int, call: int, tap_fd: int) -> VhostNet:
+def start_net(mem: Any, tx: Any, rx: Any, kick: int, call: int, tap_fd: int | Tap) -> VhostNet:
     """A vhost-net with TX (frames in every descriptor) and RX (2 KiB buffers) on ``tap_fd``."""
     dev = open_net()
     try:
@@ -187,13 +197,14 @@ def test_vmm_killed_while_rings_run_releases_the_tap(
 def test_vmm_closes_while_rings_run(tap, guest_memory, make_ring, make_eventfds) -> None:
     tx, rx = fresh_rings(guest_memory, make_ring)
     kick, call = make_eventfds(2)
-    dev = start_net(guest_memory, tx, rx, kick, call, tap.fd)
+    dev = start_net(guest_memory, tx, rx, kick, call, tap)
     try:
         keep_sending(tx, kick, 50)
         while (tx.avail_idx - tx.used_idx()) & 0xFFFF < tx.num:  # a full ring in flight
             tx.publish(tx.avail_idx % tx.num)
         os.eventfd_write(kick, 1)
         dev.close()
+        assert tap.user(0) is None  # the closed device let the tap go
         os.eventfd_write(kick, 1)  # the guest kicks a device that is gone: nobody listens
         with pytest.raises(InvalidOperation):
             dev.get_vring_base(TX)
@@ -209,14 +220,25 @@ def test_tap_deleted_under_running_vhost_net(tap, guest_memory, make_ring, make_
 
     tx, rx = fresh_rings(guest_memory, make_ring)
     kick, call = make_eventfds(2)
-    with contextlib.closing(start_net(guest_memory, tx, rx, kick, call, tap.fd)) as dev:
+    with contextlib.closing(start_net(guest_memory, tx, rx, kick, call, tap)) as dev:
         keep_sending(tx, kick, 20)
+        dev.check_backends()  # alive: nothing to report
+        poller = select.poll()
+        poller.register(tap.fd, 0)  # what a VMM's loop has: errors are always reported
+        assert poller.poll(0) == []
         with IPRoute() as ip:
             ip.link("del", index=tap.ifindex)
-        # the guest keeps sending: the kernel takes what it takes, without a tap to put it in
+        # the guest keeps sending: the kernel takes what it takes, without a tap to put it in,
+        # and says nothing; the VMM's poll wakes up on the tap fd (no timeout involved)
         while (tx.avail_idx - tx.used_idx()) & 0xFFFF < tx.num:
             tx.publish(tx.avail_idx % tx.num)
         os.eventfd_write(kick, 1)
+        events = poller.poll(10_000)
+        assert events and events[0][1] & select.POLLERR, events
+        with pytest.raises(TapGone):
+            dev.check_backends()
+        with pytest.raises(TapGone):
+            tap.check_alive()
         base = dev.get_vring_base(TX)  # stops the ring, does not hang
         assert (base - tx.used_idx()) & 0xFFFF <= (tx.avail_idx - tx.used_idx()) & 0xFFFF
         dev.get_vring_base(RX)
@@ -234,27 +256,34 @@ def test_tap_deleted_under_running_vhost_net(tap, guest_memory, make_ring, make_
 def test_second_vhost_net_on_the_same_tap(tap, guest_memory, make_ring, make_eventfds) -> None:
     tx, rx = fresh_rings(guest_memory, make_ring)
     kick, call = make_eventfds(2)
-    with contextlib.closing(start_net(guest_memory, tx, rx, kick, call, tap.fd)) as first:
+    with contextlib.closing(start_net(guest_memory, tx, rx, kick, call, tap)) as first:
         second = open_net()
         try:
             second.set_mem_table([guest_memory.region])
             tx2, rx2 = fresh_rings(guest_memory, make_ring, 2)
             setup_ring(second, rx2, kick, call)
             setup_ring(second, tx2, kick, call)
-            # the kernel lets a second vhost-net take the same tap (it keeps no owner)
-            second.set_backend(RX, tap.fd)
-            second.set_backend(TX, tap.fd)
             for i in range(NUM):
                 tx2.set_desc(i, FRAMES + i * 2048, VNET_HDR_LEN + 60)
+            # the kernel would let a second vhost-net take the same tap queue: vhostkit does not
+            with pytest.raises(TapInUse):
+                second.set_backend(RX, tap)
+            with pytest.raises(TapInUse):
+                second.set_backend(TX, tap)
+            assert tap.user(0) is first
+            keep_sending(tx, kick, 3 * NUM)  # the first goes on, untouched
+            # once the first lets the tap go, the second may have it
+            first.set_backend(TX, None)
+            first.set_backend(RX, None)
+            assert tap.user(0) is None
+            second.set_backend(RX, tap)
+            second.set_backend(TX, tap)
             with packet_socket(tap.name) as sock:
-                keep_sending(tx2, kick, 3 * NUM)  # both send, neither hangs
-                keep_sending(tx, kick, 3 * NUM)
+                keep_sending(tx2, kick, 3 * NUM)
                 assert sock.recv(2048)[:60] in {frame(b"vmm %d" % i) for i in range(NUM)}
+            with pytest.raises(TapInUse):  # and now the first is refused
+                first.set_backend(TX, tap)
             assert second.get_vring_base(TX) == tx2.avail_idx
-            second.set_backend(TX, None)
-            second.set_backend(RX, None)
         finally:
             second.close()
-        keep_sending(tx, kick, 3 * NUM)  # the first goes on after the second left
-        first.set_backend(TX, None)
-        first.set_backend(RX, None)
+        assert tap.user(0) is None  # closing a device releases its taps

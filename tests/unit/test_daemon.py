@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from vhostkit.errors import InvalidParam, RequestFailed
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
+from vhostkit.user.backend.device import BackendDevice
 from vhostkit.user.backend.ring_device import RingDevice, SinkDevice
+from vhostkit.virtio.features import DeviceStatus
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDriverQueue, decode_base, encode_base
 from vhostkit.virtio.split import SplitDriverQueue
@@ -198,6 +201,7 @@ def test_a_broken_ring_signals_its_error_fd_and_spares_the_others(setup: Setup) 
     os.eventfd_write(s.kicks[0], 1)
     wait_readable(s.errs[0])
     s.device.wait_for(lambda: s.device.active[0].error is not None)
+    assert s.device.get_status() & DeviceStatus.NEEDS_RESET
     # ring 1 keeps working
     s.send(1, 20)
     assert reap_all(s, 1, 20) == list(range(20))
@@ -225,6 +229,7 @@ def test_a_ring_left_outside_a_new_memory_table_is_broken(setup: Setup) -> None:
     wait_readable(s.errs[0])
     error = s.device.active[0].error
     assert error is not None and "not in the new memory table" in str(error)
+    assert s.device.get_status() & DeviceStatus.NEEDS_RESET
 
 
 class OutOfOrder(RingDevice):
@@ -517,3 +522,63 @@ def test_one_listener_serves_several_frontends_at_once(fd_check, sock_dir) -> No
         for kick, call in fds:
             os.close(kick)
             os.close(call)
+
+
+class RefusesKicks(BackendDevice):
+    """A device layer below :class:`RingDevice` that refuses a kick fd while :attr:`refuse`
+    is set (as a device validating what it is given would)."""
+
+    refuse = False
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        if self.refuse:
+            raise InvalidParam(f"ring {index}: this kick fd is refused")
+        super().set_vring_kick(index, fd)
+
+
+class SinkRefusingKicks(SinkDevice, RefusesKicks):
+    """MRO: SinkDevice, RingDevice, RefusesKicks, BackendDevice: RingDevice stops the worker,
+    then the layer below it raises."""
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_a_refused_kick_replacement_leaves_the_ring_running(
+    fd_check, sock_dir, packed: bool
+) -> None:
+    features = VERSION_1 | EVENT_IDX | (PACKED if packed else 0)
+    device = SinkRefusingKicks(features=features, num_queues=1)
+    listener = BackendListener(str(sock_dir / "kick.sock"), lambda: device).start()
+    mem = GuestMemory.allocate([(0, 0x200000)])
+    cls = PackedDriverQueue if packed else SplitDriverQueue
+    q = cls(mem, NUM, 0, features=features, index=0)
+    kick, call, other = eventfd(), eventfd(), eventfd()
+
+    def send(tokens: range) -> None:
+        for t in tokens:
+            q.add([(BUF + (t % NUM) * 0x1000, 64)], token=t)
+        if q.publish():
+            os.eventfd_write(kick, 1)
+
+    try:
+        with Frontend.connect(sock_dir / "kick.sock", timeout=5) as fe:
+            fe.set_owner()
+            fe.negotiate(features, ProtocolFeature.REPLY_ACK)
+            fe.set_mem_table(mem.regions)
+            start_one_ring(fe, q, call=call, kick=kick, base=encode_base(0, True) if packed else 0)
+            send(range(10))
+            assert reap_tokens(q, call, 10) == list(range(10))
+            device.refuse = True
+            with pytest.raises(RequestFailed):
+                fe.set_vring_kick(0, other)
+            # the ring keeps its worker on the kick it had: the next chains are served
+            send(range(10, 20))
+            assert reap_tokens(q, call, 10) == list(range(10, 20))
+            assert device.active[0].thread is not None and device.active[0].thread.is_alive()
+            assert device.chains[0] == 20
+    finally:
+        listener.stop()
+        device.close()
+        mem.close()
+        for fd in (kick, call, other):
+            os.close(fd)
+        assert not listener.errors

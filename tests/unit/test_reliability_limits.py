@@ -13,8 +13,10 @@ it holds no more fds, memfd mappings or threads than before the first case and h
 traceback.
 
 A guest that misbehaves (a descriptor loop, a table too long) breaks only the ring it did it
-on: the daemon stops that ring and signals its error eventfd (SET_VRING_ERR), the other ring
-of the same connection keeps serving reads and writes.
+on: the daemon stops that ring and signals its error eventfd (SET_VRING_ERR), reports
+``DEVICE_NEEDS_RESET`` in GET_STATUS and sends CONFIG_CHANGE_MSG on the back-end channel; the
+other ring of the same connection keeps serving reads and writes, and so does another blk
+daemon's device driven at the same time (its status stays clean).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import select
 import socket
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +46,7 @@ from helpers.vhostkit_daemon import (
 from vhostkit.errors import InvalidParam, RequestFailed, TransportError
 from vhostkit.guest.blk import DRIVER_FEATURES, DRIVER_PROTOCOL, QUEUE_SIZE, BlkDriver
 from vhostkit.user import Frontend, ProtocolFeature
+from vhostkit.user.frontend_req_handler import FrontendReqHandler, FrontendReqServer
 from vhostkit.user.message import (
     MAX_CONFIG_SIZE,
     MAX_FDS,
@@ -51,7 +55,7 @@ from vhostkit.user.message import (
     FrontendReq,
 )
 from vhostkit.virtio.device_role import MAX_INDIRECT
-from vhostkit.virtio.features import VirtioFeature
+from vhostkit.virtio.features import DeviceStatus, VirtioFeature
 from vhostkit.virtio.memory import GuestMemory
 
 pytestmark = pytest.mark.reliability
@@ -336,29 +340,72 @@ def indirect_too_long(drv: BlkDriver) -> None:
     make_available(drv, 0)
 
 
+class ConfigChanges(FrontendReqHandler):
+    """The VMM's side of the back-end channel: counts CONFIG_CHANGE_MSG."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Event()
+
+    def config_change(self) -> None:
+        self.count += 1
+        self.changed.set()
+
+
+@pytest.fixture(scope="module")
+def other_daemon() -> Iterator[Path]:
+    """A second blk daemon (another device, another process): its socket path."""
+    with tempfile.TemporaryDirectory(prefix="vhk-", dir="/tmp") as d:
+        sock = Path(d) / "other.sock"
+        with start_blk_daemon(sock, Path(d) / "other.img") as daemon:
+            yield sock
+            rc, output = daemon.stop()
+        assert rc == 0
+        assert_clean_output(output)
+
+
 @pytest.mark.parametrize("hostile", [loop, longer_than_the_ring, indirect_too_long])
 def test_chain_length_breaks_only_that_ring(
-    env: Env, fd_check, hostile: Callable[[BlkDriver], None]
+    env: Env, other_daemon: Path, fd_check, hostile: Callable[[BlkDriver], None]
 ) -> None:
-    with Frontend.connect(env.sock, timeout=5) as fe:
-        drv = BlkDriver(
-            fe, num_queues=2, features=DRIVER_FEATURES | VirtioFeature.RING_INDIRECT_DESC
-        )
+    protocol = DRIVER_PROTOCOL | ProtocolFeature.STATUS
+    features = DRIVER_FEATURES | VirtioFeature.RING_INDIRECT_DESC
+    with (
+        Frontend.connect(env.sock, timeout=5) as fe,
+        Frontend.connect(other_daemon, timeout=5) as other_fe,
+        BlkDriver(fe, num_queues=2, features=features, protocol=protocol) as drv,
+        BlkDriver(other_fe, protocol=protocol) as other,  # another device of the daemon
+    ):
+        drv.start()
+        other.start()
+        assert drv.features & VirtioFeature.RING_INDIRECT_DESC
+        watcher = ConfigChanges()
+        server = FrontendReqServer(fe.open_backend_channel(), watcher, drv.protocol)
+        server.start()
         try:
-            drv.start()
-            assert drv.features & VirtioFeature.RING_INDIRECT_DESC
             assert drv.write(1, b"\x11" * 512, queue=0).status == 0
+            assert fe.get_status() & DeviceStatus.NEEDS_RESET == 0
             hostile(drv)
             wait_readable(drv.errs[0])  # ring 0 reported broken (its SET_VRING_ERR fd)
-            for i in range(8):  # ring 1 goes on
+            assert watcher.changed.wait(10), "no CONFIG_CHANGE_MSG from the daemon"
+            assert fe.get_status() & DeviceStatus.NEEDS_RESET
+            for i in range(8):  # ring 1 goes on, and so does the other device
                 data = bytes([i + 1]) * 512
                 assert drv.write(8 + i, data, queue=1).status == 0
                 assert drv.read(8 + i, 512, queue=1).data == data
+                assert other.write(16 + i, data).status == 0
+                assert other.read(16 + i, 512).data == data
             assert drv.read(1, 512, queue=1).data == b"\x11" * 512
+            assert other_fe.get_status() & DeviceStatus.NEEDS_RESET == 0
+            assert watcher.count == 1
             fe.get_vring_base(0)  # stopping the broken ring is fine
             fe.get_vring_base(1)
+            other_fe.get_vring_base(0)
+            fe.set_status(0)  # the driver resets the device: NEEDS_RESET is gone
+            assert fe.get_status() == 0
         finally:
-            drv.close()
+            fe.close()
+            server.close()
     env.wait_logged("ring 0 is broken")
     good_connection(env.sock, queues=2)  # a new connection gets working rings again
 

@@ -463,7 +463,7 @@ class KernelNetDevice(BackendDevice):
             return
         pair = index // 2
         self._attach_tap_queue(pair, True)
-        self._net(pair).set_backend(index % 2, self.tap.fds[pair])
+        self._net(pair).set_backend(index % 2, self.tap, tap_queue=pair)
         self._attached.add(index)
 
     def _detach(self, index: int, *, quiet: bool = False) -> None:

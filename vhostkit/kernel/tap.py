@@ -15,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Self
 
@@ -23,6 +24,8 @@ from vhostkit.errors import (
     InvalidOperation,
     InvalidParam,
     RequestFailed,
+    TapGone,
+    TapInUse,
     Unsupported,
     VhostError,
 )
@@ -119,6 +122,8 @@ class Tap:
     ) -> None:
         self._fds: list[int] = []
         self._netns: str | None = None
+        #: queue -> the vhost-net device that has it attached (see :meth:`claim`)
+        self._users: dict[int, object] = {}
         if queues < 1:
             raise InvalidParam(f"a tap needs at least one queue, not {queues}")
         if multi_queue is None:
@@ -209,6 +214,57 @@ class Tap:
             raise _tun_error(
                 exc.errno or errno.EIO, f"{request.name} on {self._name} ({what})"
             ) from None
+
+    # -- who uses the queues --
+
+    def claim(self, queue: int, user: object) -> None:
+        """Record that ``user`` (a vhost-net device) attaches queue ``queue``.
+
+        The kernel lets a second vhost-net take a tap queue a running one uses (both then
+        send into it and race for what it receives); this record is how vhostkit refuses it:
+        :class:`~vhostkit.errors.TapInUse` when another user holds the queue. It knows only
+        the users of this :class:`Tap` object (a tap fd handed around as a bare number, or to
+        another process, is not seen).
+        """
+        self._check_open()
+        if not 0 <= queue < len(self._fds):
+            raise InvalidParam(f"tap {self._name} has no queue {queue}")
+        holder = self._users.get(queue)
+        if holder is not None and holder is not user:
+            raise TapInUse(
+                f"tap {self._name} queue {queue} is already attached to {holder!r}",
+                errno=errno.EBUSY,
+            )
+        self._users[queue] = user
+
+    def release(self, queue: int, user: object) -> None:
+        """``user`` no longer has queue ``queue`` attached."""
+        if self._users.get(queue) is user:
+            del self._users[queue]
+
+    def user(self, queue: int) -> object | None:
+        """Who has queue ``queue`` attached (``None``: nobody, as far as this object knows)."""
+        return self._users.get(queue)
+
+    def check_alive(self, queue: int = 0) -> None:
+        """Raise :class:`~vhostkit.errors.TapGone` if queue ``queue`` is no longer attached
+        to an interface: the tap was deleted (``ip link del``) or the queue detached.
+
+        That state is what ``poll`` reports on the queue fd as ``POLLERR``, at once and
+        without being asked for: a VMM that polls its tap fds (for anything, or nothing)
+        wakes up when the tap goes, and calls this to learn why.
+        """
+        self._check_open()
+        if not 0 <= queue < len(self._fds):
+            raise InvalidParam(f"tap {self._name} has no queue {queue}")
+        poller = select.poll()
+        poller.register(self._fds[queue], 0)  # POLLERR/POLLHUP/POLLNVAL are always reported
+        if poller.poll(0):
+            raise TapGone(
+                f"tap {self._name} queue {queue} has no interface any more (deleted, or the "
+                "queue detached)",
+                errno=errno.ENODEV,
+            )
 
     # -- tun ioctls --
 
@@ -377,6 +433,7 @@ class Tap:
     def close(self) -> None:
         """Close every queue fd (idempotent). A non-persistent tap then disappears."""
         fds, self._fds = self._fds, []
+        self._users.clear()
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vhostkit.errors import InvalidOperation, InvalidParam, SocketRetry
+from vhostkit.errors import InvalidOperation, InvalidParam, SocketRetry, VhostError
 from vhostkit.types import MemoryRegion, VringAddr
 from vhostkit.user.backend.inflight import packed_queue_region_size, split_queue_region_size
 from vhostkit.user.backend_req import BackendChannel
@@ -37,6 +37,7 @@ from vhostkit.user.message import (
     LogDesc,
     ProtocolFeature,
 )
+from vhostkit.virtio.features import DeviceStatus
 from vhostkit.virtio.memory import GuestMemory
 
 __all__ = ["DEFAULT_PROTOCOL_FEATURES", "BackendDevice", "VringInfo"]
@@ -203,6 +204,9 @@ class BackendDevice(BackendHandler):
         self.mem_region_dups: dict[tuple[int, int, int], int] = {}
         self.vrings = [VringInfo(i) for i in range(self.num_queues)]
         self.status = 0
+        #: the device cannot go on without a reset (a ring broke): DEVICE_NEEDS_RESET is
+        #: reported in the status until the driver resets it (status 0, RESET_DEVICE)
+        self.needs_reset = False
         self.log_fd: int | None = None
         self.log_desc: LogDesc | None = None
         self.log_call_fd: int | None = None
@@ -463,16 +467,43 @@ class BackendDevice(BackendHandler):
 
     def set_status(self, status: int) -> None:
         self.status = status
+        if status == 0:  # the driver reset the device
+            self.needs_reset = False
         self._changed()
 
     def get_status(self) -> int:
-        return self.status
+        return self.status | (DeviceStatus.NEEDS_RESET if self.needs_reset else 0)
+
+    def device_needs_reset(self) -> bool:
+        """The device cannot go on without a reset: set ``DEVICE_NEEDS_RESET`` in the status
+        GET_STATUS reports and, as the virtio spec asks of a device that sets it, send a
+        configuration change notification (CONFIG_CHANGE_MSG, when the front-end negotiated
+        ``BACKEND_REQ`` and ``CONFIG`` and opened the channel) so that the driver looks.
+
+        Called from a ring worker (not from the thread serving the front-end's requests: the
+        notification may wait for the front-end's ack). Returns whether the front-end was
+        told; only the first call after a reset tells it.
+        """
+        first = not self.needs_reset
+        self.needs_reset = True
+        self._changed()
+        channel = self.backend_channel
+        wanted = ProtocolFeature.BACKEND_REQ | ProtocolFeature.CONFIG
+        if not first or channel is None or self.acked_protocol_features & wanted != wanted:
+            return False
+        try:
+            channel.config_change()
+        except (OSError, VhostError) as exc:
+            log.warning("could not tell the front-end the device needs a reset: %s", exc)
+            return False
+        return True
 
     def reset_device(self) -> None:
         for ring in self.vrings:
             ring.close_fds()
         self.vrings = [VringInfo(i) for i in range(self.num_queues)]
         self.status = 0
+        self.needs_reset = False
         self.acked_features = 0
         self._changed()
 

@@ -13,8 +13,10 @@ A device subclasses :class:`RingDevice` and implements :meth:`RingDevice.process
 batch from ``ring.queue``, do the work, ``ring.complete(ids, lengths)``. Completing signals the
 call eventfd when the driver asked for it (event index or flags).
 
-A malformed ring (:class:`VirtqueueError`) stops only that ring's worker and signals its error
-eventfd; the other rings keep running.
+A malformed ring (:class:`VirtqueueError`) stops only that ring's worker, which then signals
+the ring's error eventfd (or the in-band VRING_ERR), sets ``DEVICE_NEEDS_RESET`` in the status
+GET_STATUS reports and, with ``BACKEND_REQ`` and ``CONFIG``, sends CONFIG_CHANGE_MSG so the
+driver looks (:meth:`BackendDevice.device_needs_reset`); the other rings keep running.
 
 Safety of fds and memory while rings run: each ring has a lock that its worker holds while it
 processes and signals. Replacing a ring's call/err fd, the memory table, or stopping the ring
@@ -87,6 +89,8 @@ class ActiveRing:
     thread: threading.Thread | None = None
     signals: int = 0
     error: BaseException | None = None
+    #: whether the front-end was told that this ring broke (its err fd, NEEDS_RESET)
+    error_reported: bool = False
     #: whether the worker should also wake on :meth:`RingDevice.wake_fds` (a device clears it
     #: while it cannot take more input, e.g. no receive buffers, and waits for a kick instead)
     extra_wanted: bool = True
@@ -399,6 +403,11 @@ class RingDevice(BackendDevice):
         extra = self.wake_fds(active)
         registered = False
         try:
+            if active.error is not None:
+                # broken while its worker was stopped (a memory table it cannot follow)
+                if not active.error_reported:
+                    self._report_broken(active)
+                return
             with active.lock:
                 self._run_once(active)
             while True:
@@ -432,15 +441,20 @@ class RingDevice(BackendDevice):
         except VirtqueueError as exc:
             log.error("ring %d is broken: %s", info.index, exc)
             active.error = without_frames(exc)  # the frames hold views of guest memory
-            self._signal_error(active)
+            self._report_broken(active)
         except BaseException as exc:
             log.exception("ring %d worker failed", info.index)
             active.error = without_frames(exc)
-            self._signal_error(active)
+            self._report_broken(active)
         finally:
             self._changed()
 
-    def _signal_error(self, active: ActiveRing) -> None:
+    def _report_broken(self, active: ActiveRing) -> None:
+        """Tell the front-end that ``active`` broke (from its worker's thread): NEEDS_RESET
+        in the status and a config change, then its error eventfd (or in-band VRING_ERR):
+        whoever sees the error sees the status too."""
+        active.error_reported = True
+        self.device_needs_reset()
         try:
             with active.lock:
                 active.signal_error()
@@ -496,9 +510,14 @@ class RingDevice(BackendDevice):
             super().set_vring_kick(index, fd)
             return
         # The worker polls the old fd: stop it, swap, start a new worker on the same queue.
+        # If the swap is refused the ring is still started: its worker comes back on
+        # whatever kick the ring kept (none: it polls), or the ring would hang for good.
         self._stop_worker(active)
-        super().set_vring_kick(index, fd)
-        self._start_worker(active)
+        try:
+            super().set_vring_kick(index, fd)
+        finally:
+            if self.active.get(index) is active:
+                self._start_worker(active)
 
     def set_mem_table(self, regions: tuple) -> None:  # type: ignore[type-arg]
         # Running rings move to the new memory with all their state: their positions, and the
@@ -514,10 +533,10 @@ class RingDevice(BackendDevice):
                 try:
                     active.queue.rebind(self.memory)
                 except VirtqueueError as exc:
-                    # the table was taken; only this ring cannot follow it
+                    # the table was taken; only this ring cannot follow it (its restarted
+                    # worker reports it: not this thread, which owes the front-end a reply)
                     log.error("ring %d is broken: %s", active.index, exc)
                     active.error = without_frames(exc)
-                    active.signal_error()
         finally:
             for active in paused:
                 active.lock.release()
