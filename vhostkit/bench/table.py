@@ -99,9 +99,15 @@ def plain_table(results: Sequence[ModuleResult]) -> str:
     return "\n".join(out) + "\n"
 
 
-def print_table(results: Sequence[ModuleResult], file: IO[str], *, tty: bool | None = None) -> None:
+def print_table(
+    results: Sequence[ModuleResult],
+    file: IO[str],
+    *,
+    tty: bool | None = None,
+    width: int | None = None,
+) -> None:
     """Print the table on ``file``: rich when ``tty`` (default: whether ``file`` is a
-    terminal), plain text otherwise."""
+    terminal; ``width`` columns, default the terminal's), plain text otherwise."""
     if tty is None:
         tty = file.isatty()
     if not tty:
@@ -116,7 +122,7 @@ def print_table(results: Sequence[ModuleResult], file: IO[str], *, tty: bool | N
     cells, notes = table_rows(results)
     for row in cells:
         table.add_row(*row)
-    console = Console(file=file)
+    console = Console(file=file, width=width)
     console.print(table)
     for i, note in enumerate(notes, 1):
         console.print(f"[{i}] {note}", markup=False, highlight=False)
