@@ -224,8 +224,8 @@ def run(quick: bool) -> list[dict[str, Any]]:
     return rows(measure(seconds, runs), runs)
 
 
-def profile(out: Path, seconds: float) -> None:
-    """py-spy the vhostkit daemon while this process keeps 4 KiB QD 32 random reads going."""
+def profile(out: Path, seconds: float, depth: int = 32) -> None:
+    """py-spy the vhostkit daemon while this process keeps 4 KiB random reads going."""
     spy = shutil.which("py-spy")
     if spy is None:
         raise SystemExit("py-spy is not installed (pip install 'vhostkit[bench]')")
@@ -238,14 +238,14 @@ def profile(out: Path, seconds: float) -> None:
             daemon("blk", d / "vhk.sock", ["--image", str(image)]) as proc,
             driver(d / "vhk.sock") as disk,
         ):
-            loop = Loop(disk, 4096, 32)
+            loop = Loop(disk, 4096, depth)
             loop.run(0.3, True, False)
             argv = [spy, "record", "-p", str(proc.pid), "-d", str(int(seconds))]
             argv += ["-r", "200", "-f", "raw", "-o", str(out), "--nonblocking"]
             rec = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
             rate = loop.run(seconds + 1, True, False)
             rec.wait(60)
-    print(f"4K randread QD32 under the profiler: {rate:,.0f} IOPS; raw stacks in {out}")
+    print(f"4K randread QD{depth} under the profiler: {rate:,.0f} IOPS; raw stacks in {out}")
     top_functions(out)
 
 
@@ -276,9 +276,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", type=Path, metavar="OUT", help="py-spy the vhostkit daemon")
+    parser.add_argument("--depth", type=int, default=32, help="queue depth under --profile")
     args = parser.parse_args()
     if args.profile:
-        profile(args.profile, args.seconds)
+        profile(args.profile, args.seconds, args.depth)
         return 0
     for row in rows(measure(args.seconds, args.runs), args.runs):
         print(

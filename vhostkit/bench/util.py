@@ -123,7 +123,10 @@ def daemon(
     r, w = os.pipe()
     argv = [sys.executable, "-m", "vhostkit", "backend", device, "--socket", os.fspath(socket)]
     argv += [*args, "--ready-fd", str(w), "--log-level", "warning"]
-    proc = subprocess.Popen(argv, pass_fds=(w,), stdin=subprocess.DEVNULL)
+    # its banner on stdout would land in the middle of a --json document
+    proc = subprocess.Popen(
+        argv, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     os.close(w)
     try:
         with os.fdopen(r, "rb") as ready:
