@@ -43,7 +43,8 @@ def fakes(tmp_path: Path) -> Path:
     return write_modules(
         tmp_path,
         ring_throughput=GOOD,
-        control="from vhostkit.bench import Skipped\ndef run(quick):\n    raise Skipped('no peer')\n",
+        control="from vhostkit.bench import Skipped\n"
+        "def run(quick):\n    raise Skipped('no peer')\n",
         blk="def run(quick):\n    raise RuntimeError('broken image')\n",
         datapath="def run(quick):\n    return [{'bench': 'testpmd', 'value': 1.0}]\n",
         net_planes="SLOW = True\ndef run(quick):\n    raise AssertionError('must not run')\n",

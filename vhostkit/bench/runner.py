@@ -118,7 +118,8 @@ def _run_one(bench: Benchmark, directory: Path, quick: bool) -> ModuleResult:
     except Exception as exc:  # a benchmark's failure is reported, the others still run
         log.debug("benchmark %s failed", bench.name, exc_info=True)
         result.status = "failed"
-        result.note = f"{type(exc).__name__}: {exc}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        result.note = f"{type(exc).__name__}: {first[:200]}"
         return result
     finally:
         result.seconds = time.monotonic() - t0
