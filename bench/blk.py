@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from vhostkit.bench import Skipped, make_row
-from vhostkit.bench.util import daemon, interleaved, median, tmpfs_dir
+from vhostkit.bench.util import daemon, interleaved, median, process_cpu, tmpfs_dir
 from vhostkit.guest.blk import BlkDriver, BlkLayout
 from vhostkit.guest.rings import drain_eventfd, kick_eventfd, wait_readable
 from vhostkit.user import Frontend
@@ -81,6 +81,8 @@ class Loop:
         ]
         self.headers = [disk.mem.gpa_view(s.hdr, HEADER.size) for s in self.slots]
         self.statuses = [disk.mem.gpa_view(s.status, 1) for s in self.slots]
+        #: every request completed, warm-up and drain included
+        self.requests = 0
 
     def _add(self, i: int, write: bool, sector: int) -> None:
         s = self.slots[i]
@@ -124,6 +126,8 @@ class Loop:
                 drain_eventfd(call)
                 continue
             now = time.perf_counter()
+            if not counting:
+                self.requests += len(got)
             if not counting and now >= start:
                 counting, done, start = True, 0, now
             if counting and now >= end:
@@ -134,6 +138,7 @@ class Loop:
                     raise RuntimeError(f"request answered with status {status}")
                 self._add(token, write, next_sector())
             done += len(got)
+            self.requests += len(got)
             if q.publish():
                 kick_eventfd(kick)
         elapsed = time.perf_counter() - start
@@ -142,6 +147,7 @@ class Loop:
         while left > 0:
             got = q.reap()
             left -= len(got)
+            self.requests += len(got)
             if not got and not q.pending_used():
                 if not wait_readable((call,), 5.0):
                     raise TimeoutError("requests in flight not completed")
@@ -158,8 +164,10 @@ def driver(sock: Path) -> Iterator[BlkDriver]:
 
 
 @contextlib.contextmanager
-def backends(d: Path) -> Iterator[dict[str, BlkDriver]]:
-    """Both back-ends serving one image, and a started driver on each."""
+def backends(d: Path, ref_tree: Path | None = None) -> Iterator[dict[str, tuple[BlkDriver, int]]]:
+    """Both back-ends serving one image: a started driver on each and the back-end's pid.
+    With ``ref_tree`` the reference is the vhostkit daemon of that source tree instead of
+    qemu-storage-daemon (to measure a change before/after, side by side)."""
     from vhostkit.testing.peers import QemuStorageDaemon
 
     if shutil.which("qemu-storage-daemon") is None:
@@ -170,35 +178,64 @@ def backends(d: Path) -> Iterator[dict[str, BlkDriver]]:
         for _ in range(IMAGE_SIZE // MIB):
             f.write(block)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(daemon("blk", d / "vhk.sock", ["--image", str(image)]))
-        stack.enter_context(QemuStorageDaemon(image, d / "qsd.sock"))
+        ours = stack.enter_context(daemon("blk", d / "vhk.sock", ["--image", str(image)]))
+        ref: int | None
+        if ref_tree is None:
+            ref = stack.enter_context(QemuStorageDaemon(image, d / "qsd.sock")).pid
+        else:
+            env = {**os.environ, "PYTHONPATH": os.fspath(ref_tree)}
+            args = ["--image", str(image)]
+            ref = stack.enter_context(daemon("blk", d / "qsd.sock", args, env=env)).pid
+        assert ref is not None
         yield {
-            "vhostkit": stack.enter_context(driver(d / "vhk.sock")),
-            "qsd": stack.enter_context(driver(d / "qsd.sock")),
+            "vhostkit": (stack.enter_context(driver(d / "vhk.sock")), ours.pid),
+            "qsd": (stack.enter_context(driver(d / "qsd.sock")), ref),
         }
 
 
-def measure(seconds: float, runs: int) -> dict[tuple[str, int], tuple[float, float]]:
-    """``{(workload, depth): (vhostkit, qsd)}`` in requests per second, medians of ``runs``."""
+Figures = dict[tuple[str, int], tuple[float, float, float, float]]
+
+
+def timed(loop: Loop, pid: int, seconds: float, rand: bool, write: bool) -> tuple[float, float]:
+    """(requests per second, back-end CPU seconds per request) of one run."""
+    cpu0, n0 = process_cpu(pid), loop.requests
+    rate = loop.run(seconds, rand, write)
+    return rate, (process_cpu(pid) - cpu0) / max(1, loop.requests - n0)
+
+
+def measure(seconds: float, runs: int, only: str = "", ref_tree: Path | None = None) -> Figures:
+    """``{(workload, depth): (vhostkit, qsd, vhostkit CPU, qsd CPU)}``: requests per second
+    and the back-end's CPU seconds per request, medians of ``runs``."""
     out = {}
     with (
         tempfile.TemporaryDirectory(prefix="vhk-bench-blk-", dir=tmpfs_dir()) as tmp,
-        backends(Path(tmp)) as disks,
+        backends(Path(tmp), ref_tree) as disks,
     ):
         for name, size, rand, write in WORKLOADS:
+            if only not in name:
+                continue
             for depth in DEPTHS:
-                loops = [Loop(disks[b], size, depth) for b in ("vhostkit", "qsd")]
+                loops = [(Loop(disks[b][0], size, depth), disks[b][1]) for b in ("vhostkit", "qsd")]
                 ours, ref = interleaved(
-                    [lambda lp=lp, r=rand, w=write: lp.run(seconds, r, w) for lp in loops], runs
+                    [
+                        lambda lp=lp, pid=pid, r=rand, w=write: timed(lp, pid, seconds, r, w)
+                        for lp, pid in loops
+                    ],
+                    runs,
                 )
-                out[(name, depth)] = (median(ours), median(ref))
+                out[(name, depth)] = (
+                    median([x for x, _ in ours]),
+                    median([x for x, _ in ref]),
+                    median([c for _, c in ours]),
+                    median([c for _, c in ref]),
+                )
     return out
 
 
-def rows(results: dict[tuple[str, int], tuple[float, float]], runs: int) -> list[dict[str, Any]]:
+def rows(results: Figures, runs: int) -> list[dict[str, Any]]:
     table = []
     sizes = {name: size for name, size, _, _ in WORKLOADS}
-    for (name, depth), (ours, ref) in results.items():
+    for (name, depth), (ours, ref, ours_cpu, ref_cpu) in results.items():
         size = sizes[name]
         scale, unit = (1.0, "IOPS") if size < MIB else (size / MIB, "MiB/s")
         aim = ">= 0.50" if depth == 32 and unit == "IOPS" else None
@@ -216,6 +253,20 @@ def rows(results: dict[tuple[str, int], tuple[float, float]], runs: int) -> list
                 else "",
             )
         )
+        if size < MIB and depth == 32:
+            table.append(
+                make_row(
+                    "blk",
+                    f"{name} QD{depth} back-end CPU",
+                    ours_cpu * 1e6,
+                    "us/req",
+                    "qemu-storage-daemon",
+                    ref_cpu * 1e6,
+                    note="the back-end process's CPU time per request (all its threads)"
+                    if name == "4K randread"
+                    else "",
+                )
+            )
     return table
 
 
@@ -277,14 +328,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--profile", type=Path, metavar="OUT", help="py-spy the vhostkit daemon")
     parser.add_argument("--depth", type=int, default=32, help="queue depth under --profile")
+    parser.add_argument("--only", default="", help="only the workloads whose name has this")
+    parser.add_argument(
+        "--ref-tree", type=Path, metavar="DIR", help="reference: the vhostkit daemon of DIR"
+    )
     args = parser.parse_args()
     if args.profile:
         profile(args.profile, args.seconds, args.depth)
         return 0
-    for row in rows(measure(args.seconds, args.runs), args.runs):
+    ref = "qsd" if args.ref_tree is None else "ref"
+    for row in rows(measure(args.seconds, args.runs, args.only, args.ref_tree), args.runs):
         print(
-            f"{row['figure']:18} vhostkit {row['value']:12,.0f}  "
-            f"qsd {row['reference_value']:12,.0f} {row['unit']:6} ratio {row['ratio']:.2f}"
+            f"{row['figure']:30} vhostkit {row['value']:12,.1f}  "
+            f"{ref} {row['reference_value']:12,.1f} {row['unit']:6} ratio {row['ratio']:.2f}"
         )
     return 0
 

@@ -20,7 +20,9 @@ __all__ = [
     "daemon",
     "interleaved",
     "median",
+    "process_cpu",
     "process_tree",
+    "tmpfs_dir",
 ]
 
 T = TypeVar("T")
@@ -100,6 +102,12 @@ class OthersLoad:
         self.stop()
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` used so far; 0 when gone."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / _HZ
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
@@ -116,10 +124,15 @@ def interleaved(fns: Sequence[Callable[[], T]], reps: int) -> list[list[T]]:
 
 @contextlib.contextmanager
 def daemon(
-    device: str, socket: str | os.PathLike[str], args: Sequence[str]
+    device: str,
+    socket: str | os.PathLike[str],
+    args: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``python3 -m vhostkit backend DEVICE --socket SOCKET ARGS`` as users run it, until it
-    says READY on its ``--ready-fd``; stopped with SIGTERM on leaving."""
+    says READY on its ``--ready-fd``; stopped with SIGTERM on leaving. ``env``: its whole
+    environment (default this process's)."""
     r, w = os.pipe()
     argv = [sys.executable, "-m", "vhostkit", "backend", device, "--socket", os.fspath(socket)]
     argv += [*args, "--ready-fd", str(w), "--log-level", "warning"]
