@@ -253,7 +253,7 @@ def rows(results: Figures, runs: int) -> list[dict[str, Any]]:
                 else "",
             )
         )
-        if size < MIB and depth == 32:
+        if size < MIB and (depth == 32 or name == "4K randread"):
             table.append(
                 make_row(
                     "blk",
