@@ -153,6 +153,14 @@ def test_format_number() -> None:
     assert format_number(float("nan")) == "-"
 
 
+def test_a_note_given_twice_has_one_number() -> None:
+    from vhostkit.bench.runner import ModuleResult
+
+    rows = [Row.from_dict(make_row("x", f, 1.0, "u", "r", 1.0, note="same")) for f in "ab"]
+    text = plain_table([ModuleResult("x", "x.py", "ok", rows)])
+    assert text.count("[1]") == 3 and "[2]" not in text
+
+
 def test_plain_table_lines_up() -> None:
     from vhostkit.bench.runner import ModuleResult
 

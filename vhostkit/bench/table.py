@@ -52,8 +52,9 @@ def table_rows(results: Sequence[ModuleResult]) -> tuple[list[list[str]], list[s
     notes: list[str] = []
 
     def mark(note: str) -> str:
-        notes.append(note)
-        return f" [{len(notes)}]"
+        if note not in notes:  # the same note twice: one number
+            notes.append(note)
+        return f" [{notes.index(note) + 1}]"
 
     for result in results:
         if result.status != "ok" or not result.rows:
