@@ -31,7 +31,9 @@ Set-up, the same for every phase so that the ratios compare like with like:
 Each phase also says how much CPU other processes on the machine took during its window
 ("others"): on a shared machine a figure taken while others ran says little.
 
-Run: ``python bench/datapath.py [--seconds 3] [--queue-size 256] [--packed] [--runs 3]``.
+Run: ``python bench/datapath.py [--seconds 3] [--queue-size 256] [--packed] [--runs 3]``, or
+``vhostkit bench --only testpmd`` (:func:`run`: (a) and (b) beside (c), split rings, medians of
+3 runs; 2.5 s phases with ``--quick``, 3.5 s otherwise).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.testing.peers import Testpmd
@@ -247,6 +250,54 @@ def phase_reference(d: Path, seconds: float, queue_size: int, packed: bool) -> t
         settle.wait(seconds)
         others = load.stop()
         return report_pps(vhost, mark, vhost.line_count), others
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """``vhostkit bench`` rows: (a) and (b) against (c), each with the others' CPU."""
+    import shutil
+
+    from vhostkit.bench import Skipped, make_row
+
+    if shutil.which("dpdk-testpmd") is None:
+        raise Skipped("dpdk-testpmd not installed (dpdk-dev)")
+    # testpmd reports once a second and the first report in a window is dropped: >= 2.5 s
+    seconds, runs, qs = (2.5 if quick else 3.5), 3, 256
+    a_runs: list[tuple[float, float]] = []
+    b_runs: list[tuple[float, float]] = []
+    c_runs: list[tuple[float, float]] = []
+    logging.getLogger("vhostkit").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="vhk-bench-", dir="/tmp") as tmp:
+        d = Path(tmp)
+        for _ in range(runs):
+            a, _sent, a_load = phase_driver_to_vhost(d, seconds, qs, False, qs, True)
+            a_runs.append((a, a_load))
+            b, _tx, b_load = phase_virtio_user_to_sink(d, seconds, qs, False, True, 50.0)
+            b_runs.append((b, b_load))
+            c_runs.append(phase_reference(d, seconds, qs, False))
+    c = statistics.median(x for x, _ in c_runs)
+    c_load = max(load for _, load in c_runs)
+    rows = []
+    for label, runs_ in (
+        ("(a) vhostkit driver -> testpmd vhost PMD", a_runs),
+        ("(b) testpmd virtio_user -> vhostkit sink", b_runs),
+    ):
+        rows.append(
+            make_row(
+                "testpmd",
+                label,
+                statistics.median(x for x, _ in runs_) / 1e6,
+                "Mpps",
+                "testpmd -> testpmd",
+                c / 1e6,
+                aim=">= 0.50",
+                note=f"64 B frames, split rings of {qs}, medians of {runs}; others' CPU: the "
+                f"most in any phase (reference phase {c_load:.0f}%)"
+                if label.startswith("(a)")
+                else "",
+                others_cpu=max(max(load for _, load in runs_), c_load),
+            )
+        )
+    return rows
 
 
 def main() -> None:

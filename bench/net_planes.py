@@ -19,13 +19,17 @@ per frame).
 
 Run: ``python3 bench/net_planes.py [--seconds 3] [--runs 3]``. Where ``/dev/vhost-net`` is
 missing it runs itself inside the kernel VM (:mod:`vhostkit.testing.kernel_vm`) and prints
-what it printed there. Not a test: nothing is asserted.
+what it printed there. Not a test: nothing is asserted. ``vhostkit bench --only planes``
+runs it through :func:`run` (not with ``--quick``: booting the VM and the emulated runs take
+minutes): the kernel plane against direct vhost-net, and the user plane against the kernel
+plane, medians of 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -34,9 +38,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
+
+#: ``vhostkit bench`` skips this module under ``--quick``
+SLOW = True
+#: the line ``--json`` prints its figures on (the VM's output has the boot log around it)
+JSON_MARK = "NET-PLANES-JSON "
 
 FRAME = bytes.fromhex("0200000000020200000000018801") + bytes(50)  # 64 bytes
 BATCH = 64
@@ -119,19 +129,47 @@ def phase_direct(seconds: float, runs: int) -> list[float]:
     return rates
 
 
+def run(quick: bool) -> list[dict[str, Any]]:
+    """``vhostkit bench`` rows (the ratios; the VM is emulated, so absolute rates say little)."""
+    from vhostkit.bench import Skipped, make_row
+
+    seconds, runs = 3.0, 3
+    argv = ["python3", __file__, "--seconds", str(seconds), "--runs", str(runs), "--json"]
+    if os.path.exists("/dev/vhost-net"):
+        output = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    else:
+        from vhostkit.testing.kernel_vm import run_in_vm
+
+        try:
+            result = run_in_vm(argv, timeout=900)
+        except Exception as exc:  # no kernel image, no QEMU: say why
+            raise Skipped(f"no /dev/vhost-net and no kernel VM: {exc}") from exc
+        if result.returncode != 0:
+            raise RuntimeError(f"net_planes in the VM exited {result.returncode}")
+        output = result.output
+    line = next(x for x in output.splitlines() if x.startswith(JSON_MARK))
+    m = json.loads(line[len(JSON_MARK) :])
+    d, k, u = (statistics.median(m[x]) for x in ("direct", "kernel", "user"))
+    note = f"in the kernel VM (TCG); 64 B frames; medians of {runs}; only the ratios count"
+    return [
+        make_row("planes", "kernel-offload plane", k, "fps", "direct vhost-net", d, note=note),
+        make_row("planes", "user plane", u, "fps", "kernel-offload plane", k),
+        make_row("planes", "user plane (vs vhost-net)", u, "fps", "direct vhost-net", d),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = parser.parse_args()
     if not os.path.exists("/dev/vhost-net"):
         from vhostkit.testing.kernel_vm import run_in_vm
 
         print("no /dev/vhost-net here: running in the kernel VM", flush=True)
-        result = run_in_vm(
-            ["python3", __file__, "--seconds", str(args.seconds), "--runs", str(args.runs)],
-            timeout=600,
-        )
+        argv = ["python3", __file__, "--seconds", str(args.seconds), "--runs", str(args.runs)]
+        result = run_in_vm([*argv, *(["--json"] if args.json else [])], timeout=600)
         print(result.output, end="")
         sys.exit(result.returncode)
     for knob in ("/proc/sys/net/ipv6/conf/default/disable_ipv6",):
@@ -149,6 +187,9 @@ def main() -> None:
     print(f"kernel plane / direct vhost-net: {k / d:.2f}")
     print(f"user plane / kernel plane: {u / k:.2f}")
     print(f"swap pauses: {', '.join(f'{p:.2f}' for p in pauses)} ms")
+    if args.json:
+        figures = {"direct": direct, "kernel": kernel, "user": user, "pauses_ms": pauses}
+        print(JSON_MARK + json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

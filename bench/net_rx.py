@@ -10,7 +10,9 @@ the figure is what the driver received per second, and how many frames the devic
 The tap has no address, no IPv6, no bridge and no route: the frames reach only the device.
 
 Run: ``python3 bench/net_rx.py [--seconds 3] [--queue-size 256] [--packed] [--runs 3]``
-(as root: taps need CAP_NET_ADMIN).
+(as root: taps need CAP_NET_ADMIN), or ``vhostkit bench --only net_rx`` (:func:`run`: the
+received rate against what the sender put into the tap, medians of 3). The device runs in
+this process here; ``bench/net_tap.py`` measures the daemon in its own.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 from vhostkit.devices.net import NetDevice
 from vhostkit.guest.net import VirtioNetDriver
@@ -84,6 +87,29 @@ def one_run(seconds: float, queue_size: int, packed: bool) -> tuple[float, float
         assert sender.stdout is not None
         sent = int(sender.stdout.read().strip() or 0)
         return got / elapsed, sent / elapsed, device.rx_dropped
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """``vhostkit bench`` rows: frames received per second against frames sent per second."""
+    import os
+
+    from vhostkit.bench import Skipped, make_row
+
+    if os.geteuid() != 0:
+        raise Skipped("taps need CAP_NET_ADMIN (run as root)")
+    seconds, runs = (1.0 if quick else 3.0), 3
+    got, sent, dropped = zip(*(one_run(seconds, 256, False) for _ in range(runs)), strict=True)
+    return [
+        make_row(
+            "net_rx",
+            "tap -> NetDevice -> driver, 64 B (one process)",
+            statistics.median(got) / 1e3,
+            "kfps",
+            "AF_PACKET sender into the tap",
+            statistics.median(sent) / 1e3,
+            note=f"medians of {runs}; device dropped {statistics.median(dropped):.0f} per run",
+        )
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,15 +15,19 @@ And the driver role: ``send`` times :meth:`VirtioNetDriver.send` of 64-byte fram
 queue-full per call, over an in-process loopback data plane whose device role (not timed)
 consumes every frame between two calls; each call reaps the previous call's frames first.
 
-Run: ``python bench/ring_throughput.py [--seconds 2] [--num 256]``.
+Run: ``python bench/ring_throughput.py [--seconds 2] [--num 256]``, or through
+``vhostkit bench --only ring`` (:func:`run`: each workload's rate beside the ``struct`` loop
+of the same ring format, measured in the same run; medians of 3 repetitions).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -232,18 +236,52 @@ def bench_send(packed: bool, num: int, seconds: float) -> float:
         return sent / spent
 
 
+def measure_all(num: int, seconds: float) -> dict[str, dict[str, float]]:
+    """Every workload once: ``{ring: {workload: entries per second}}``."""
+    with GuestMemory.allocate([(0, 0x100000 + num * 2048)]) as mem:
+        results = {
+            "split": bench_split(mem, num, seconds),
+            "packed": bench_packed(mem, num, seconds),
+        }
+    results["split"]["send"] = bench_send(False, num, seconds)
+    results["packed"]["send"] = bench_send(True, num, seconds)
+    return results
+
+
+def run(quick: bool) -> list[dict[str, Any]]:
+    """``vhostkit bench`` rows: each workload against the one-descriptor ``struct`` loop of
+    the split ring (the reference, timed in every repetition), medians of 3."""
+    from vhostkit.bench import make_row
+
+    num, seconds, reps = 256, (0.15 if quick else 1.0), 3
+    runs = [measure_all(num, seconds) for _ in range(reps)]
+    ref = statistics.median(r["split"]["struct"] for r in runs)
+    rows = []
+    for ring in ("split", "packed"):
+        for workload in ("sink", "views", "send"):
+            value = statistics.median(r[ring][workload] for r in runs)
+            rows.append(
+                make_row(
+                    "ring",
+                    f"{ring} {workload}, {num}-entry batches",
+                    value / 1e6,
+                    "M entries/s",
+                    "split struct loop",
+                    ref / 1e6,
+                    note="in-process; 'views' builds every chain's memoryviews"
+                    if ring == "split" and workload == "views"
+                    else "",
+                )
+            )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--num", type=int, default=256)
     args = parser.parse_args()
-    with GuestMemory.allocate([(0, 0x100000 + args.num * 2048)]) as mem:
-        results = {
-            "split": bench_split(mem, args.num, args.seconds),
-            "packed": bench_packed(mem, args.num, args.seconds),
-        }
-    results["split"]["send"] = bench_send(False, args.num, args.seconds)
-    results["packed"]["send"] = bench_send(True, args.num, args.seconds)
+    results = measure_all(args.num, args.seconds)
     for ring, figures in results.items():
         for workload, rate in figures.items():
             print(

@@ -10,6 +10,7 @@
 ``vhostkit tap create|list|...``   tap devices for the data planes (:mod:`vhostkit.cli.tap`)
 ``vhostkit trace ...``             a decoding vhost-user proxy (:mod:`vhostkit.trace.cli`)
 ``vhostkit lab check|run|clean``   scripted networking labs (:mod:`vhostkit.lab.cli`)
+``vhostkit bench [--quick]``       the benchmarks, one table (:mod:`vhostkit.cli.bench`)
 =================================  ===========================================================
 
 **Adding a command.** A command is a module with two functions::
@@ -90,6 +91,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("swap", "vhostkit.cli.swap", "move a running net device to the other data plane"),
     Command("trace", "vhostkit.trace.cli", "trace a vhost-user connection, decoded"),
     Command("lab", "vhostkit.lab.cli", "scripted VM networking labs: check and run lab files"),
+    Command("bench", "vhostkit.cli.bench", "run the benchmarks, print one table of figures"),
 )
 
 

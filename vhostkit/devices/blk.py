@@ -412,23 +412,37 @@ class BlkDevice(MigratableRingDevice):
 
     def _handle(self, ring_index: int, chain: Chain) -> tuple[int, bool]:
         """Answer one request; return ``(used length, whether it wrote to the image)``."""
+        writable = chain.writable
         writable_len = chain.writable_len
         if writable_len < 1:
             raise VirtqueueError(
                 f"virtio-blk ring {ring_index}: request {chain.id} has no device-writable "
                 "byte for its status"
             )
-        data_in, status_view = _split(chain.writable, writable_len - 1)
+        # the usual layout (Linux, QEMU, SeaBIOS): the status byte in a buffer of its own, the
+        # header in one: no splitting of views
+        last = writable[-1]
+        if last.nbytes == 1:
+            data_in, status_view = writable[:-1], last
+        else:
+            data_in, tail = _split(writable, writable_len - 1)
+            status_view = tail[-1]
+        readable = chain.readable
         if chain.readable_len < REQUEST_HEADER.size:
             log.warning(
                 "ring %d: request %d: %d-byte header", ring_index, chain.id, chain.readable_len
             )
             status, wrote = BlkStatus.IOERR, False
         else:
-            head, data_out = _split(chain.readable, REQUEST_HEADER.size)
-            rtype, _, sector = REQUEST_HEADER.unpack(_gather(head))
+            first = readable[0]
+            if first.nbytes == REQUEST_HEADER.size:
+                rtype, _, sector = REQUEST_HEADER.unpack(first)
+                data_out = readable[1:]
+            else:
+                head, data_out = _split(readable, REQUEST_HEADER.size)
+                rtype, _, sector = REQUEST_HEADER.unpack(_gather(head))
             status, wrote = self._execute(rtype, sector, data_out, data_in)
-        status_view[-1][-1] = status
+        status_view[-1] = status
         self.completed[status] += 1
         return writable_len, wrote
 
@@ -451,13 +465,19 @@ class BlkDevice(MigratableRingDevice):
                 nbytes = sum(v.nbytes for v in data_in)
                 if not self._in_range(sector, nbytes):
                     return BlkStatus.IOERR, False
-                _vectored(os.preadv, self.fd, data_in, sector * SECTOR_SIZE, what="read")
+                offset = sector * SECTOR_SIZE
+                # one preadv does it unless the image is short or IOV_MAX is exceeded; a
+                # partial read is simply read again in full
+                if len(data_in) > _IOV_MAX or os.preadv(self.fd, data_in, offset) != nbytes:
+                    _vectored(os.preadv, self.fd, data_in, offset, what="read")
                 return BlkStatus.OK, False
             if rtype == t.OUT:
                 nbytes = sum(v.nbytes for v in data_out)
                 if self.read_only or not self._in_range(sector, nbytes):
                     return BlkStatus.IOERR, False
-                _vectored(os.pwritev, self.fd, data_out, sector * SECTOR_SIZE, what="write")
+                offset = sector * SECTOR_SIZE
+                if len(data_out) > _IOV_MAX or os.pwritev(self.fd, data_out, offset) != nbytes:
+                    _vectored(os.pwritev, self.fd, data_out, offset, what="write")
                 return BlkStatus.OK, nbytes > 0
             if rtype == t.FLUSH:
                 os.fsync(self.fd)
