@@ -224,6 +224,11 @@ class DeviceRole(RingBase):
         self._log_batches = {}
         self._log_owner = self._log_index = np.zeros(0, dtype=np.int64)
 
+    def check_ring_log(self, dlog: DirtyLog, ring_log: int) -> None:
+        """Raise :class:`InvalidParam` unless the ring's own writes, logged from
+        ``ring_log`` (its ``log_guest_addr``), fall inside ``dlog``."""
+        self._ring_log_base(dlog, ring_log)
+
     def _ring_log_base(self, dlog: DirtyLog, ring_log: int) -> int:
         """Where the ring's writes are logged from, given ``log_guest_addr`` (checked to
         fit ``dlog``: :class:`InvalidParam` if not)."""

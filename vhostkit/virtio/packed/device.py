@@ -95,7 +95,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         self._recent: list[ChainBatch] = []
         #: logging: guest-physical addresses of the descriptor ring and the device event area
         #: and the memory generation they were translated in
-        self._log_gpas: tuple[int, int, int] = (-1, 0, 0)
+        self._log_gpas: tuple[object, int, int, int] = (None, -1, 0, 0)
         #: the device event flags last written to the ring (None: not written yet)
         self._dev_flags_written: int | None = None
         # _avail_bits[wrap][last + i]: AVAIL/USED bits of an available descriptor i positions
@@ -390,11 +390,14 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 desc["len"][: end - num] = lens_a[cut:]
                 v.flags[u + 1 :] = first
                 v.flags[: end - num] = first ^ _BOTH
-            v.words[8 * u + 7] = first  # publishes the whole batch
             if self._dlog is not None:
-                # bytes 8-15 of each slot (len, id, flags), one run or two when they wrap
+                # bytes 8-15 of each slot (len, id, flags), one run or two when they wrap;
+                # before the batch is published (see the split ring), its flags word after
                 wrapped = np.arange(u, end) % num if end > num else None
                 self._log_used_slots(ids_a, lens_a, wrapped, u, k)
+            v.words[8 * u + 7] = first  # publishes the whole batch
+            if self._dlog is not None:
+                self._log_slot_flags(u)
         else:
             counts = self._ring_count[ids_a]
             self._n_multi -= int(_count(counts > 1))
@@ -411,9 +414,11 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             desc["len"][pos] = lens_a
             if k > 1:
                 v.flags[pos[1:]] = flags[1:]
-            v.flags[pos[0]] = flags[0]  # publishes the whole batch
             if self._dlog is not None:
                 self._log_used_slots(ids_a, lens_a, pos, u, k)
+            v.flags[pos[0]] = flags[0]  # publishes the whole batch
+            if self._dlog is not None:
+                self._log_slot_flags(int(pos[0]))
         self._n_descs -= total
         if not self._n_ids:
             self._recent.clear()
@@ -479,18 +484,21 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         return 0  # absolute addresses
 
     def _translate_log_gpas(self) -> tuple[int, int, int]:
-        gen = self._mem.generation
-        if self._log_gpas[0] != gen:
+        """``(memory generation, descriptor ring GPA, device event area GPA)``, translated
+        again after the memory table changed."""
+        mem, gen = self._mem, self._mem.generation
+        cached = self._log_gpas
+        if cached[0] is not mem or cached[1] != gen:
             if self._space == "gpa":
                 desc, _, dev = self._addrs
             else:
                 d, _, e = self._addrs
-                desc, dev = self._mem.uva_to_gpa(d), self._mem.uva_to_gpa(e)
+                desc, dev = mem.uva_to_gpa(d), mem.uva_to_gpa(e)
                 # a ring split over two regions would not be contiguous in guest memory
-                if self._mem.uva_to_gpa(d + 16 * self.num - 1) != desc + 16 * self.num - 1:
+                if mem.uva_to_gpa(d + 16 * self.num - 1) != desc + 16 * self.num - 1:
                     raise InvalidParam(f"descriptor ring {self.index} is not contiguous")
-            self._log_gpas = (gen, desc, dev)
-        return self._log_gpas
+            cached = self._log_gpas = (mem, gen, desc, dev)
+        return cached[1], cached[2], cached[3]
 
     def _log_used_slots(
         self, ids: np.ndarray, lens: np.ndarray, pos: np.ndarray | None, u: int, k: int
@@ -506,6 +514,11 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         else:
             at = (np.asarray(pos, dtype=np.int64) * 16 + desc + 8).tolist()
             self._log_written(ids, lens, at, [8] * len(at))
+
+    def _log_slot_flags(self, slot: int) -> None:
+        """Mark the flags word of ring slot ``slot`` (the one that publishes a batch)."""
+        if self._dlog is not None and self._ring_log is not None:
+            self._dlog.mark(self._translate_log_gpas()[1] + 16 * slot + 14, 2)
 
     def _log_event_area(self, length: int) -> None:
         """Mark a write of the device event area's first ``length`` bytes, when logged."""

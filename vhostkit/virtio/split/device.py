@@ -301,16 +301,21 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             used[pos, 0] = ids_a
             used[pos, 1] = lens_a
         new = (old + k) & 0xFFFF
+        if self._dlog is not None:
+            # As vhost does: the data and the entries (one run, or two when they wrap) are
+            # marked before the index publishes them, so a driver that sees a completion sees
+            # its pages marked; the index is marked after it is written (the log is marked
+            # after each write: a mark before could be collected before the write lands).
+            end = start + k
+            if end <= self.num:
+                at, size = [4 + 8 * start], [8 * k]
+            else:
+                at, size = [4 + 8 * start, 4], [8 * (self.num - start), 8 * (end - self.num)]
+            self._log_written(ids_a, lens_a, at, size)
         v.used_w[1] = new  # publish after the entries
         self._used_idx = new
         if self._dlog is not None:
-            # the entries (one run, or two when they wrap) and the index, then the data
-            end = start + k
-            if end <= self.num:
-                at, size = [4 + 8 * start, 2], [8 * k, 2]
-            else:
-                at, size = [4 + 8 * start, 4, 2], [8 * (self.num - start), 8 * (end - self.num), 2]
-            self._log_written(ids_a, lens_a, at, size)
+            self._log_ring(2, 2)
         if self.event_idx:
             return need_event(v.used_event_w[0], new, old)
         return not v.avail_w[0] & AVAIL_F_NO_INTERRUPT
