@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vhostkit.backend import LogRegion
@@ -351,3 +352,61 @@ def drive_logging(fe: Frontend, image: Path) -> None:
             fe.get_vring_base(index)
     finally:
         drv.close()
+
+
+def test_blk_read_data_and_status_pages_are_marked(rig: Rig) -> None:
+    """Arbitrary batches of requests (reads of any length split over buffers, writes,
+    GET_ID): the pages of every writable byte the device changed are marked (the shadow, a copy
+    of guest memory before each batch, tells which), and nothing but the pages of the chains'
+    writable buffers and the used ring."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vhostkit.virtio.blk import BlkRequestType, request_header
+
+    drv = rig.drv
+    with DirtyLog.allocate(log_size_for(drv.mem.regions)) as dlog:
+        start_logging(rig, dlog)
+        q = drv.queues[0]
+        ring_pages = pages_of(q.ring_gpas[2], used_ring_size(drv.queue_size))
+        area = (drv.layout.data_base, drv.layout.data_area)
+
+        request = st.one_of(
+            st.tuples(st.just("read"), st.integers(0, 1000), st.integers(1, 24), st.integers(1, 3)),
+            st.tuples(st.just("write"), st.integers(0, 1000), st.integers(1, 4), st.just(1)),
+            st.tuples(st.just("id"), st.just(0), st.just(0), st.just(1)),
+        )
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(batch=st.lists(request, min_size=1, max_size=6))
+        def one_batch(batch: list[tuple[str, int, int, int]]) -> None:
+            drv.mem.write(area[0], b"\xee" * area[1])  # the fill the driver gives buffers
+            before = np.frombuffer(drv.mem.read(0, drv.layout.mem_size), np.uint8).copy()
+            dlog.collect()
+            sent = []
+            for kind, sector, sectors, split in batch:
+                if kind == "read":
+                    n = sectors * 512
+                    sizes = [n // split] * (split - 1) + [n - n // split * (split - 1)]
+                    out = [request_header(BlkRequestType.IN, sector)]
+                    sent.append(drv.submit(out, [*sizes, 1]))
+                elif kind == "write":
+                    out = [request_header(BlkRequestType.OUT, sector), b"\x11" * 512 * sectors]
+                    sent.append(drv.submit(out, [1]))
+                else:
+                    sent.append(drv.submit([request_header(BlkRequestType.GET_ID)], [20, 1]))
+            writable: list[tuple[int, int]] = []
+            for token, bufs in sent:
+                drv.wait(token)
+                writable += bufs
+            after = np.frombuffer(drv.mem.read(0, drv.layout.mem_size), np.uint8)
+            changed: set[int] = set()
+            for gpa, n in writable:
+                diff = np.flatnonzero(before[gpa : gpa + n] != after[gpa : gpa + n])
+                changed |= {(gpa + int(i)) // LOG_PAGE_SIZE for i in diff}
+            marked = set(dlog.collect().tolist())
+            allowed = set().union(*(pages_of(g, n) for g, n in writable)) | ring_pages
+            assert changed <= marked, sorted(changed - marked)
+            assert marked <= allowed, sorted(marked - allowed)
+
+        one_batch()
