@@ -122,9 +122,16 @@ SIZES = {
 # --- processes, namespace, counters -----------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
+#: CPUs, on a machine of two or more: the party measured (the back-end daemon, or the plain
+#: read/write loop it is compared with) runs alone on one; the traffic source and the guest
+#: (testpmd's forwarding lcore, vhostkit's driver) share the other
+MEASURED_CPU = 0
+TRAFFIC_CPU = 1
+
+
+def _env(tree: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(tree or ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -227,15 +234,26 @@ class Window:
 class Proc:
     """A child process with its output collected by a thread (lines kept)."""
 
-    def __init__(self, argv: list[str], *, pass_fds: tuple[int, ...] = (), stdin: bool = False):
+    def __init__(
+        self,
+        argv: list[str],
+        *,
+        pass_fds: tuple[int, ...] = (),
+        cpu: int | None = None,
+        tree: Path | None = None,
+    ):
+        pin = None
+        if cpu is not None and (os.cpu_count() or 1) > cpu:
+            pin = lambda: os.sched_setaffinity(0, {cpu})  # noqa: E731
         self.popen = subprocess.Popen(
             argv,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             pass_fds=pass_fds,
-            env=_env(),
+            env=_env(tree),
+            preexec_fn=pin,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -384,6 +402,8 @@ class Config:
     queue_size: int = 256
     busy_poll_us: float = 0.0
     extra_backend_args: tuple[str, ...] = ()
+    #: the source tree the daemon runs from (None: this one)
+    tree: Path | None = None
 
 
 _tap_counter = iter(range(10**6))
@@ -438,7 +458,8 @@ def _sender(ns: Namespace, ifname: str, size: Size) -> Proc:
     payload = small_frame(GUEST_MAC, RX_JUMBO if size.gso else size.frame_len)
     p = Proc(
         ["ip", "netns", "exec", ns.name, sys.executable, "-c", _SENDER, ifname,
-         _frame_file(payload), "0"]
+         _frame_file(payload), "0"],
+        cpu=TRAFFIC_CPU,
     )  # fmt: skip
     p.wait_line("sending")
     return p
@@ -448,7 +469,8 @@ def reference_rx(ns: Namespace, size: Size, cfg: Config) -> Result:
     with ExitStack() as stack:
         tap, name = _reference_tap(ns, size)
         stack.callback(tap.close)  # type: ignore[attr-defined]
-        reader = Proc([sys.executable, "-c", _READER, str(tap.fd)], pass_fds=(tap.fd,))  # type: ignore[attr-defined]
+        fd = tap.fd  # type: ignore[attr-defined]
+        reader = Proc([sys.executable, "-c", _READER, str(fd)], pass_fds=(fd,), cpu=MEASURED_CPU)
         stack.callback(reader.stop)
         reader.wait_line("reading")
         sender = _sender(ns, name, size)
@@ -469,6 +491,7 @@ def reference_tx(ns: Namespace, size: Size, cfg: Config) -> Result:
         writer = Proc(
             [sys.executable, "-c", _WRITER, str(tap.fd), _frame_file(frame)],  # type: ignore[attr-defined]
             pass_fds=(tap.fd,),  # type: ignore[attr-defined]
+            cpu=MEASURED_CPU,
         )
         stack.callback(writer.stop)
         writer.wait_line("writing")
@@ -490,7 +513,7 @@ def backend_daemon(
         argv += ["--busy-poll-us", f"{cfg.busy_poll_us:g}"]
     argv += list(cfg.extra_backend_args)
     try:
-        daemon = Proc(argv, pass_fds=(w,))
+        daemon = Proc(argv, pass_fds=(w,), cpu=MEASURED_CPU, tree=cfg.tree)
     finally:
         os.close(w)
     try:
@@ -515,6 +538,7 @@ def _testpmd(sock: Path, mode: str, cfg: Config, size: Size) -> object:
         interactive=False,
         mac=GUEST_MAC.hex(":"),
         app_args=app,
+        lcores=f"{MEASURED_CPU},{TRAFFIC_CPU}",  # forwards on the second: TRAFFIC_CPU
     )
     pmd.start()
     return pmd
@@ -532,7 +556,7 @@ def _testpmd_pps(pmd: object, start: int, end: int, field_: str) -> float:
 
 def _guest(sock: Path, mode: str, size: Size) -> Proc:
     frame = gso_frame(OTHER_MAC if mode == "tx" else GUEST_MAC)
-    p = Proc([sys.executable, "-c", _GUEST, mode, str(sock), _frame_file(frame)])
+    p = Proc([sys.executable, "-c", _GUEST, mode, str(sock), _frame_file(frame)], cpu=TRAFFIC_CPU)
     p.wait_line("started")
     return p
 
@@ -616,7 +640,9 @@ def _label(direction: str, size: Size) -> str:
     return size.label + (" GSO" if direction == "tx" else " frames")
 
 
-def _row(direction: str, size: Size, ours: list[Result], ref: list[Result]) -> dict[str, object]:
+def _row(
+    direction: str, size: Size, ours: list[Result], ref: list[Result], variant: str = ""
+) -> dict[str, object]:
     o, r = _median(ours), _median(ref)
     gbit = size.frame_len >= 1000
     if gbit:
@@ -640,7 +666,8 @@ def _row(direction: str, size: Size, ours: list[Result], ref: list[Result]) -> d
     )
     return {
         "bench": BENCH,
-        "figure": f"net {direction.upper()} {_label(direction, size)} ({path})",
+        "figure": f"net {direction.upper()} {_label(direction, size)} ({path})"
+        + (f" [{variant}]" if variant else ""),
         "value": float(value),
         "unit": unit,
         "reference": refname,
@@ -660,9 +687,16 @@ def measure(
     sizes: tuple[str, ...] = ("64", "1500", "gso"),
     busy_poll_us: float = 0.0,
     extra_backend_args: tuple[str, ...] = (),
+    compare_tree: Path | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, object]]:
-    """Every figure of this benchmark (see the module docstring)."""
+    """Every figure of this benchmark (see the module docstring).
+
+    ``compare_tree``: also measure the daemon of another source tree (e.g. an export of an
+    older commit), interleaved with this one's in the same run against the same references;
+    its rows say ``[compare_tree]`` (``busy_poll_us`` and ``extra_backend_args`` are not
+    given to it).
+    """
     if os.geteuid() != 0:
         raise PermissionError("net_tap needs root (taps and network namespaces)")
     runs = runs or (1 if quick else 3)
@@ -672,6 +706,10 @@ def measure(
         busy_poll_us=busy_poll_us,
         extra_backend_args=extra_backend_args,
     )
+    variants: list[tuple[str, Config]] = [("", cfg)]
+    if compare_tree is not None:
+        other = Config(cfg.seconds, cfg.warmup, cfg.queue_size, tree=compare_tree)
+        variants.insert(0, (str(compare_tree), other))
     rows: list[dict[str, object]] = []
     with ExitStack() as stack:
         ns = Namespace()
@@ -681,25 +719,27 @@ def measure(
         for direction in directions:
             for key in sizes:
                 size = SIZES[key]
-                ours: list[Result] = []
+                ours: dict[str, list[Result]] = {label: [] for label, _ in variants}
                 ref: list[Result] = []
-                for _ in range(runs):  # interleaved: both see the same load
-                    if direction == "rx":
-                        ref.append(reference_rx(ns, size, cfg))
-                        ours.append(backend_rx(ns, size, cfg, d))
-                    else:
-                        ref.append(reference_tx(ns, size, cfg))
-                        ours.append(backend_tx(ns, size, cfg, d))
-                    if progress:
-                        o, r = ours[-1], ref[-1]
-                        progress(
-                            f"  {direction} {_label(direction, size)}: backend "
-                            f"{o.frames_per_s / 1e6:.3f} Mpps ({o.window.describe()}"
-                            + (f"; {o.extra}" if o.extra else "")
-                            + f"), reference {r.frames_per_s / 1e6:.3f} Mpps"
-                            f" ({r.window.describe()})"
-                        )
-                rows.append(_row(direction, size, ours, ref))
+                for _ in range(runs):  # interleaved: all see the same load
+                    ref_fn = reference_rx if direction == "rx" else reference_tx
+                    ours_fn = backend_rx if direction == "rx" else backend_tx
+                    ref.append(ref_fn(ns, size, cfg))
+                    for label, vcfg in variants:
+                        ours[label].append(ours_fn(ns, size, vcfg, d))
+                        if progress:
+                            o, r = ours[label][-1], ref[-1]
+                            progress(
+                                f"  {direction} {_label(direction, size)}"
+                                + (f" [{label}]" if label else "")
+                                + f": backend {o.frames_per_s / 1e6:.3f} Mpps "
+                                f"({o.window.describe()}"
+                                + (f"; {o.extra}" if o.extra else "")
+                                + f"), reference {r.frames_per_s / 1e6:.3f} Mpps"
+                                f" ({r.window.describe()})"
+                            )
+                for label, _ in variants:
+                    rows.append(_row(direction, size, ours[label], ref, label))
     return rows
 
 
@@ -737,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="64,1500,gso")
     parser.add_argument("--busy-poll-us", type=float, default=0.0)
     parser.add_argument("--backend-arg", action="append", default=[])
+    parser.add_argument("--compare-tree", type=Path, help="also run the daemon of this tree")
     args = parser.parse_args(argv)
     rows = measure(
         quick=args.quick,
@@ -746,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes=tuple(args.sizes.split(",")),
         busy_poll_us=args.busy_poll_us,
         extra_backend_args=tuple(args.backend_arg),
+        compare_tree=args.compare_tree,
         progress=None if args.json else print,
     )
     if args.json:

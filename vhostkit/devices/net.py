@@ -48,6 +48,7 @@ from vhostkit.types import VringState
 from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES
 from vhostkit.user.backend.ring_device import ActiveRing, RingDevice
 from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.chain import FlatBatch
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
 from vhostkit.virtio.packed import PackedDeviceQueue
@@ -107,6 +108,12 @@ VIRTIO_NET_S_LINK_UP = 1
 TX_BACKPRESSURE_TIMEOUT = 5.0
 
 
+def _write_guest(dst: memoryview, data: memoryview) -> None:
+    """Copy ``data`` to the start of ``dst``, a view of guest memory (``dst`` is at least as
+    long). Every byte this device puts into guest memory goes through here."""
+    dst[: data.nbytes] = data
+
+
 def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
     """Scatter ``data`` (the tap's virtio-net header, then the frame) over ``chains``, which
     together hold it; returns the bytes written to each.
@@ -124,7 +131,7 @@ def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
         start = pos
         for dst in chain.writable:
             n = min(dst.nbytes, end - pos)
-            dst[:n] = data[pos : pos + n]
+            _write_guest(dst, data[pos : pos + n])
             pos += n
             if pos == end:
                 break
@@ -201,6 +208,24 @@ def _write_frame(fd: int, views: list[memoryview]) -> bool:
         except OSError as exc:
             log.warning("tap write failed: %s", exc)
             return False
+
+
+def _write_frames(fd: int, flat: FlatBatch) -> int:
+    """Write the one-buffer frames of ``flat`` to the tap, one ``write`` each, straight from
+    guest memory; returns how many were sent (the others were dropped)."""
+    view = flat.view
+    write = os.write
+    sent = 0
+    for off, length in zip(flat.offsets, flat.lengths, strict=True):
+        frame = view[off : off + length]
+        try:
+            write(fd, frame)
+            sent += 1
+        except BlockingIOError:
+            sent += _write_frame(fd, [frame])  # the tap is full: wait for it, as writev does
+        except OSError as exc:
+            log.warning("tap write failed: %s", exc)
+    return sent
 
 
 def net_config(mac: bytes, queue_pairs: int, mtu: int) -> bytes:
@@ -379,24 +404,27 @@ class NetDevice(RingDevice):
 
     def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
         fd = self._tap_fd(ring)
+        zeros = np.zeros(ring.queue.num, dtype=np.uint32)  # used lengths: nothing written
         while True:
             batch = ring.pop_batch()
             n = len(batch)
             if not n:
                 return True
-            sent = dropped = 0
+            sent = 0
             if send:
-                for chain in batch:
-                    if _write_frame(fd, chain.readable):
-                        sent += 1
-                    else:
-                        dropped += 1
-            else:
-                dropped = n
+                # the common shape (one buffer per frame, one region): no per-chain objects
+                flat = batch.flat(writable=False)
+                if flat is not None:
+                    sent = _write_frames(fd, flat)
+                else:
+                    for chain in batch:
+                        sent += _write_frame(fd, chain.readable)
             with self._stats_lock:
                 self.tx_frames += sent
-                self.tx_dropped += dropped
-            ring.complete(batch.ids, np.zeros(n, dtype=np.int64))
+                self.tx_dropped += n - sent
+            if zeros.shape[0] < n:
+                zeros = np.zeros(n, dtype=np.uint32)
+            ring.complete(batch.ids, zeros[:n])
 
     def _receive(self, ring: ActiveRing) -> bool:
         # Frames are completed in batches: one used-index update, and at most one interrupt,
@@ -493,23 +521,26 @@ class NetDevice(RingDevice):
             if need >= budget or off > last:
                 return True
 
-    def _pop_chains(self, ring: ActiveRing, rx: _RxRing, count: int) -> list[Chain]:
+    def _pop_batches(self, ring: ActiveRing, rx: _RxRing, count: int) -> list[ChainBatch]:
         """Pop up to ``count`` chains, as few pops as the ring allows, learning the driver's
         buffers from them (see :meth:`_read_burst`)."""
-        chains: list[Chain] = []
-        while len(chains) < count:
+        batches: list[ChainBatch] = []
+        have = 0
+        while have < count:
             fresh = ring.resubmitted is None  # else the first chains come from the restart
             # force: the frames are already read, finish them even if the ring is wanted
-            batch = ring.pop_batch(max_chains=count - len(chains), force=True)
-            if not len(batch):
+            batch = ring.pop_batch(max_chains=count - have, force=True)
+            n = len(batch)
+            if not n:
                 break
-            chains += batch.chains()
+            batches.append(batch)
+            have += n
             rx.buf_len = int(batch.writable_len.min())
             queue = ring.queue
             if fresh and isinstance(queue, PackedDeviceQueue):
                 per_chain = queue.last_popped[1]
                 rx.slots = 1 if per_chain is None else int(per_chain.max())
-        return chains
+        return batches
 
     def _deliver(
         self,
@@ -525,13 +556,38 @@ class NetDevice(RingDevice):
         buffers: one chain each, popped together; a mergeable frame that needs more takes the
         next ones, and pops more one at a time when the burst's run out."""
         arena = rx.arena
-        chains = self._pop_chains(ring, rx, len(lens))
-        n_chains = len(chains)
-        ci = 0
+        batches = self._pop_batches(ring, rx, len(lens))
         frames = dropped = 0
+        off = 0
+        first = 0  # frames delivered by the fast path
         try:
-            off = 0
-            for got in lens:
+            flat = batches[0].flat(writable=True) if len(batches) == 1 else None
+            if flat is not None:
+                # The common shape: one buffer per chain, all in one region. Each frame that
+                # fits its chain's buffer is copied there from the arena; no per-chain objects.
+                view, offsets, sizes, ids = flat.view, flat.offsets, flat.lengths, flat.ids
+                n = min(len(ids), len(lens))
+                mrg_hdr = size >= HDR_SIZE_MRG
+                pack = _NUM_BUFFERS.pack_into
+                while first < n:
+                    got = lens[first]
+                    if got > sizes[first]:
+                        break  # needs more buffers, or is dropped: the general path below
+                    if mrg_hdr:
+                        pack(arena, off + HDR_SIZE_LEGACY, 1)
+                    dst = offsets[first]
+                    _write_guest(view[dst : dst + got], arena[off : off + got])
+                    off += got
+                    first += 1
+                done_ids += ids[:first]
+                done_lens += lens[:first]
+                frames = first
+                chains = [batches[0][i] for i in range(first, len(ids))]
+            else:
+                chains = [c for batch in batches for c in batch.chains()]
+            n_chains = len(chains)
+            ci = 0
+            for got in lens[first:]:
                 data = arena[off : off + got]
                 off += got
                 if ci < n_chains:
@@ -542,7 +598,7 @@ class NetDevice(RingDevice):
                         # the common case: the frame fits the chain's one buffer
                         if size >= HDR_SIZE_MRG:
                             _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, 1)
-                        views[0][:got] = data
+                        _write_guest(views[0], data)
                         done_ids.append(chain.id)
                         done_lens.append(got)
                         frames += 1
