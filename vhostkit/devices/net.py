@@ -228,6 +228,22 @@ def _write_frames(fd: int, flat: FlatBatch) -> int:
     return sent
 
 
+def _spin_tap(fd: int, ring: ActiveRing, budget: float) -> bool:
+    """Poll the tap for up to ``budget`` seconds (the device's ``busy_poll``) before the worker
+    sleeps on it; True when a frame came."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poll = poller.poll
+    clock = time.perf_counter
+    deadline = clock() + budget
+    while not ring.interrupted:
+        if poll(0):
+            return True
+        if clock() >= deadline:
+            return False
+    return False
+
+
 def net_config(mac: bytes, queue_pairs: int, mtu: int) -> bytes:
     """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
     if len(mac) != 6:
@@ -264,6 +280,7 @@ class NetDevice(RingDevice):
         queue_pairs: int = 1,
         features: int = DEFAULT_NET_FEATURES,
         protocol_features: int = NET_PROTOCOL_FEATURES,
+        busy_poll: float = 0.0,
     ) -> None:
         if len(tap.fds) < queue_pairs:
             raise InvalidParam(f"{queue_pairs} queue pairs need a tap with as many queues")
@@ -293,6 +310,7 @@ class NetDevice(RingDevice):
             protocol_features=protocol_features,
             num_queues=2 * queue_pairs,
             config=net_config(mac, queue_pairs, mtu),
+            busy_poll=busy_poll,
         )
 
     # -- features --
@@ -467,7 +485,7 @@ class NetDevice(RingDevice):
             more = self._read_burst(fd, rx, pending, resubmitted, mergeable, size, lens)
             if lens:
                 self._deliver(ring, rx, lens, mergeable, size, done_ids, done_lens)
-            if not more:
+            if not more and not (self.busy_poll > 0 and _spin_tap(fd, ring, self.busy_poll)):
                 return False  # the tap is empty
 
     def _read_burst(
