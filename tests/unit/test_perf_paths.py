@@ -120,6 +120,49 @@ def test_flat_batch_is_the_one_descriptor_one_region_shape_only(packed: bool) ->
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_unpop_gives_back_the_tail_of_the_last_pop(packed: bool) -> None:
+    """unpop(k): the last k chains of the last pop are no longer in flight and the next pop
+    takes them again (same ids, same buffers), across ring wraps and with chains of several
+    descriptors; chains completed, or not of the last pop, cannot be given back."""
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 4, features=int(F.RING_EVENT_IDX))
+        for lap in range(3):  # the positions wrap around the 4-entry ring
+            drv.add_batch([BUFS + i * 0x100 for i in range(3)], [64] * 3, writable=True)
+            drv.publish()
+            batch = dev.pop_batch()
+            assert len(batch) == 3
+            ids = batch.ids.tolist()
+            with pytest.raises(InvalidParam, match="last pop took 3"):
+                dev.unpop(4)
+            dev.complete(ids[:1], [64])
+            with pytest.raises(InvalidParam, match="not in flight"):
+                dev.unpop(3)  # the first one was completed
+            dev.unpop(2)
+            assert sorted(dev.inflight) == []
+            assert dev.has_pending()
+            again = dev.pop_batch()
+            assert again.ids.tolist() == ids[1:]
+            assert again.writable_len.tolist() == [64, 64]
+            dev.complete(again.ids, [64, 64])
+            assert sorted(drv.reap_batch()[1].tolist()) == [64, 64, 64], lap
+        # chains of two descriptors (packed: two ring slots each)
+        drv.add([], [(BUFS, 16), (BUFS + 0x100, 16)], token=7)
+        drv.add([], [(BUFS + 0x200, 16), (BUFS + 0x300, 16)], token=8)
+        drv.publish()
+        batch = dev.pop_batch()
+        assert batch.writable_len.tolist() == [32, 32]
+        dev.unpop(1)
+        assert dev.pending() == (2 if packed else 1)
+        again = dev.pop_batch()
+        assert again.ids.tolist() == batch.ids.tolist()[1:]
+        dev.complete(batch.ids, [32, 32])
+        assert sorted(t for t, _ in drv.reap()) == [7, 8]
+        dev.unpop(0)
+        with pytest.raises(InvalidParam, match="not in flight"):
+            dev.unpop(1)  # completed meanwhile
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_buffers_across_regions_and_outside_memory(packed: bool) -> None:
     with GuestMemory.allocate([(0, 0x20000), (0x20000, 0x10000)]) as mem:
         drv, dev = _pair(mem, packed, 4)

@@ -99,6 +99,7 @@ RX_BATCH = 64
 #: (a burst ends when less than :data:`MAX_RX_FRAME` is left).
 RX_ARENA = MAX_RX_FRAME + RX_BATCH * 2048
 _NUM_BUFFERS = struct.Struct("<H")
+_ONE_BUFFER = memoryview(_NUM_BUFFERS.pack(1))
 VIRTIO_NET_S_LINK_UP = 1
 
 
@@ -270,6 +271,10 @@ class NetDevice(RingDevice):
     it). A multi-queue tap with more queues than ``queue_pairs`` has the extra ones detached
     while the device lives, so that the tap steers no flow to them; :meth:`close` attaches
     them again."""
+
+    #: receive with the tap read straight into the driver's buffers where the ring allows it
+    #: (:meth:`_receive_direct`); False: always through the bounce arena
+    rx_direct = True
 
     def __init__(
         self,
@@ -450,13 +455,150 @@ class NetDevice(RingDevice):
         done_ids: list[int] = []
         done_lens: list[int] = []
         try:
+            if self.rx_direct and ring.can_unpop:
+                direct = self._receive_direct(ring, done_ids, done_lens)
+                if direct is not None:
+                    return direct
             return self._receive_frames(ring, done_ids, done_lens)
         finally:
             if done_ids:
                 ring.complete(done_ids, done_lens)
 
-    def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
+    def _receive_direct(
+        self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]
+    ) -> bool | None:
+        """Receive with the tap read straight into the driver's buffers: pop up to
+        :data:`RX_BATCH` chains, ``readv`` one frame into each (the buffer, then the ring's
+        arena for what does not fit), give back the chains left when the tap runs dry
+        (:meth:`ActiveRing.unpop`). A frame longer than its buffer spreads over the next
+        ones with MRG_RXBUF (its tail copied from the arena) and is dropped without.
+
+        Returns ``None`` (having given back what it popped) when the driver's buffers are
+        not one descriptor each in one region, or shorter than a header: the bounce path
+        (:meth:`_receive_frames`) serves those.
+        """
         fd = self._tap_fd(ring)
+        queue = ring.queue
+        spill = self._rx_state(ring).arena  # at least MAX_RX_FRAME: any frame's tail fits
+        size = self.hdr_size
+        mergeable = self.mergeable
+        mrg_hdr = size >= HDR_SIZE_MRG
+        readv = os.readv
+        frames = dropped = 0
+
+        def flush() -> None:
+            # counted before the driver can see the frames: counters never lag behind them
+            nonlocal frames, dropped
+            with self._stats_lock:
+                self.rx_frames += frames
+                self.rx_dropped += dropped
+            frames = dropped = 0
+            if done_ids:
+                ring.complete(done_ids, done_lens)
+                done_ids.clear()
+                done_lens.clear()
+
+        try:
+            while True:
+                flush()
+                if ring.interrupted:
+                    return False  # let whoever waits for the ring in; the worker comes back
+                if not queue.pending():
+                    ring.extra_wanted = False  # no buffers: wait for the driver's kick
+                    return True
+                ring.extra_wanted = True
+                batch = ring.pop_batch(max_chains=RX_BATCH)
+                n = len(batch)
+                if not n:
+                    return False
+                flat = batch.flat(writable=True)
+                if flat is None or min(flat.lengths) < size:
+                    ring.unpop(n)
+                    return None
+                ids, view, offsets, sizes = flat.ids, flat.view, flat.offsets, flat.lengths
+                i = 0
+                empty = False
+                while i < n:
+                    off = offsets[i]
+                    room = sizes[i]
+                    try:
+                        got = readv(fd, [view[off : off + room], spill])
+                    except BlockingIOError:
+                        empty = True
+                        break
+                    if got <= room:
+                        if got < size:
+                            continue  # not even a header: nothing to deliver, buffer reused
+                        if mrg_hdr:
+                            _write_guest(view[off + HDR_SIZE_LEGACY : off + size], _ONE_BUFFER)
+                        done_ids.append(ids[i])
+                        done_lens.append(got)
+                        frames += 1
+                        i += 1
+                        continue
+                    if not mergeable:
+                        dropped += 1  # longer than the buffer: dropped, the buffer reused
+                        continue
+                    # spread the tail over the next buffers of the batch
+                    left = got - room
+                    pos = 0
+                    j = i + 1
+                    taken = [room]
+                    while True:
+                        while left and j < n:
+                            take = min(sizes[j], left)
+                            o = offsets[j]
+                            _write_guest(view[o : o + take], spill[pos : pos + take])
+                            taken.append(take)
+                            pos += take
+                            left -= take
+                            j += 1
+                        if not left:
+                            break
+                        # The batch ran out: give back the chains from this frame's first on
+                        # and pop them again with more (the same buffers come first: what is
+                        # in them stays, the spreading goes on after them).
+                        held = n - i
+                        ring.unpop(held)
+                        want = max(RX_BATCH, held + -(-left // max(1, min(sizes))))
+                        batch = ring.pop_batch(max_chains=want, force=True)
+                        flat = batch.flat(writable=True)
+                        if len(batch) <= held or flat is None or min(flat.lengths) < size:
+                            ring.unpop(len(batch))  # no more buffers: the frame is dropped
+                            break
+                        ids, offsets, sizes = flat.ids, flat.offsets, flat.lengths
+                        view = flat.view
+                        j -= i
+                        i = 0
+                        n = len(batch)
+                    if left:
+                        dropped += 1
+                        if flat is None:
+                            return None
+                        i = n = 0  # everything was given back
+                        break
+                    off = offsets[i]  # the frame's first buffer (renumbered after a pop)
+                    _write_guest(
+                        view[off + HDR_SIZE_LEGACY : off + size],
+                        memoryview(_NUM_BUFFERS.pack(len(taken))),
+                    )
+                    done_ids += ids[i:j]
+                    done_lens += taken
+                    frames += 1
+                    i = j
+                if i < n:
+                    ring.unpop(n - i)
+                if empty:
+                    flush()
+                    if not (self.busy_poll > 0 and _spin_tap(fd, ring, self.busy_poll)):
+                        return False  # the tap is empty
+        finally:
+            with self._stats_lock:
+                self.rx_frames += frames
+                self.rx_dropped += dropped
+
+    def _rx_state(self, ring: ActiveRing) -> _RxRing:
+        """The receive ring's arena and what the device learnt of its buffers."""
         queue = ring.queue
         rx = self._rx_rings.get(ring.index)
         if rx is None:
@@ -465,6 +607,12 @@ class NetDevice(RingDevice):
             rx.queue = weakref.ref(queue)
             rx.buf_len = 0
             rx.slots = 0 if isinstance(queue, PackedDeviceQueue) else 1
+        return rx
+
+    def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
+        fd = self._tap_fd(ring)
+        queue = ring.queue
+        rx = self._rx_state(ring)
         size = self.hdr_size
         mergeable = self.mergeable
         lens: list[int] = []
