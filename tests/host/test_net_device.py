@@ -559,3 +559,34 @@ def test_tx_waits_for_a_full_tap_instead_of_dropping(monkeypatch) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_tx_batch_write_retries_a_full_tap_and_skips_a_refused_frame(monkeypatch) -> None:
+    """The TX batch loop (in C, ``map`` over the frames): a frame the full tap refused
+    (EAGAIN) is retried once it is writable, one the tap rejects is dropped, and the frames
+    after either still go out, in order."""
+    from vhostkit.devices import net
+    from vhostkit.virtio.chain import FlatBatch
+
+    buf = bytearray(b"a.bb.ccc.dddd")
+    flat = FlatBatch([0, 1, 2, 3], memoryview(buf), 0x1000, [0, 2, 5, 9], [1, 2, 3, 4])
+    out: list[bytes] = []
+    refused: set[bytes] = set()
+
+    def write(fd: int, data: memoryview) -> int:
+        frame = bytes(data)
+        if frame == b"bb" and frame not in refused:
+            refused.add(frame)
+            raise BlockingIOError
+        if frame == b"ccc":
+            raise OSError(22, "Invalid argument")
+        out.append(frame)
+        return len(frame)
+
+    def writev(fd: int, views: list) -> int:  # type: ignore[type-arg]
+        return write(fd, views[0])
+
+    monkeypatch.setattr(net.os, "write", write)
+    monkeypatch.setattr(net.os, "writev", writev)
+    assert net._write_frames(-1, flat) == 3
+    assert out == [b"a", b"bb", b"dddd"]
