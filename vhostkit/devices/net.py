@@ -102,7 +102,6 @@ RX_BATCH = 64
 #: (a burst ends when less than :data:`MAX_RX_FRAME` is left).
 RX_ARENA = MAX_RX_FRAME + RX_BATCH * 2048
 _NUM_BUFFERS = struct.Struct("<H")
-_ONE_BUFFER = memoryview(_NUM_BUFFERS.pack(1))
 VIRTIO_NET_S_LINK_UP = 1
 
 
@@ -118,13 +117,31 @@ def _write_guest(dst: memoryview, data: memoryview) -> None:
     dst[: data.nbytes] = data
 
 
+def _write_guest_u16(view: memoryview, offsets: list[int], field: int, value: int) -> None:
+    """Store the little-endian 16-bit ``value`` at ``field`` bytes into each buffer at
+    ``offsets`` of ``view``, a view of guest memory (one vectorised store for a whole batch;
+    the other way this device writes guest memory, beside :func:`_write_guest`)."""
+    mem = np.frombuffer(view, dtype=np.uint8)
+    at = np.array(offsets, dtype=np.intp) + field
+    mem[at] = value & 0xFF
+    mem[at + 1] = value >> 8
+
+
+def _rx_iovecs(flat: FlatBatch, spill: memoryview) -> list[tuple[memoryview, memoryview]]:
+    """What ``readv`` fills for each receive buffer of ``flat``: the buffer, then ``spill``
+    (built in C, no slicing per frame)."""
+    view, offsets = flat.view, flat.offsets
+    ends = map(add, offsets, flat.lengths)
+    return list(zip(map(view.__getitem__, map(slice, offsets, ends)), repeat(spill)))
+
+
 def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
     """Scatter ``data`` (the tap's virtio-net header, then the frame) over ``chains``, which
     together hold it; returns the bytes written to each.
 
     The header goes through as the tap wrote it (flags and GSO fields, already limited to the
-    offloads the driver acked) except ``num_buffers``: the tap skips those two bytes of a
-    12-byte header, and they must say how many buffers the frame spans (1 without
+    offloads the driver acked) except ``num_buffers``: the tap does not fill those two bytes of
+    a 12-byte header (it leaves them 0, or skips them), and they must say how many buffers the frame spans (1 without
     MRG_RXBUF).
     """
     if size >= HDR_SIZE_MRG:
@@ -533,21 +550,21 @@ class NetDevice(RingDevice):
                     ring.unpop(n)
                     return None
                 ids, view, offsets, sizes = flat.ids, flat.view, flat.offsets, flat.lengths
+                iovs = _rx_iovecs(flat, spill)
+                ones: list[int] = []  # where num_buffers = 1 goes (stored for the batch at once)
                 i = 0
                 empty = False
                 while i < n:
-                    off = offsets[i]
-                    room = sizes[i]
                     try:
-                        got = readv(fd, [view[off : off + room], spill])
+                        got = readv(fd, iovs[i])
                     except BlockingIOError:
                         empty = True
                         break
+                    room = sizes[i]
                     if got <= room:
                         if got < size:
                             continue  # not even a header: nothing to deliver, buffer reused
-                        if mrg_hdr:
-                            _write_guest(view[off + HDR_SIZE_LEGACY : off + size], _ONE_BUFFER)
+                        ones.append(offsets[i])
                         done_ids.append(ids[i])
                         done_lens.append(got)
                         frames += 1
@@ -576,6 +593,9 @@ class NetDevice(RingDevice):
                         # and pop them again with more (the same buffers come first: what is
                         # in them stays, the spreading goes on after them).
                         held = n - i
+                        if mrg_hdr and ones:  # the frames before this one, in this view
+                            _write_guest_u16(view, ones, HDR_SIZE_LEGACY, 1)
+                            ones = []
                         ring.unpop(held)
                         want = max(RX_BATCH, held + -(-left // max(1, min(sizes))))
                         batch = ring.pop_batch(max_chains=want, force=True)
@@ -585,6 +605,7 @@ class NetDevice(RingDevice):
                             break
                         ids, offsets, sizes = flat.ids, flat.offsets, flat.lengths
                         view = flat.view
+                        iovs = _rx_iovecs(flat, spill)
                         j -= i
                         i = 0
                         n = len(batch)
@@ -603,6 +624,8 @@ class NetDevice(RingDevice):
                     done_lens += taken
                     frames += 1
                     i = j
+                if mrg_hdr and ones:
+                    _write_guest_u16(view, ones, HDR_SIZE_LEGACY, 1)
                 if i < n:
                     ring.unpop(n - i)
                 if empty:
