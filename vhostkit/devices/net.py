@@ -140,9 +140,9 @@ def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
     together hold it; returns the bytes written to each.
 
     The header goes through as the tap wrote it (flags and GSO fields, already limited to the
-    offloads the driver acked) except ``num_buffers``: the tap does not fill those two bytes of
-    a 12-byte header (it leaves them 0, or skips them), and they must say how many buffers the frame spans (1 without
-    MRG_RXBUF).
+    offloads the driver acked) except ``num_buffers``: the tap does not fill those two bytes
+    of a 12-byte header (it leaves them 0, or skips them), and they must say how many buffers
+    the frame spans (1 without MRG_RXBUF).
     """
     if size >= HDR_SIZE_MRG:
         _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, len(chains))
