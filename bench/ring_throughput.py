@@ -178,6 +178,9 @@ class Loopback(VhostBackend):
     def set_log_base(self, base: int, region: LogRegion | None = None) -> None:
         pass
 
+    def set_dirty_log(self, log: Any) -> None:
+        raise NotImplementedError("the loopback does not log")
+
     def set_log_fd(self, fd: int) -> None:
         pass
 

@@ -311,6 +311,7 @@ def collect(rig: Rig, count: int, layout: Layout) -> list[tuple[int, bytes, list
 def test_rx_burst_pops_the_chains_of_waiting_frames_at_once(rig: Rig) -> None:
     """Frames waiting in the tap are read in one burst, their chains popped with one pop and
     completed together."""
+    rig.device.rx_direct = False  # the bounce path
     mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
     sent = [numbered(i) for i in range(20)]
     for data in sent:  # no buffers yet: they wait in the tap
@@ -339,6 +340,7 @@ def test_rx_mergeable_frames_span_chains_past_the_burst(mrg_rig: Rig) -> None:
     """A frame that needs several buffers takes the burst's next chains, and pops more one at
     a time when the burst's chains run out; the frames after it still get theirs."""
     rig = mrg_rig
+    rig.device.rx_direct = False  # the bounce path
     # 12 + 78 bytes: one 256-byte buffer; 12 + 1038 bytes: five
     sent = [numbered(i, 1024 if i in (2, 4) else 64) for i in range(5)]
     for data in sent:
@@ -362,6 +364,7 @@ def test_rx_burst_reads_no_more_frames_than_the_ring_holds(rig: Rig) -> None:
     """Fewer buffers than frames waiting: the rest stay in the tap (a frame read without a
     buffer would be lost) and come once the driver gives more buffers. With mergeable buffers
     each frame takes two."""
+    rig.device.rx_direct = False  # the bounce path
     mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
     per_frame, size = (2, 256) if mergeable else (1, 2048)
     sent = [numbered(i, 400) for i in range(6)]  # 12 + 414 bytes: two 256-byte buffers
@@ -407,6 +410,7 @@ def test_rx_frames_without_a_chain_are_dropped_and_counted(rig: Rig) -> None:
     """A ring that hands out fewer chains than ``pending()`` promised (a hostile or confused
     driver): the frames of the burst already read without a chain are dropped and counted;
     the ring goes on."""
+    rig.device.rx_direct = False  # the bounce path
     mergeable = bool(rig.fe.acked_features & VirtioNetFeature.MRG_RXBUF)
     sent = [numbered(i) for i in range(5)]
     for data in sent:
@@ -429,6 +433,74 @@ def test_rx_frames_without_a_chain_are_dropped_and_counted(rig: Rig) -> None:
     got = collect(rig, 1, layout)
     assert got == [(1, sent[0], [delivered])]
     assert (rig.device.rx_frames, rig.device.rx_dropped) == (delivered + 1, 5 - delivered)
+
+
+# -- the direct path: the tap read straight into the driver's buffers --
+
+
+def test_rx_direct_reads_into_the_buffers_and_gives_back_the_rest(rig: Rig) -> None:
+    """Frames waiting in the tap are read straight into the chains of one pop, completed
+    together; the chains left when the tap runs dry go back to the ring (not used, not in
+    flight) and take the next frames."""
+    net = devices_module()
+    sent = [numbered(i) for i in range(20)]
+    for data in sent:
+        rig.sniffer.send(data)
+    calls = record_rx(rig)
+    layout: Layout = {}
+    post(rig, layout, range(NUM), lambda t: [(BUFS + t * 0x800, 2048)])
+    got = collect(rig, len(sent), layout)
+    assert [(nb, d, tokens) for nb, d, tokens in got] == [
+        (1, data, [t]) for t, data in enumerate(sent)
+    ]
+    assert calls.pops[0] == (net.RX_BATCH, min(NUM, net.RX_BATCH))
+    assert calls.completes == [20]
+    ring = rig.device.active[RX]
+    with ring.lock:
+        assert ring.queue.inflight == []  # the 44 chains left were given back
+    more = [numbered(i) for i in range(20, 23)]
+    for data in more:
+        rig.sniffer.send(data)
+    got = collect(rig, 3, layout)
+    assert [(d, tokens) for _, d, tokens in got] == [(d, [20 + k]) for k, d in enumerate(more)]
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (23, 0)
+
+
+def test_rx_direct_mergeable_frames_spread_over_the_next_buffers(mrg_rig: Rig, monkeypatch) -> None:
+    """With MRG_RXBUF a frame longer than its buffer goes on in the next ones (its tail read
+    into the arena, then copied); when the pop's chains run out they are given back and popped
+    again with more, so no frame is lost to where it fell in a batch."""
+    net = devices_module()
+    monkeypatch.setattr(net, "RX_BATCH", 4)
+    rig = mrg_rig
+    # 12 + 78 bytes: one 256-byte buffer; 12 + 1038 bytes: five
+    sent = [numbered(i, 1024 if i in (1, 3) else 64) for i in range(5)]
+    for data in sent:
+        rig.sniffer.send(data)
+    layout: Layout = {}
+    post(rig, layout, range(NUM), lambda t: [(BUFS + t * 0x800, 256)])
+    got = collect(rig, len(sent), layout)
+    assert [d for _, d, _ in got] == sent
+    assert [nb for nb, _, _ in got] == [1, 5, 1, 5, 1]
+    assert [t for _, _, tokens in got for t in tokens] == list(range(13))  # in ring order
+    assert (rig.device.rx_frames, rig.device.rx_dropped) == (5, 0)
+    ring = rig.device.active[RX]
+    with ring.lock:
+        assert ring.queue.inflight == []
+
+
+def test_rx_direct_drops_a_frame_longer_than_the_buffer_without_mrg(fd_check, sock_dir) -> None:
+    """Without MRG_RXBUF a frame that does not fit its (one) buffer is dropped and counted;
+    the buffer takes the next frame."""
+    with make_rig(sock_dir, mergeable=False) as rig:
+        sent = [numbered(0), numbered(1, 1024), numbered(2)]
+        for data in sent:
+            rig.sniffer.send(data)
+        layout: Layout = {}
+        post(rig, layout, range(8), lambda t: [(BUFS + t * 0x800, 256)])
+        got = collect(rig, 2, layout)
+        assert [(d, tokens) for _, d, tokens in got] == [(sent[0], [0]), (sent[2], [1])]
+        assert (rig.device.rx_frames, rig.device.rx_dropped) == (2, 1)
 
 
 def test_send_rarp_announces_the_mac_on_the_tap(rig: Rig) -> None:
@@ -567,3 +639,34 @@ def test_rx_writes_are_logged_page_for_page(fd_check, sock_dir, packed, mergeabl
             assert marked - ring_pages <= changed | reported, sorted(marked - changed - reported)
 
         one_round()
+
+
+def test_tx_batch_write_retries_a_full_tap_and_skips_a_refused_frame(monkeypatch) -> None:
+    """The TX batch loop (in C, ``map`` over the frames): a frame the full tap refused
+    (EAGAIN) is retried once it is writable, one the tap rejects is dropped, and the frames
+    after either still go out, in order."""
+    from vhostkit.devices import net
+    from vhostkit.virtio.chain import FlatBatch
+
+    buf = bytearray(b"a.bb.ccc.dddd")
+    flat = FlatBatch([0, 1, 2, 3], memoryview(buf), 0x1000, [0, 2, 5, 9], [1, 2, 3, 4])
+    out: list[bytes] = []
+    refused: set[bytes] = set()
+
+    def write(fd: int, data: memoryview) -> int:
+        frame = bytes(data)
+        if frame == b"bb" and frame not in refused:
+            refused.add(frame)
+            raise BlockingIOError
+        if frame == b"ccc":
+            raise OSError(22, "Invalid argument")
+        out.append(frame)
+        return len(frame)
+
+    def writev(fd: int, views: list) -> int:  # type: ignore[type-arg]
+        return write(fd, views[0])
+
+    monkeypatch.setattr(net.os, "write", write)
+    monkeypatch.setattr(net.os, "writev", writev)
+    assert net._write_frames(-1, flat) == 3
+    assert out == [b"a", b"bb", b"dddd"]

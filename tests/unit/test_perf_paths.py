@@ -82,6 +82,87 @@ def test_single_region_batch_views_and_lengths(packed: bool) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_flat_batch_is_the_one_descriptor_one_region_shape_only(packed: bool) -> None:
+    """ChainBatch.flat: ids, offsets and lengths (and the region's view and address) for a
+    batch of one-descriptor chains in one region of one direction; None for anything else."""
+    with GuestMemory.allocate([(0, 0x20000), (0x20000, 0x10000)]) as mem:
+        drv, dev = _pair(mem, packed, 8)
+        mem.write(0x20100, b"abcd")
+        drv.add_batch([0x20100, 0x20200, 0x20300], [4, 0, 8], writable=False)
+        drv.publish()
+        batch = dev.pop_batch()
+        assert batch.flat(writable=True) is None  # not device-writable
+        flat = batch.flat(writable=False)
+        assert flat is not None
+        assert flat.ids == batch.ids.tolist() and flat.lengths == [4, 0, 8]
+        assert [flat.gpa + o for o in flat.offsets] == [0x20100, 0x20200, 0x20300]
+        o = flat.offsets[0]
+        assert flat.view[o : o + 4] == b"abcd" and flat.view.nbytes == 0x10000
+        dev.complete(batch.ids, [0, 0, 0])
+        drv.reap_batch()
+        # mixed directions, a chain of two descriptors, buffers in two regions: no flat view
+        drv.add_batch([0x20100], [4], writable=False)
+        drv.add_batch([0x20200], [4], writable=True)
+        drv.publish()
+        mixed = dev.pop_batch()
+        assert mixed.flat(writable=False) is None and mixed.flat(writable=True) is None
+        dev.complete(mixed.ids, [0, 0])
+        drv.reap_batch()
+        drv.add([(0x20100, 4), (0x20200, 4)], token="two")
+        drv.publish()
+        two = dev.pop_batch()
+        assert two.flat(writable=False) is None
+        dev.complete(two.ids, [0])
+        assert [t for t, _ in drv.reap()] == ["two"]
+        drv.add_batch([0x100, 0x20100], [4, 4], writable=True)
+        drv.publish()
+        assert dev.pop_batch().flat(writable=True) is None
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_unpop_gives_back_the_tail_of_the_last_pop(packed: bool) -> None:
+    """unpop(k): the last k chains of the last pop are no longer in flight and the next pop
+    takes them again (same ids, same buffers), across ring wraps and with chains of several
+    descriptors; chains completed, or not of the last pop, cannot be given back."""
+    with GuestMemory.allocate([(0, 1 << 20)]) as mem:
+        drv, dev = _pair(mem, packed, 4, features=int(F.RING_EVENT_IDX))
+        for lap in range(3):  # the positions wrap around the 4-entry ring
+            drv.add_batch([BUFS + i * 0x100 for i in range(3)], [64] * 3, writable=True)
+            drv.publish()
+            batch = dev.pop_batch()
+            assert len(batch) == 3
+            ids = batch.ids.tolist()
+            with pytest.raises(InvalidParam, match="last pop took 3"):
+                dev.unpop(4)
+            dev.complete(ids[:1], [64])
+            with pytest.raises(InvalidParam, match="not in flight"):
+                dev.unpop(3)  # the first one was completed
+            dev.unpop(2)
+            assert sorted(dev.inflight) == []
+            assert dev.has_pending()
+            again = dev.pop_batch()
+            assert again.ids.tolist() == ids[1:]
+            assert again.writable_len.tolist() == [64, 64]
+            dev.complete(again.ids, [64, 64])
+            assert sorted(drv.reap_batch()[1].tolist()) == [64, 64, 64], lap
+        # chains of two descriptors (packed: two ring slots each)
+        drv.add([], [(BUFS, 16), (BUFS + 0x100, 16)], token=7)
+        drv.add([], [(BUFS + 0x200, 16), (BUFS + 0x300, 16)], token=8)
+        drv.publish()
+        batch = dev.pop_batch()
+        assert batch.writable_len.tolist() == [32, 32]
+        dev.unpop(1)
+        assert dev.pending() == (2 if packed else 1)
+        again = dev.pop_batch()
+        assert again.ids.tolist() == batch.ids.tolist()[1:]
+        dev.complete(batch.ids, [32, 32])
+        assert sorted(t for t, _ in drv.reap()) == [7, 8]
+        dev.unpop(0)
+        with pytest.raises(InvalidParam, match="not in flight"):
+            dev.unpop(1)  # completed meanwhile
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
 def test_buffers_across_regions_and_outside_memory(packed: bool) -> None:
     with GuestMemory.allocate([(0, 0x20000), (0x20000, 0x10000)]) as mem:
         drv, dev = _pair(mem, packed, 4)

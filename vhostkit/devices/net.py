@@ -40,7 +40,10 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
+from operator import add, length_hint
 
 import numpy as np
 
@@ -53,6 +56,7 @@ from vhostkit.user.backend.migration import MigratableRingDevice
 from vhostkit.user.backend.ring_device import ActiveRing
 from vhostkit.user.backend.state import BlkState, DeviceState, DeviceType, NetState
 from vhostkit.user.message import ProtocolFeature
+from vhostkit.virtio.chain import FlatBatch
 from vhostkit.virtio.features import VirtioFeature, VirtioNetFeature
 from vhostkit.virtio.net import HDR_SIZE_LEGACY, HDR_SIZE_MRG, header_size
 from vhostkit.virtio.packed import PackedDeviceQueue
@@ -113,14 +117,38 @@ VIRTIO_NET_S_LINK_UP = 1
 TX_BACKPRESSURE_TIMEOUT = 5.0
 
 
+def _write_guest(dst: memoryview, data: memoryview) -> None:
+    """Copy ``data`` to the start of ``dst``, a view of guest memory (``dst`` is at least as
+    long). Every byte this device puts into guest memory goes through here."""
+    dst[: data.nbytes] = data
+
+
+def _write_guest_u16(view: memoryview, offsets: list[int], field: int, value: int) -> None:
+    """Store the little-endian 16-bit ``value`` at ``field`` bytes into each buffer at
+    ``offsets`` of ``view``, a view of guest memory (one vectorised store for a whole batch;
+    the other way this device writes guest memory, beside :func:`_write_guest`)."""
+    mem = np.frombuffer(view, dtype=np.uint8)
+    at = np.array(offsets, dtype=np.intp) + field
+    mem[at] = value & 0xFF
+    mem[at + 1] = value >> 8
+
+
+def _rx_iovecs(flat: FlatBatch, spill: memoryview) -> list[tuple[memoryview, memoryview]]:
+    """What ``readv`` fills for each receive buffer of ``flat``: the buffer, then ``spill``
+    (built in C, no slicing per frame)."""
+    view, offsets = flat.view, flat.offsets
+    ends = map(add, offsets, flat.lengths)
+    return list(zip(map(view.__getitem__, map(slice, offsets, ends)), repeat(spill)))
+
+
 def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
     """Scatter ``data`` (the tap's virtio-net header, then the frame) over ``chains``, which
     together hold it; returns the bytes written to each.
 
     The header goes through as the tap wrote it (flags and GSO fields, already limited to the
-    offloads the driver acked) except ``num_buffers``: the tap skips those two bytes of a
-    12-byte header, and they must say how many buffers the frame spans (1 without
-    MRG_RXBUF).
+    offloads the driver acked) except ``num_buffers``: the tap does not fill those two bytes
+    of a 12-byte header (it leaves them 0, or skips them), and they must say how many buffers
+    the frame spans (1 without MRG_RXBUF).
     """
     if size >= HDR_SIZE_MRG:
         _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, len(chains))
@@ -130,7 +158,7 @@ def _fill(chains: list[Chain], data: memoryview, size: int) -> list[int]:
         start = pos
         for dst in chain.writable:
             n = min(dst.nbytes, end - pos)
-            dst[:n] = data[pos : pos + n]
+            _write_guest(dst, data[pos : pos + n])
             pos += n
             if pos == end:
                 break
@@ -209,6 +237,54 @@ def _write_frame(fd: int, views: list[memoryview]) -> bool:
             return False
 
 
+def _write_frames(fd: int, flat: FlatBatch) -> int:
+    """Write the one-buffer frames of ``flat`` to the tap, one ``write`` each, straight from
+    guest memory; returns how many were sent (the others were dropped).
+
+    The loop runs in C (``map`` over the views, drained by a ``deque``): no bytecode per
+    frame. A write that fails stops it; the offsets' iterator then tells which frame it
+    was (the frame is retried once the tap is writable, or dropped), and the rest go on.
+    """
+    view = flat.view
+    offsets = flat.offsets
+    n = len(offsets)
+    ends = list(map(add, offsets, flat.lengths))
+    it = iter(offsets)
+    ends_it = iter(ends)
+    frames = map(view.__getitem__, map(slice, it, ends_it))
+    write = os.write
+    failed = 0
+    while True:
+        try:
+            deque(map(write, repeat(fd), frames), maxlen=0)  # consumed in C, nothing kept
+            return n - failed
+        except OSError as exc:
+            i = n - length_hint(it) - 1  # the offset of the frame that failed was taken
+            frame = view[offsets[i] : ends[i]]
+            if isinstance(exc, BlockingIOError):
+                # the tap is full: wait for it, as writev does
+                failed += not _write_frame(fd, [frame])
+            else:
+                log.warning("tap write failed: %s", exc)
+                failed += 1
+
+
+def _spin_tap(fd: int, ring: ActiveRing, budget: float) -> bool:
+    """Poll the tap for up to ``budget`` seconds (the device's ``busy_poll``) before the worker
+    sleeps on it; True when a frame came."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poll = poller.poll
+    clock = time.perf_counter
+    deadline = clock() + budget
+    while not ring.interrupted:
+        if poll(0):
+            return True
+        if clock() >= deadline:
+            return False
+    return False
+
+
 def net_config(mac: bytes, queue_pairs: int, mtu: int) -> bytes:
     """``struct virtio_net_config``: mac, status, max_virtqueue_pairs, mtu."""
     if len(mac) != 6:
@@ -236,6 +312,10 @@ class NetDevice(MigratableRingDevice):
     while the device lives, so that the tap steers no flow to them; :meth:`close` attaches
     them again."""
 
+    #: receive with the tap read straight into the driver's buffers where the ring allows it
+    #: (:meth:`_receive_direct`); False: always through the bounce arena
+    rx_direct = True
+
     def __init__(
         self,
         tap: Tap,
@@ -245,6 +325,7 @@ class NetDevice(MigratableRingDevice):
         queue_pairs: int = 1,
         features: int = DEFAULT_NET_FEATURES,
         protocol_features: int = NET_PROTOCOL_FEATURES,
+        busy_poll: float = 0.0,
     ) -> None:
         if len(tap.fds) < queue_pairs:
             raise InvalidParam(f"{queue_pairs} queue pairs need a tap with as many queues")
@@ -274,6 +355,7 @@ class NetDevice(MigratableRingDevice):
             protocol_features=protocol_features,
             num_queues=2 * queue_pairs,
             config=net_config(mac, queue_pairs, mtu),
+            busy_poll=busy_poll,
         )
 
     device_type = DeviceType.NET
@@ -387,24 +469,27 @@ class NetDevice(MigratableRingDevice):
 
     def _transmit(self, ring: ActiveRing, *, send: bool) -> bool:
         fd = self._tap_fd(ring)
+        zeros = np.zeros(ring.queue.num, dtype=np.uint32)  # used lengths: nothing written
         while True:
             batch = ring.pop_batch()
             n = len(batch)
             if not n:
                 return True
-            sent = dropped = 0
+            sent = 0
             if send:
-                for chain in batch:
-                    if _write_frame(fd, chain.readable):
-                        sent += 1
-                    else:
-                        dropped += 1
-            else:
-                dropped = n
+                # the common shape (one buffer per frame, one region): no per-chain objects
+                flat = batch.flat(writable=False)
+                if flat is not None:
+                    sent = _write_frames(fd, flat)
+                else:
+                    for chain in batch:
+                        sent += _write_frame(fd, chain.readable)
             with self._stats_lock:
                 self.tx_frames += sent
-                self.tx_dropped += dropped
-            ring.complete(batch.ids, np.zeros(n, dtype=np.int64))
+                self.tx_dropped += n - sent
+            if zeros.shape[0] < n:
+                zeros = np.zeros(n, dtype=np.uint32)
+            ring.complete(batch.ids, zeros[:n])
 
     def _receive(self, ring: ActiveRing) -> bool:
         # Frames are completed in batches: one used-index update, and at most one interrupt,
@@ -412,13 +497,159 @@ class NetDevice(MigratableRingDevice):
         done_ids: list[int] = []
         done_lens: list[int] = []
         try:
+            # While dirty logging, the bounce path: it writes exactly what a chain's used
+            # length reports (what the ring logs), where the direct path may read part of a
+            # frame into a buffer it then gives back or drops.
+            if self.rx_direct and ring.can_unpop and not self.logging:
+                direct = self._receive_direct(ring, done_ids, done_lens)
+                if direct is not None:
+                    return direct
             return self._receive_frames(ring, done_ids, done_lens)
         finally:
             if done_ids:
                 ring.complete(done_ids, done_lens)
 
-    def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
+    def _receive_direct(
+        self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]
+    ) -> bool | None:
+        """Receive with the tap read straight into the driver's buffers: pop up to
+        :data:`RX_BATCH` chains, ``readv`` one frame into each (the buffer, then the ring's
+        arena for what does not fit), give back the chains left when the tap runs dry
+        (:meth:`ActiveRing.unpop`). A frame longer than its buffer spreads over the next
+        ones with MRG_RXBUF (its tail copied from the arena) and is dropped without.
+
+        Returns ``None`` (having given back what it popped) when the driver's buffers are
+        not one descriptor each in one region, or shorter than a header: the bounce path
+        (:meth:`_receive_frames`) serves those.
+        """
         fd = self._tap_fd(ring)
+        queue = ring.queue
+        spill = self._rx_state(ring).arena  # at least MAX_RX_FRAME: any frame's tail fits
+        size = self.hdr_size
+        mergeable = self.mergeable
+        mrg_hdr = size >= HDR_SIZE_MRG
+        readv = os.readv
+        frames = dropped = 0
+
+        def flush() -> None:
+            # counted before the driver can see the frames: counters never lag behind them
+            nonlocal frames, dropped
+            with self._stats_lock:
+                self.rx_frames += frames
+                self.rx_dropped += dropped
+            frames = dropped = 0
+            if done_ids:
+                ring.complete(done_ids, done_lens)
+                done_ids.clear()
+                done_lens.clear()
+
+        try:
+            while True:
+                flush()
+                if ring.interrupted:
+                    return False  # let whoever waits for the ring in; the worker comes back
+                if not queue.pending():
+                    ring.extra_wanted = False  # no buffers: wait for the driver's kick
+                    return True
+                ring.extra_wanted = True
+                batch = ring.pop_batch(max_chains=RX_BATCH)
+                n = len(batch)
+                if not n:
+                    return False
+                flat = batch.flat(writable=True)
+                if flat is None or min(flat.lengths) < size:
+                    ring.unpop(n)
+                    return None
+                ids, view, offsets, sizes = flat.ids, flat.view, flat.offsets, flat.lengths
+                iovs = _rx_iovecs(flat, spill)
+                ones: list[int] = []  # where num_buffers = 1 goes (stored for the batch at once)
+                i = 0
+                empty = False
+                while i < n:
+                    try:
+                        got = readv(fd, iovs[i])
+                    except BlockingIOError:
+                        empty = True
+                        break
+                    room = sizes[i]
+                    if got <= room:
+                        if got < size:
+                            continue  # not even a header: nothing to deliver, buffer reused
+                        ones.append(offsets[i])
+                        done_ids.append(ids[i])
+                        done_lens.append(got)
+                        frames += 1
+                        i += 1
+                        continue
+                    if not mergeable:
+                        dropped += 1  # longer than the buffer: dropped, the buffer reused
+                        continue
+                    # spread the tail over the next buffers of the batch
+                    left = got - room
+                    pos = 0
+                    j = i + 1
+                    taken = [room]
+                    while True:
+                        while left and j < n:
+                            take = min(sizes[j], left)
+                            o = offsets[j]
+                            _write_guest(view[o : o + take], spill[pos : pos + take])
+                            taken.append(take)
+                            pos += take
+                            left -= take
+                            j += 1
+                        if not left:
+                            break
+                        # The batch ran out: give back the chains from this frame's first on
+                        # and pop them again with more (the same buffers come first: what is
+                        # in them stays, the spreading goes on after them).
+                        held = n - i
+                        if mrg_hdr and ones:  # the frames before this one, in this view
+                            _write_guest_u16(view, ones, HDR_SIZE_LEGACY, 1)
+                            ones = []
+                        ring.unpop(held)
+                        want = max(RX_BATCH, held + -(-left // max(1, min(sizes))))
+                        batch = ring.pop_batch(max_chains=want, force=True)
+                        flat = batch.flat(writable=True)
+                        if len(batch) <= held or flat is None or min(flat.lengths) < size:
+                            ring.unpop(len(batch))  # no more buffers: the frame is dropped
+                            break
+                        ids, offsets, sizes = flat.ids, flat.offsets, flat.lengths
+                        view = flat.view
+                        iovs = _rx_iovecs(flat, spill)
+                        j -= i
+                        i = 0
+                        n = len(batch)
+                    if left:
+                        dropped += 1
+                        if flat is None:
+                            return None
+                        i = n = 0  # everything was given back
+                        break
+                    off = offsets[i]  # the frame's first buffer (renumbered after a pop)
+                    _write_guest(
+                        view[off + HDR_SIZE_LEGACY : off + size],
+                        memoryview(_NUM_BUFFERS.pack(len(taken))),
+                    )
+                    done_ids += ids[i:j]
+                    done_lens += taken
+                    frames += 1
+                    i = j
+                if mrg_hdr and ones:
+                    _write_guest_u16(view, ones, HDR_SIZE_LEGACY, 1)
+                if i < n:
+                    ring.unpop(n - i)
+                if empty:
+                    flush()
+                    if not (self.busy_poll > 0 and _spin_tap(fd, ring, self.busy_poll)):
+                        return False  # the tap is empty
+        finally:
+            with self._stats_lock:
+                self.rx_frames += frames
+                self.rx_dropped += dropped
+
+    def _rx_state(self, ring: ActiveRing) -> _RxRing:
+        """The receive ring's arena and what the device learnt of its buffers."""
         queue = ring.queue
         rx = self._rx_rings.get(ring.index)
         if rx is None:
@@ -427,6 +658,12 @@ class NetDevice(MigratableRingDevice):
             rx.queue = weakref.ref(queue)
             rx.buf_len = 0
             rx.slots = 0 if isinstance(queue, PackedDeviceQueue) else 1
+        return rx
+
+    def _receive_frames(self, ring: ActiveRing, done_ids: list[int], done_lens: list[int]) -> bool:
+        fd = self._tap_fd(ring)
+        queue = ring.queue
+        rx = self._rx_state(ring)
         size = self.hdr_size
         mergeable = self.mergeable
         lens: list[int] = []
@@ -447,7 +684,7 @@ class NetDevice(MigratableRingDevice):
             more = self._read_burst(fd, rx, pending, resubmitted, mergeable, size, lens)
             if lens:
                 self._deliver(ring, rx, lens, mergeable, size, done_ids, done_lens)
-            if not more:
+            if not more and not (self.busy_poll > 0 and _spin_tap(fd, ring, self.busy_poll)):
                 return False  # the tap is empty
 
     def _read_burst(
@@ -501,23 +738,26 @@ class NetDevice(MigratableRingDevice):
             if need >= budget or off > last:
                 return True
 
-    def _pop_chains(self, ring: ActiveRing, rx: _RxRing, count: int) -> list[Chain]:
+    def _pop_batches(self, ring: ActiveRing, rx: _RxRing, count: int) -> list[ChainBatch]:
         """Pop up to ``count`` chains, as few pops as the ring allows, learning the driver's
         buffers from them (see :meth:`_read_burst`)."""
-        chains: list[Chain] = []
-        while len(chains) < count:
+        batches: list[ChainBatch] = []
+        have = 0
+        while have < count:
             fresh = ring.resubmitted is None  # else the first chains come from the restart
             # force: the frames are already read, finish them even if the ring is wanted
-            batch = ring.pop_batch(max_chains=count - len(chains), force=True)
-            if not len(batch):
+            batch = ring.pop_batch(max_chains=count - have, force=True)
+            n = len(batch)
+            if not n:
                 break
-            chains += batch.chains()
+            batches.append(batch)
+            have += n
             rx.buf_len = int(batch.writable_len.min())
             queue = ring.queue
             if fresh and isinstance(queue, PackedDeviceQueue):
                 per_chain = queue.last_popped[1]
                 rx.slots = 1 if per_chain is None else int(per_chain.max())
-        return chains
+        return batches
 
     def _deliver(
         self,
@@ -533,13 +773,38 @@ class NetDevice(MigratableRingDevice):
         buffers: one chain each, popped together; a mergeable frame that needs more takes the
         next ones, and pops more one at a time when the burst's run out."""
         arena = rx.arena
-        chains = self._pop_chains(ring, rx, len(lens))
-        n_chains = len(chains)
-        ci = 0
+        batches = self._pop_batches(ring, rx, len(lens))
         frames = dropped = 0
+        off = 0
+        first = 0  # frames delivered by the fast path
         try:
-            off = 0
-            for got in lens:
+            flat = batches[0].flat(writable=True) if len(batches) == 1 else None
+            if flat is not None:
+                # The common shape: one buffer per chain, all in one region. Each frame that
+                # fits its chain's buffer is copied there from the arena; no per-chain objects.
+                view, offsets, sizes, ids = flat.view, flat.offsets, flat.lengths, flat.ids
+                n = min(len(ids), len(lens))
+                mrg_hdr = size >= HDR_SIZE_MRG
+                pack = _NUM_BUFFERS.pack_into
+                while first < n:
+                    got = lens[first]
+                    if got > sizes[first]:
+                        break  # needs more buffers, or is dropped: the general path below
+                    if mrg_hdr:
+                        pack(arena, off + HDR_SIZE_LEGACY, 1)
+                    dst = offsets[first]
+                    _write_guest(view[dst : dst + got], arena[off : off + got])
+                    off += got
+                    first += 1
+                done_ids += ids[:first]
+                done_lens += lens[:first]
+                frames = first
+                chains = [batches[0][i] for i in range(first, len(ids))]
+            else:
+                chains = [c for batch in batches for c in batch.chains()]
+            n_chains = len(chains)
+            ci = 0
+            for got in lens[first:]:
                 data = arena[off : off + got]
                 off += got
                 if ci < n_chains:
@@ -550,7 +815,7 @@ class NetDevice(MigratableRingDevice):
                         # the common case: the frame fits the chain's one buffer
                         if size >= HDR_SIZE_MRG:
                             _NUM_BUFFERS.pack_into(data, HDR_SIZE_LEGACY, 1)
-                        views[0][:got] = data
+                        _write_guest(views[0], data)
                         done_ids.append(chain.id)
                         done_lens.append(got)
                         frames += 1

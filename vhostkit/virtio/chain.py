@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from vhostkit.virtio.memory import MemoryTable
 
-__all__ = ["Chain", "ChainBatch"]
+__all__ = ["Chain", "ChainBatch", "FlatBatch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +55,23 @@ class Chain:
             view[:n] = src[pos : pos + n]
             pos += n
         return pos
+
+
+@dataclass(frozen=True, slots=True)
+class FlatBatch:
+    """A batch of one-descriptor chains inside one region, as plain lists (no views).
+
+    Chain ``i`` has id ``ids[i]`` and its buffer is ``lengths[i]`` bytes (possibly 0) at
+    ``offsets[i]`` of ``view`` (the whole region, whose first byte is guest-physical address
+    ``gpa``): the buffer's guest address is ``gpa + offsets[i]``. Every buffer was bounds
+    checked against the region when the batch was popped.
+    """
+
+    ids: list[int]
+    view: memoryview
+    gpa: int
+    offsets: list[int]
+    lengths: list[int]
 
 
 class ChainBatch:
@@ -206,6 +223,28 @@ class ChainBatch:
             addr = self._addr[desc]
         keep = got > 0
         return addr[keep].astype(np.uint64), got[keep].astype(np.uint64)
+
+    def flat(self, writable: bool) -> FlatBatch | None:
+        """The hot path's view of the batch, built without a memoryview or :class:`Chain`
+        per chain: a :class:`FlatBatch` when every chain is one descriptor, all inside one
+        region, and all device-writable (``writable``) or all device-readable. ``None`` when
+        the batch is not of that shape (use :meth:`chains`)."""
+        region = self._region
+        if not self._single or not isinstance(region, int) or not self.ids.shape[0]:
+            return None
+        w = self._wflags
+        if w == 2:
+            w = 1 if self._writable.all() else (0 if not self._writable.any() else 2)
+            self._wflags = w
+        if w != int(writable):
+            return None
+        return FlatBatch(
+            self.ids.tolist(),
+            self._table.gpa.maps[region].view,
+            self._table.gpa.starts[region],
+            self._offsets().tolist(),
+            self._length.tolist(),
+        )
 
     @classmethod
     def empty(cls, table: MemoryTable) -> ChainBatch:

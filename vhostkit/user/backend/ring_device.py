@@ -151,6 +151,19 @@ class ActiveRing:
                 tracker.popped(batch.ids)
         return batch
 
+    @property
+    def can_unpop(self) -> bool:
+        """Whether :meth:`unpop` may be used: not while the ring's chains are tracked in an
+        inflight area (which recorded them as taken) or resubmitted ones are handed out."""
+        return self.inflight is None and self.resubmitted is None
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains of the last :meth:`pop_batch` (none completed):
+        the next pop takes them again. Only when :attr:`can_unpop`."""
+        if not self.can_unpop:
+            raise InvalidOperation("chains tracked in flight cannot be given back")
+        self.queue.unpop(count)
+
     def complete(
         self,
         ids: Sequence[int] | npt.NDArray[np.integer],

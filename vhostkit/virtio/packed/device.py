@@ -107,6 +107,12 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             np.zeros(0, PACKED_DESC_DTYPE),
             None,
         )
+        #: the ids of the last non-empty pop (ring order) and the ring descriptors of each
+        #: (``None``: one each): what :meth:`unpop` may give back
+        self._last_pop: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp] | None] = (
+            np.zeros(0, dtype=np.intp),
+            None,
+        )
 
     # -- position ---------------------------------------------------------------------------
 
@@ -198,6 +204,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             batch = chains
             self._note_popped(batch)
         self._used_idx, self._used_wrap = used_idx, used_wrap & 1
+        self._last_pop = (np.zeros(0, dtype=np.intp), None)  # not popped from the ring
         nxt, wrap = advance(used_idx, used_wrap & 1, total, num)
         self._last_avail, self._avail_wrap = nxt, wrap
         if self.event_idx and self._notify:
@@ -291,6 +298,7 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             self._ring_count[ids] = ring_count
             self._n_multi += int(_count(ring_count > 1))
         self._n_descs += used
+        self._last_pop = (ids, None if used == n else ring_count)
         nxt, wrap = advance(last, self._avail_wrap, used, num)
         self._last_avail, self._avail_wrap = nxt, wrap
         if self._dlog is None:
@@ -344,6 +352,47 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         if (tab["flags"] & _INDIRECT).any():
             self._fail("indirect descriptor inside an indirect table")
         return tab
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains of the last :meth:`pop_batch`, none of them
+        completed: they are no longer in flight and the next pop takes them again (vhost's
+        ``vhost_discard_vq_desc``). Their ring slots still hold the driver's descriptors:
+        used descriptors are only written at slots before the ones of chains in flight.
+        Raises :class:`InvalidParam` when they are not all in flight, or a pop (or
+        :meth:`resubmit`) came after them."""
+        self._check_broken()
+        ids, per_chain = self._last_pop
+        n = ids.shape[0]
+        if not 0 <= count <= n:
+            raise InvalidParam(f"cannot give back {count} chains: the last pop took {n}")
+        if not count:
+            return
+        back = ids[n - count :]
+        inflight = self._inflight
+        if _count(inflight[back]) != count:
+            raise InvalidParam("giving back a chain that is not in flight")
+        inflight[back] = False
+        self._n_ids -= count
+        total = count
+        if per_chain is not None:
+            counts = per_chain[n - count :]
+            total = int(counts.sum())
+            multi = counts > 1
+            k = int(_count(multi))
+            if k:
+                self._ring_count[back[multi]] = 1
+                self._n_multi -= k
+            per_chain = per_chain[: n - count]
+        self._n_descs -= total
+        self._last_pop = (ids[: n - count], per_chain)
+        last = self._last_avail - total
+        wrap = self._avail_wrap
+        if last < 0:
+            last += self.num
+            wrap ^= 1
+        self._last_avail, self._avail_wrap = last, wrap
+        if self.event_idx and self._notify:
+            self._refresh().dev_evt[0] = last | wrap << WRAP_SHIFT
 
     # -- completing -------------------------------------------------------------------------
 

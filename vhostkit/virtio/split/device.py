@@ -67,6 +67,8 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._inflight = np.zeros(num, dtype=np.bool_)
         self._n_inflight = 0
         self._id_space = num
+        #: the heads of the last non-empty pop, in ring order (what :meth:`unpop` may give back)
+        self._last_heads = np.zeros(0, dtype=np.intp)
         self._init_device_state(num)
         #: the notification state last written to the ring (None: not written yet)
         self._notify_written: bool | None = None
@@ -119,6 +121,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             heads = np.concatenate((v.avail_ring[start:], v.avail_ring[: start + n - num]))
             heads = heads.astype(np.intp)
         batch = self._chains_for(v, heads, checked=False)
+        self._last_heads = heads
         last = (last + n) & 0xFFFF
         self._last_avail = last
         if self.event_idx and self._notify:
@@ -142,6 +145,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             raise InvalidParam(f"avail index {last_avail} out of range")
         h = np.asarray(heads, dtype=np.intp)
         batch = self._chains_for(v, h, checked=True) if h.shape[0] else v.empty
+        self._last_heads = h[:0]  # not taken from the avail entries before last_avail
         self._last_avail = last_avail
         if self.event_idx and self._notify:
             v.avail_event_w[0] = self._last_avail
@@ -261,6 +265,30 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             if len(order) >= count:
                 self._fail("loop in an indirect table")
         return tab[order]
+
+    def unpop(self, count: int) -> None:
+        """Give back the last ``count`` chains of the last :meth:`pop_batch`, none of them
+        completed: they are no longer in flight and the next pop takes them again (what
+        vhost's ``vhost_discard_vq_desc`` does for a receive buffer popped for a frame that
+        was not there). Raises :class:`InvalidParam` when they are not all in flight, or a
+        pop (or :meth:`resubmit`) came after them."""
+        self._check_broken()
+        heads = self._last_heads
+        n = heads.shape[0]
+        if not 0 <= count <= n:
+            raise InvalidParam(f"cannot give back {count} chains: the last pop took {n}")
+        if not count:
+            return
+        back = heads[n - count :]
+        inflight = self._inflight
+        if _count(inflight[back]) != count:
+            raise InvalidParam("giving back a chain that is not in flight")
+        inflight[back] = False
+        self._n_inflight -= count
+        self._last_heads = heads[: n - count]
+        self._last_avail = (self._last_avail - count) & 0xFFFF
+        if self.event_idx and self._notify:
+            self._refresh().avail_event_w[0] = self._last_avail
 
     # -- completing -------------------------------------------------------------------------
 
