@@ -59,7 +59,9 @@ from helpers.migration import (
     block_generations,
     guest_argv,
     migration_initramfs,
+    ping_seqs,
     wait_console,
+    wait_pings,
 )
 
 from vhostkit.testing import kernel_vm
@@ -91,10 +93,6 @@ def _features(line: str, kind: str) -> str:
     m = re.search(rf"{kind} ([01]+)", line)
     assert m is not None, line
     return m.group(1)
-
-
-def _ping_seqs(lines: list[str]) -> list[int]:
-    return [int(m.group(1)) for ln in lines if (m := re.search(r"from [\d.]+: seq=(\d+) ", ln))]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
@@ -146,7 +144,7 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
             bits = _features(ready.group(0), kind)
             assert bits[RING_PACKED_BIT] == ("1" if packed else "0"), (kind, bits)
         wait_console(src, r"mig: wrote 16 of pass 1", RUN_WAIT)
-        src.wait_for_line(r"seq=2 ", timeout=RUN_WAIT)
+        wait_pings(src, -1, 3, RUN_WAIT)
 
         # --- migrate over a Unix socket
         uri = f"unix:{sock_dir / 'migrate.sock'}"
@@ -167,12 +165,11 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
             for ln in src_console
             if (m := re.match(r"mig: (?:wrote \d+ of )?pass (\d+)", ln))
         ]
-        seqs_before = _ping_seqs(src_console)
+        seqs_before = ping_seqs(src_console)
 
         # --- the destination goes on: a whole pass of writes, and ping replies
         wait_console(dst, rf"mig: pass {max(passes) + 1} done", RUN_WAIT)
-        last = max(seqs_before)
-        dst.wait_for_line(rf"seq=({last + PINGS_AFTER}) ", timeout=RUN_WAIT)
+        wait_pings(dst, max(seqs_before), PINGS_AFTER, RUN_WAIT)
         dst.console("stop\n")
         verified = wait_console(dst, r"mig: verify (ok [0-9a-f]{64}|FAILED)", RUN_WAIT)
         wait_console(dst, r"mig: done", RUN_WAIT)
@@ -191,7 +188,7 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
     assert verified.group(1).startswith("ok"), console
 
     # pings went on after the switch-over
-    seqs_after = _ping_seqs(dst_console)
+    seqs_after = ping_seqs(dst_console)
     assert seqs_after and min(seqs_after) > max(seqs_before), console
     assert len(seqs_after) >= PINGS_AFTER, console
     summary = re.search(r"(\d+) packets transmitted, (\d+) packets received", console)

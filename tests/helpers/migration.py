@@ -285,3 +285,26 @@ def wait_console(guest: QemuGuest, pattern: str, timeout: float, since: int = 0)
         return guest.wait_for_line(pattern, timeout=timeout, since=since)
     except PeerTimeout as exc:
         raise AssertionError(f"{guest.name}: no {pattern!r}:\n{guest.tail(40)}") from exc
+
+
+_PING_REPLY = re.compile(r"bytes from [\d.]+: seq=(\d+) ")
+
+
+def ping_seqs(lines: Sequence[str]) -> list[int]:
+    """The sequence numbers of the ping replies among a console's ``lines``."""
+    return [int(m.group(1)) for ln in lines if (m := _PING_REPLY.search(ln))]
+
+
+def wait_pings(guest: QemuGuest, after: int, count: int, timeout: float) -> list[int]:
+    """Wait until ``guest``'s console shows ``count`` ping replies numbered above ``after``
+    (woken by each new line); their sequence numbers."""
+
+    def enough(lines: list[str]) -> list[int] | None:
+        seqs = [s for s in ping_seqs(lines) if s > after]
+        return seqs if len(seqs) >= count else None
+
+    try:
+        # PeerProcess's own line wait, with a predicate over all lines
+        return guest._wait_lines(enough, timeout, 0, f"{count} ping replies after {after}")
+    except PeerTimeout as exc:
+        raise AssertionError(f"{guest.name}: {exc}:\n{guest.tail(40)}") from exc
