@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vhostkit.kernel.tap import Tap
@@ -73,7 +74,9 @@ class Rig:
 
 
 @contextlib.contextmanager
-def make_rig(sock_dir: Path, *, mergeable: bool, packed: bool = False) -> Iterator[Rig]:
+def make_rig(
+    sock_dir: Path, *, mergeable: bool, packed: bool = False, log: bool = False
+) -> Iterator[Rig]:
     net = devices_module()
     tap = Tap("vhkt%d", nonblocking=True)
     tap.disable_ipv6()  # no MLD or neighbour discovery: only the tests' frames reach the rings
@@ -93,7 +96,10 @@ def make_rig(sock_dir: Path, *, mergeable: bool, packed: bool = False) -> Iterat
             wanted |= int(VirtioNetFeature.MRG_RXBUF)
         if packed:
             wanted |= int(VirtioFeature.RING_PACKED)
-        fe.negotiate(wanted, ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP)
+        protocol = ProtocolFeature.REPLY_ACK | ProtocolFeature.MQ | ProtocolFeature.RARP
+        if log:
+            protocol |= ProtocolFeature.LOG_SHMFD
+        fe.negotiate(wanted, protocol)
         assert tap.get_vnet_hdr_size() == 12
         fe.set_mem_table(mem.regions)
         for index in (RX, TX):
@@ -487,3 +493,77 @@ def test_tx_waits_for_a_full_tap_instead_of_dropping(monkeypatch) -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+# --- dirty logging ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("mergeable", [True, False], ids=["mrg_rxbuf", "no_mrg"])
+def test_rx_writes_are_logged_page_for_page(fd_check, sock_dir, packed, mergeable) -> None:  # type: ignore[no-untyped-def]
+    """While logging, every page a received frame lands on is marked, and no other page but
+    the ring's: rounds of arbitrary receive buffers and frames, guest memory copied before each
+    round (the shadow) and compared after it."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from vhostkit.backend import LogRegion
+    from vhostkit.types import VHOST_VRING_F_LOG
+    from vhostkit.virtio.dirty_log import LOG_PAGE_SIZE, DirtyLog, log_size_for
+
+    page = LOG_PAGE_SIZE
+    slot = 3 * page  # one chain's buffer, somewhere in 3 pages
+    with (
+        make_rig(sock_dir, mergeable=mergeable, packed=packed, log=True) as rig,
+        DirtyLog.allocate(log_size_for(rig.mem.regions)) as dlog,
+    ):
+        fe, q, dev = rig.fe, rig.queues[RX], rig.device
+        fe.set_log_base(0, LogRegion(dlog.fd, dlog.size, 0))
+        fe.set_features(fe.acked_features | VirtioFeature.LOG_ALL)
+        for ring in rig.queues.values():
+            fe.set_vring_addr(ring.vring_addr(log=ring.ring_gpas[2], flags=VHOST_VRING_F_LOG))
+        ring_pages = set(range(0, 0x8000 // page))  # the RX ring's area
+        free = list(range(NUM))
+        posted: dict[int, list[tuple[int, int]]] = {}
+
+        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(
+            bufs=st.lists(st.tuples(st.integers(0, page), st.integers(64, 2 * page)), max_size=6),
+            frames=st.lists(st.integers(46, 1500), min_size=1, max_size=5),
+        )
+        def one_round(bufs: list[tuple[int, int]], frames: list[int]) -> None:
+            # arbitrary buffers, and enough that fit a frame each for the frames to come
+            for off, size in [*bufs, *[(0, 2048)] * len(frames)]:
+                if not free:
+                    break
+                t = free.pop(0)
+                gpa = BUFS + t * slot + off
+                rig.mem.write(gpa, b"\xa5" * size)
+                posted[t] = [(gpa, size)]
+                q.add([], posted[t], token=t)
+            rig.kick(RX)
+            before = rig.mem.read(0, 0x400000)
+            dlog.collect()
+            target = dev.rx_frames + dev.rx_dropped + len(frames)
+            for i, n in enumerate(frames):
+                rig.sniffer.send(frame(bytes.fromhex("525400aabbcc"), b"\x02" * 6, bytes([i]) * n))
+            dev.wait_for(lambda: dev.rx_frames + dev.rx_dropped >= target)
+            with dev.active[RX].lock:  # the worker's round, completions included, is over
+                pass
+            after = rig.mem.read(0, 0x400000)
+            marked = set(dlog.collect().tolist())
+            diff = np.flatnonzero(np.frombuffer(before, np.uint8) != np.frombuffer(after, np.uint8))
+            changed = set((diff // page).tolist())
+            assert changed - ring_pages <= marked, sorted(changed - ring_pages - marked)
+            assert changed & ring_pages <= marked
+            # nothing else is marked but what the used lengths say was written (a frame the
+            # kernel sent on its own may have been written just before the shadow was taken)
+            reported: set[int] = set()
+            for t, n in q.reap():
+                free.append(t)
+                gpa = posted[t][0][0]
+                if n:
+                    reported.update(range(gpa // page, (gpa + n - 1) // page + 1))
+            assert marked - ring_pages <= changed | reported, sorted(marked - changed - reported)
+
+        one_round()

@@ -141,7 +141,8 @@ def test_config_space_and_features(rig: Rig) -> None:
     offered = d.fe.get_protocol_features()
     assert offered & P.CONFIG and offered & P.MQ
     assert offered & P.INFLIGHT_SHMFD  # inflight I/O is tracked (tests/test_restart.py)
-    assert not offered & P.LOG_SHMFD  # writes to guest memory are not logged
+    assert offered & P.LOG_SHMFD  # writes to guest memory are logged (test_dirty_logging.py)
+    assert d.fe.get_features() & VirtioFeature.LOG_ALL
     assert d.fe.get_queue_num() == 1
     # beyond the config space, and any write to it, are refused
     with pytest.raises(RequestFailed):

@@ -154,7 +154,8 @@ def test_reply_owed_follows_the_rule_and_the_flag(request_: FrontendReq) -> None
     if rule.reply is ReplyRule.ALWAYS:
         expected = (ReplyKind.PAYLOAD, ReplyKind.PAYLOAD)
     elif rule.reply is ReplyRule.LOG_SHMFD:
-        expected = (ReplyKind.ACK, ReplyKind.ACK)
+        # without LOG_SHMFD negotiated, SET_LOG_BASE replies nothing (the spec's rule)
+        expected = (ReplyKind.NONE, ReplyKind.ACK)
     else:
         expected = (ReplyKind.NONE, ReplyKind.ACK)
     # ... and are answered all the same: the sender waits for what it asked for
@@ -163,6 +164,13 @@ def test_reply_owed_follows_the_rule_and_the_flag(request_: FrontendReq) -> None
         n.reply_owed(request_, need_reply=True),
     )
     assert got == expected
+
+
+def test_set_log_base_is_acked_only_with_log_shmfd() -> None:
+    n = negotiated(Role.BACKEND, VERSION_1, P.LOG_SHMFD)
+    assert n.reply_owed(R.SET_LOG_BASE, need_reply=False) is ReplyKind.ACK
+    n = negotiated(Role.BACKEND, VERSION_1, P.MQ)
+    assert n.reply_owed(R.SET_LOG_BASE, need_reply=False) is ReplyKind.NONE
 
 
 # --- the back-end request channel -----------------------------------------------------------

@@ -51,11 +51,13 @@ updates the capacity and sends ``CONFIG_CHANGE_MSG`` on the back-end channel whe
 front-end negotiated ``BACKEND_REQ`` and ``CONFIG``; QEMU then re-reads the config and
 notifies the guest.
 
-Protocol features: the generic set of :class:`~vhostkit.user.backend.device.BackendDevice` minus
-``LOG_SHMFD`` (writes to guest memory are not logged: no migration while running).
-``INFLIGHT_SHMFD`` is offered: a restarted back-end resubmits the requests its predecessor
-had taken and not completed (:mod:`vhostkit.user.backend.inflight`, split and packed rings). A ring
-larger than the inflight area allows runs untracked (QEMU's virtio-mmio makes such rings).
+Protocol features: the generic set of :class:`~vhostkit.user.backend.device.BackendDevice`.
+``LOG_SHMFD`` and ``VHOST_F_LOG_ALL`` are offered: while logging, the ring marks the pages of
+what a request's used length covers (read data and the status byte: the whole writable part)
+and of its own used-ring writes. ``INFLIGHT_SHMFD`` is offered: a restarted back-end
+resubmits the requests its predecessor had taken and not completed
+(:mod:`vhostkit.user.backend.inflight`, split and packed rings). A ring larger than the inflight
+area allows runs untracked (QEMU's virtio-mmio makes such rings).
 
 Daemon (``python3 -m vhostkit.devices.blk`` is an alias; ``--help`` lists every option)::
 
@@ -129,7 +131,7 @@ _ZEROES = bytes(1 << 20)
 
 
 #: Protocol features the blk device offers (see the module docstring).
-BLK_PROTOCOL_FEATURES = ProtocolFeature(DEFAULT_PROTOCOL_FEATURES & ~ProtocolFeature.LOG_SHMFD)
+BLK_PROTOCOL_FEATURES = ProtocolFeature(DEFAULT_PROTOCOL_FEATURES)
 
 
 def blk_features(*, read_only: bool = False, packed: bool = True) -> int:

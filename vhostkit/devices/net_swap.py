@@ -163,7 +163,7 @@ _CONNECTION_STATE = (
     "mem_region_dups",
     "vrings",
     "status",
-    "log_fd",
+    "dirty_log",
     "log_desc",
     "log_call_fd",
     "backend_channel",

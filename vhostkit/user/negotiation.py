@@ -201,7 +201,11 @@ class Negotiation:
         reply = rule_for(request).reply
         if reply is ReplyRule.ALWAYS:
             return ReplyKind.PAYLOAD
-        if need_reply or reply is ReplyRule.LOG_SHMFD:
+        if need_reply:
+            return ReplyKind.ACK
+        if reply is ReplyRule.LOG_SHMFD and self.has(ProtocolFeature.LOG_SHMFD):
+            # the spec: SET_LOG_BASE replies "if VHOST_USER_PROTOCOL_F_LOG_SHMFD"; without
+            # it a front-end (QEMU) sends it and waits for nothing
             return ReplyKind.ACK
         return ReplyKind.NONE
 

@@ -8,6 +8,7 @@ buffers of popped chains (in guest memory, readable before writable) for both fo
 
 from __future__ import annotations
 
+import logging
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self
@@ -18,6 +19,7 @@ import numpy.typing as npt
 from vhostkit.errors import GuestMemoryError, InvalidParam
 from vhostkit.types import VringAddr
 from vhostkit.virtio.chain import ChainBatch
+from vhostkit.virtio.dirty_log import DirtyLog
 from vhostkit.virtio.memory import MemoryTable
 from vhostkit.virtio.ring import BrokenState, DescFlag, RingBase, int_array
 
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from vhostkit.virtio.memory import GuestMemory
 
 __all__ = ["MAX_INDIRECT", "DeviceRole", "check_order", "locate_buffers", "lookup_buffers"]
+
+log = logging.getLogger(__name__)
 
 #: Longest indirect table the device role accepts (the kernel's UIO_MAXIOV), unless the queue
 #: itself is larger.
@@ -95,6 +99,17 @@ class DeviceRole(RingBase):
         #: "not writable" for every descriptor of a batch with no device-writable one
         self._no_write = np.zeros(num, dtype=np.bool_)
         self._no_write.flags.writeable = False
+        #: the dirty log while logging is on (:meth:`start_logging`), else None: the only
+        #: thing the hot paths look at when logging is off
+        self._dlog: DirtyLog | None = None
+        #: guest-physical address the ring's own writes are logged from (None: not logged)
+        self._ring_log: int | None = None
+        #: logging: per chain id, the serial of the batch it was popped in (0: none) and its
+        #: index there; per serial the batch and how many of its chains are still out
+        self._log_owner = np.zeros(0, dtype=np.int64)
+        self._log_index = np.zeros(0, dtype=np.intp)
+        self._log_batches: dict[int, list[Any]] = {}
+        self._log_serial = 0
 
     def _chain_batch(
         self,
@@ -156,6 +171,140 @@ class DeviceRole(RingBase):
         if wide and int(_or_reduce(lens_a)) >> 32:
             raise InvalidParam("used length out of range")
         return ids_a, lens_a
+
+    # -- dirty logging ----------------------------------------------------------------------
+    #
+    # While logging is on, every write the device makes to guest memory through this queue
+    # is marked in the log: the data a completed chain's used length says was written (the
+    # first ``len`` bytes of its device-writable buffers), and the ring's own writes. A
+    # completed batch marks once (:meth:`DirtyLog.mark_ranges`). To know where a chain's
+    # writable buffers are when it completes, the queue keeps each popped batch while
+    # logging; chains already in flight when logging starts are found again
+    # (:meth:`_log_recover`).
+
+    #: ids a chain may have: one slot per id in the logging tables
+    _id_space: int
+
+    @property
+    def logging(self) -> bool:
+        """Whether writes are being logged."""
+        return self._dlog is not None
+
+    @property
+    def logs_ring(self) -> bool:
+        """Whether the ring's own writes (used ring, event areas) are logged."""
+        return self._dlog is not None and self._ring_log is not None
+
+    def start_logging(self, dlog: DirtyLog, ring_log: int | None = None) -> None:
+        """Log every write from now on into ``dlog`` (borrowed: the caller keeps it mapped
+        until :meth:`stop_logging` or a later :meth:`start_logging`).
+
+        ``ring_log``: the ring's ``log_guest_addr`` when ``VHOST_VRING_F_LOG`` is set (the
+        ring's own writes are logged only then, as the spec says); ``None`` logs only the
+        data. Raises :class:`InvalidParam` when the ring's log range is beyond ``dlog``.
+        Chains in flight keep being tracked, so those completed later are logged too.
+        """
+        self._check_broken()
+        if ring_log is not None:
+            ring_log = self._ring_log_base(dlog, ring_log)
+        was = self._dlog is not None
+        self._dlog, self._ring_log = dlog, ring_log
+        if not was:
+            self._log_owner = np.zeros(self._id_space, dtype=np.int64)
+            self._log_index = np.zeros(self._id_space, dtype=np.intp)
+            self._log_batches = {}
+            recovered = self._log_recover()
+            if recovered is not None:
+                self._log_popped(recovered)
+
+    def stop_logging(self) -> None:
+        """Stop logging (the log is no longer touched; the caller may unmap it)."""
+        self._dlog = None
+        self._ring_log = None
+        self._log_batches = {}
+        self._log_owner = self._log_index = np.zeros(0, dtype=np.int64)
+
+    def check_ring_log(self, dlog: DirtyLog, ring_log: int) -> None:
+        """Raise :class:`InvalidParam` unless the ring's own writes, logged from
+        ``ring_log`` (its ``log_guest_addr``), fall inside ``dlog``."""
+        self._ring_log_base(dlog, ring_log)
+
+    def _ring_log_base(self, dlog: DirtyLog, ring_log: int) -> int:
+        """Where the ring's writes are logged from, given ``log_guest_addr`` (checked to
+        fit ``dlog``: :class:`InvalidParam` if not)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_log_range(dlog: DirtyLog, what: str, gpa: int, size: int) -> None:
+        if gpa < 0 or gpa + size > dlog.pages << 12:
+            raise InvalidParam(
+                f"{what} logged at {gpa:#x}+{size:#x}: beyond the log's {dlog.pages:#x} pages"
+            )
+
+    def _log_recover(self) -> ChainBatch | None:
+        """The chains in flight as logging starts (their writable buffers), or None."""
+        raise NotImplementedError
+
+    def _log_popped(self, batch: ChainBatch, only: npt.NDArray[np.bool_] | None = None) -> None:
+        """Remember where the chains of ``batch`` (those in ``only``) may be written."""
+        n = len(batch)
+        if not n:
+            return
+        self._log_serial += 1
+        serial = self._log_serial
+        index = self._arange[:n] if n <= self.num else np.arange(n, dtype=np.intp)
+        ids = batch.ids
+        if only is not None:
+            ids, index = ids[only], index[only]
+        self._log_batches[serial] = [batch, ids.shape[0]]
+        self._log_owner[ids] = serial
+        self._log_index[ids] = index
+
+    def _log_written(
+        self,
+        ids: np.ndarray,
+        lens: np.ndarray,
+        ring_at: Sequence[int] = (),
+        ring_len: Sequence[int] = (),
+    ) -> None:
+        """Mark the data of completed chains ``ids`` (their used lengths ``lens``) and the
+        ring writes ``ring_at``/``ring_len`` (offsets from the ring's log base), at once."""
+        dlog = self._dlog
+        assert dlog is not None
+        owner = self._log_owner[ids]
+        index = self._log_index[ids]
+        self._log_owner[ids] = 0
+        gpas: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        serials = np.unique(owner).tolist()
+        for serial in serials:
+            sel = None if len(serials) == 1 else owner == serial
+            count = ids.shape[0] if sel is None else int(np.count_nonzero(sel))
+            if serial == 0:
+                # cannot happen: every chain out is tracked from the moment logging starts
+                log.error("ring %d: chains completed while logging were never seen", self.index)
+                continue
+            entry = self._log_batches[serial]
+            batch: ChainBatch = entry[0]
+            g, n = batch.written_ranges(
+                index if sel is None else index[sel], lens if sel is None else lens[sel]
+            )
+            gpas.append(g)
+            lengths.append(n)
+            entry[1] -= count
+            if entry[1] <= 0:
+                del self._log_batches[serial]
+        if self._ring_log is not None and ring_at:
+            gpas.append(np.asarray(ring_at, dtype=np.uint64) + np.uint64(self._ring_log))
+            lengths.append(np.asarray(ring_len, dtype=np.uint64))
+        if gpas:
+            dlog.mark_ranges(np.concatenate(gpas), np.concatenate(lengths))
+
+    def _log_ring(self, offset: int, length: int) -> None:
+        """Mark one write of the ring's own (an index or flags word), when logged."""
+        dlog, base = self._dlog, self._ring_log
+        if dlog is not None and base is not None:
+            dlog.mark(base + offset, length)
 
     # -- indirect tables --------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import logging
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -133,7 +134,8 @@ class DirtyLog:
             st = os.fstat(fd)
         except OSError as exc:
             raise InvalidParam(f"log fd {fd}: {exc.strerror}") from exc
-        if st.st_size and offset + size > st.st_size:
+        # a shared file mapped beyond its end would fault (SIGBUS) at the first mark
+        if stat.S_ISREG(st.st_mode) and offset + size > st.st_size:
             raise InvalidParam(
                 f"log of {size:#x} bytes at offset {offset:#x} is beyond the end of its file "
                 f"({st.st_size:#x} bytes)"

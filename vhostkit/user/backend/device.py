@@ -37,6 +37,8 @@ from vhostkit.user.message import (
     LogDesc,
     ProtocolFeature,
 )
+from vhostkit.virtio.dirty_log import DirtyLog
+from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.memory import GuestMemory
 
 __all__ = ["DEFAULT_PROTOCOL_FEATURES", "BackendDevice", "VringInfo"]
@@ -139,6 +141,13 @@ class VringInfo:
             raise failed
 
 
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return not os.path.isdir("/proc/self/fd")  # no /proc to ask: cannot tell, take it
+
+
 def _close(fd: int | None) -> None:
     """Close an fd this process owns. EBADF is a bug (a double close), so it is raised."""
     if fd is not None:
@@ -203,8 +212,11 @@ class BackendDevice(BackendHandler):
         self.mem_region_dups: dict[tuple[int, int, int], int] = {}
         self.vrings = [VringInfo(i) for i in range(self.num_queues)]
         self.status = 0
-        self.log_fd: int | None = None
+        #: the dirty log SET_LOG_BASE mapped (owned here: unmapped when replaced, on reset
+        #: and on disconnect); its fd is closed once mapped
+        self.dirty_log: DirtyLog | None = None
         self.log_desc: LogDesc | None = None
+        #: SET_LOG_FD's eventfd (owned here), signalled after used-ring writes are logged
         self.log_call_fd: int | None = None
         self.backend_channel: BackendChannel | None = None
         self.inflight_fd: int | None = None
@@ -364,17 +376,70 @@ class BackendDevice(BackendHandler):
         self.memory_changed()
         self._changed()
 
+    # -- dirty log --
+
+    @property
+    def logging(self) -> bool:
+        """Whether writes to guest memory are to be logged now: VHOST_F_LOG_ALL acked and a
+        log mapped."""
+        return bool(self.acked_features & VirtioFeature.LOG_ALL) and self.dirty_log is not None
+
     def set_log_base(self, log_desc: LogDesc, fd: int) -> None:
-        if self.log_fd is not None:
-            os.close(self.log_fd)
-        self.log_fd, self.log_desc = fd, log_desc
+        # A bad size or offset raises before anything is kept: the server then closes the fd
+        # (once) and replies with the error. Mapped, the log no longer needs the fd.
+        new = DirtyLog.map(fd, log_desc.mmap_size, log_desc.mmap_offset)
+        try:
+            self.check_log(new)
+            old = self.install_log(new)
+        except BaseException:
+            new.close()
+            raise
+        os.close(fd)
+        self.log_desc = log_desc
+        if old is not None:
+            old.close()
+        log.info(
+            "dirty log: %d bytes at offset %#x (%d pages)",
+            log_desc.mmap_size,
+            log_desc.mmap_offset,
+            new.pages,
+        )
         self._changed()
 
+    def check_log(self, new: DirtyLog) -> None:
+        """Refuse (:class:`InvalidParam`) a log that does not cover guest memory."""
+        if self.memory is None or not self.memory.regions:
+            return
+        end = max(r.guest_end for r in self.memory.regions)
+        if end > new.pages << 12:
+            raise InvalidParam(
+                f"a log of {new.pages:#x} pages does not cover guest memory up to {end:#x}"
+            )
+
+    def install_log(self, new: DirtyLog | None) -> DirtyLog | None:
+        """Make ``new`` the log (None: none); return the old one for the caller to unmap.
+        Devices that write from other threads switch them over here first."""
+        old, self.dirty_log = self.dirty_log, new
+        return old
+
     def set_log_fd(self, fd: int) -> None:
-        if self.log_call_fd is not None:
-            os.close(self.log_call_fd)
-        self.log_call_fd = fd
+        if not _is_eventfd(fd):
+            raise InvalidParam(f"SET_LOG_FD: fd {fd} is not an eventfd")
+        old = self.install_log_call(fd)
+        _close(old)
         self._changed()
+
+    def install_log_call(self, fd: int | None) -> int | None:
+        """Make ``fd`` the log eventfd; return the old one for the caller to close."""
+        old, self.log_call_fd = self.log_call_fd, fd
+        return old
+
+    def _drop_log(self) -> None:
+        old = self.install_log(None)
+        if old is not None:
+            old.close()
+        _close(self.install_log_call(None))
+        self.log_desc = None
 
     # -- rings --
 
@@ -469,6 +534,7 @@ class BackendDevice(BackendHandler):
         return self.status
 
     def reset_device(self) -> None:
+        self._drop_log()
         for ring in self.vrings:
             ring.close_fds()
         self.vrings = [VringInfo(i) for i in range(self.num_queues)]
@@ -525,10 +591,10 @@ class BackendDevice(BackendHandler):
     def _release(self) -> None:
         for ring in self.vrings:
             ring.close_fds()
-        for fd in (self.log_fd, self.log_call_fd, self.inflight_fd):
-            if fd is not None:
-                os.close(fd)
-        self.log_fd = self.log_call_fd = self.inflight_fd = None
+        self._drop_log()
+        if self.inflight_fd is not None:
+            os.close(self.inflight_fd)
+        self.inflight_fd = None
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None

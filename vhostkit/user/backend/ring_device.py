@@ -39,8 +39,8 @@ import numpy.typing as npt
 
 from vhostkit._frames import without_frames
 from vhostkit.errors import InvalidOperation, VhostError, VirtqueueError
-from vhostkit.types import MemoryRegion, VringAddr
-from vhostkit.user.backend.device import BackendDevice, VringInfo
+from vhostkit.types import VHOST_VRING_F_LOG, MemoryRegion, VringAddr
+from vhostkit.user.backend.device import DEFAULT_PROTOCOL_FEATURES, BackendDevice, VringInfo
 from vhostkit.user.backend.inflight import (
     PackedInflight,
     SplitInflight,
@@ -49,6 +49,8 @@ from vhostkit.user.backend.inflight import (
 )
 from vhostkit.user.backend_req_handler import InflightArea
 from vhostkit.user.message import InflightDesc, ProtocolFeature
+from vhostkit.virtio.dirty_log import DirtyLog
+from vhostkit.virtio.features import VirtioFeature
 from vhostkit.virtio.memory import GuestMemory
 from vhostkit.virtio.packed import PackedDeviceQueue
 from vhostkit.virtio.ring import ChainBatch
@@ -154,7 +156,13 @@ class ActiveRing:
         tracker = self.inflight
         if tracker is not None:
             tracker.completing(ids)
-        want = self.queue.complete(ids, lengths)
+        queue = self.queue
+        want = queue.complete(ids, lengths)
+        if queue.logs_ring:
+            # the used-ring update is in the log: tell the front-end, as vhost's log_ctx does
+            fd = self.device.log_call_fd
+            if fd is not None:
+                os.eventfd_write(fd, 1)
         if tracker is not None:
             if isinstance(tracker, PackedInflight):
                 tracker.completed(ids)
@@ -186,6 +194,14 @@ class RingDevice(BackendDevice):
         #: sleeps (0: sleep at once). Like vhost-net's ``busyloop_timeout``: while the driver
         #: keeps the ring busy, it neither kicks nor waits for the worker to wake up.
         self.busy_poll = busy_poll
+        # The queues log every write (see "dirty logging" below): VHOST_F_LOG_ALL is offered
+        # wherever the log can be shared (LOG_SHMFD), and only there.
+        protocol = int(kwargs.get("protocol_features", DEFAULT_PROTOCOL_FEATURES))  # type: ignore[call-overload]
+        features = int(kwargs.get("features", 0))  # type: ignore[call-overload]
+        if protocol & ProtocolFeature.LOG_SHMFD:
+            kwargs["features"] = features | VirtioFeature.LOG_ALL
+        else:
+            kwargs["features"] = features & ~VirtioFeature.LOG_ALL
         super().__init__(**kwargs)  # type: ignore[arg-type]
 
     @property
@@ -229,6 +245,7 @@ class RingDevice(BackendDevice):
             ring.started = False
             raise
         active = ActiveRing(ring, queue, self)
+        self._log_ring(active, self.dirty_log, ring.addr)
         self._track_inflight(active, queue)
         active.ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.active[ring.index] = active
@@ -466,6 +483,83 @@ class RingDevice(BackendDevice):
                     return
         finally:
             self.notify_waiters()
+
+    # -- dirty logging --
+    #
+    # Each running ring's queue logs its writes itself (DeviceRole.start_logging); the device
+    # decides when: VHOST_F_LOG_ALL acked and a log mapped; the ring's own writes too when its
+    # SET_VRING_ADDR had VHOST_VRING_F_LOG. A change (SET_FEATURES, SET_LOG_BASE, SET_VRING_ADDR)
+    # reaches a running ring between two rounds of its worker (under its lock), so a queue
+    # never marks into a log being unmapped.
+
+    def _log_ring(self, active: ActiveRing, dlog: DirtyLog | None, addr: VringAddr | None) -> None:
+        """Turn ``active``'s logging on or off for ``dlog`` and ``addr`` (caller holds the
+        ring, or its worker does not run yet)."""
+        queue = active.queue
+        wanted = dlog is not None and bool(self.acked_features & VirtioFeature.LOG_ALL)
+        if not wanted or dlog is None:
+            if queue.logging:
+                queue.stop_logging()
+                log.info("ring %d: dirty logging off", active.index)
+            return
+        ring_log = addr.log if addr is not None and addr.flags & VHOST_VRING_F_LOG else None
+        was = queue.logging
+        queue.start_logging(dlog, ring_log)
+        if not was:
+            log.info(
+                "ring %d: dirty logging on (ring writes %s)",
+                active.index,
+                "off" if ring_log is None else f"at {ring_log:#x}",
+            )
+
+    def _relog(self, dlog: DirtyLog | None) -> None:
+        """Apply the logging state with ``dlog`` to every running ring."""
+        for active in list(self.active.values()):
+            with self._holding(active):
+                self._log_ring(active, dlog, active.info.addr)
+
+    def check_log(self, new: DirtyLog) -> None:
+        super().check_log(new)
+        # every running ring's own log range must fit too, if it is to be logged
+        for active in self.active.values():
+            addr = active.info.addr
+            if addr is not None and addr.flags & VHOST_VRING_F_LOG:
+                active.queue.check_ring_log(new, addr.log)
+
+    def install_log(self, new: DirtyLog | None) -> DirtyLog | None:
+        self._relog(new)
+        return super().install_log(new)
+
+    def install_log_call(self, fd: int | None) -> int | None:
+        # no worker may signal the old fd once it is closed
+        with contextlib.ExitStack() as stack:
+            for active in list(self.active.values()):
+                stack.enter_context(self._holding(active))
+            return super().install_log_call(fd)
+
+    def set_features(self, features: int) -> None:
+        # QEMU starts and stops logging on running rings with a SET_FEATURES that only
+        # toggles VHOST_F_LOG_ALL: nothing else changes, positions and chains in flight stay
+        super().set_features(features)
+        self._relog(self.dirty_log)
+
+    def set_vring_addr(self, addr: VringAddr) -> None:
+        active = self.active.get(addr.index)
+        if active is None:
+            super().set_vring_addr(addr)
+            return
+        old = active.info.addr
+        if old is None or (addr.desc, addr.used, addr.avail) != (old.desc, old.used, old.avail):
+            raise InvalidOperation(
+                f"SET_VRING_ADDR would move running ring {addr.index}: stop it first "
+                "(GET_VRING_BASE)"
+            )
+        # the same ring, another log flag or address (how QEMU turns used-ring logging on
+        # and off on a running ring): the queue keeps its positions and chains in flight
+        with self._holding(active):
+            self._log_ring(active, self.dirty_log, addr)
+            active.info.addr = addr
+        self._changed()
 
     # -- state changes that touch a running ring --
 

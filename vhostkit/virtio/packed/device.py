@@ -7,6 +7,7 @@ by writing the flags of its first used descriptor last.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -16,6 +17,7 @@ import numpy.typing as npt
 from vhostkit.errors import InvalidOperation, InvalidParam
 from vhostkit.virtio.chain import ChainBatch
 from vhostkit.virtio.device_role import DeviceRole
+from vhostkit.virtio.dirty_log import DirtyLog
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.packed.layout import (
     PACKED_DESC_DTYPE,
@@ -31,6 +33,11 @@ from vhostkit.virtio.packed.layout import (
 from vhostkit.virtio.ring import DescFlag, PackedEventFlag, int_array
 
 __all__ = ["PackedDeviceQueue"]
+
+log = logging.getLogger(__name__)
+
+#: batches kept for logging to find before the kept list is pruned to those still out
+_RECENT_MAX = 64
 
 _NEXT = int(DescFlag.NEXT)
 _INDIRECT = int(DescFlag.INDIRECT)
@@ -80,7 +87,15 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         self._n_multi = 0
         self._n_ids = 0
         self._n_descs = 0
+        self._id_space = 0x10000
         self._init_device_state(num)
+        #: batches popped while chains of theirs may be in flight (logging off), newest last:
+        #: where logging, once started, finds the chains already out (a packed ring's slots
+        #: may hold used descriptors by then)
+        self._recent: list[ChainBatch] = []
+        #: logging: guest-physical addresses of the descriptor ring and the device event area
+        #: and the memory generation they were translated in
+        self._log_gpas: tuple[object, int, int, int] = (None, -1, 0, 0)
         #: the device event flags last written to the ring (None: not written yet)
         self._dev_flags_written: int | None = None
         # _avail_bits[wrap][last + i]: AVAIL/USED bits of an available descriptor i positions
@@ -181,11 +196,13 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 self._n_multi = int(_count(multi))
             self._n_descs = total
             batch = chains
+            self._note_popped(batch)
         self._used_idx, self._used_wrap = used_idx, used_wrap & 1
         nxt, wrap = advance(used_idx, used_wrap & 1, total, num)
         self._last_avail, self._avail_wrap = nxt, wrap
         if self.event_idx and self._notify:
             v.dev_evt[0] = nxt | wrap << WRAP_SHIFT
+            self._log_event_area(2)
         return batch
 
     # -- popping ----------------------------------------------------------------------------
@@ -276,11 +293,21 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         self._n_descs += used
         nxt, wrap = advance(last, self._avail_wrap, used, num)
         self._last_avail, self._avail_wrap = nxt, wrap
+        if self._dlog is None:
+            recent = self._recent
+            recent.append(batch)
+            if len(recent) > _RECENT_MAX:
+                self._prune_recent()
+        else:
+            self._log_popped(batch)
         if self.event_idx and self._notify:
             v.dev_evt[0] = nxt | wrap << WRAP_SHIFT
             if self._dev_flags_written != _DESC:
                 v.dev_evt[1] = _DESC
                 self._dev_flags_written = _DESC
+                self._log_event_area(4)
+            else:
+                self._log_event_area(2)
         return batch
 
     def _chains(
@@ -363,7 +390,14 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
                 desc["len"][: end - num] = lens_a[cut:]
                 v.flags[u + 1 :] = first
                 v.flags[: end - num] = first ^ _BOTH
+            if self._dlog is not None:
+                # bytes 8-15 of each slot (len, id, flags), one run or two when they wrap;
+                # before the batch is published (see the split ring), its flags word after
+                wrapped = np.arange(u, end) % num if end > num else None
+                self._log_used_slots(ids_a, lens_a, wrapped, u, k)
             v.words[8 * u + 7] = first  # publishes the whole batch
+            if self._dlog is not None:
+                self._log_slot_flags(u)
         else:
             counts = self._ring_count[ids_a]
             self._n_multi -= int(_count(counts > 1))
@@ -380,8 +414,14 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
             desc["len"][pos] = lens_a
             if k > 1:
                 v.flags[pos[1:]] = flags[1:]
+            if self._dlog is not None:
+                self._log_used_slots(ids_a, lens_a, pos, u, k)
             v.flags[pos[0]] = flags[0]  # publishes the whole batch
+            if self._dlog is not None:
+                self._log_slot_flags(int(pos[0]))
         self._n_descs -= total
+        if not self._n_ids:
+            self._recent.clear()
         self._used_idx, self._used_wrap = advance(u, w, total, num)
         return self._need_signal(v, total)
 
@@ -408,6 +448,9 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         if self._dev_flags_written != flags:
             v.dev_evt[1] = flags
             self._dev_flags_written = flags
+            self._log_event_area(4)
+        elif self.event_idx:
+            self._log_event_area(2)
         return self.pending() > 0
 
     def has_pending(self) -> bool:
@@ -423,3 +466,109 @@ class PackedDeviceQueue(DeviceRole, PackedRing):
         if self._dev_flags_written != _DISABLE:
             v.dev_evt[1] = _DISABLE
             self._dev_flags_written = _DISABLE
+            self._log_event_area(4)
+
+    # -- dirty logging ----------------------------------------------------------------------
+    #
+    # A packed ring's device writes go to the descriptor ring (used descriptors) and the
+    # device event area. QEMU gives ``log_guest_addr`` = the device event area's address (its
+    # ``used_phys``), which does not cover the descriptors written back, and the spec's rule
+    # (offsets from ``log_guest_addr``) is about the split used ring. So with VHOST_VRING_F_LOG
+    # a packed ring logs the guest-physical address each write actually went to: the
+    # descriptor ring and the event area translated from the ring's addresses.
+
+    def _ring_log_base(self, dlog: DirtyLog, ring_log: int) -> int:
+        desc, _, dev = self._translate_log_gpas()
+        self._check_log_range(dlog, f"descriptor ring {self.index}", desc, 16 * self.num)
+        self._check_log_range(dlog, f"device event area {self.index}", dev, 4)
+        return 0  # absolute addresses
+
+    def _translate_log_gpas(self) -> tuple[int, int, int]:
+        """``(memory generation, descriptor ring GPA, device event area GPA)``, translated
+        again after the memory table changed."""
+        mem, gen = self._mem, self._mem.generation
+        cached = self._log_gpas
+        if cached[0] is not mem or cached[1] != gen:
+            if self._space == "gpa":
+                desc, _, dev = self._addrs
+            else:
+                d, _, e = self._addrs
+                desc, dev = mem.uva_to_gpa(d), mem.uva_to_gpa(e)
+                # a ring split over two regions would not be contiguous in guest memory
+                if mem.uva_to_gpa(d + 16 * self.num - 1) != desc + 16 * self.num - 1:
+                    raise InvalidParam(f"descriptor ring {self.index} is not contiguous")
+            cached = self._log_gpas = (mem, gen, desc, dev)
+        return cached[1], cached[2], cached[3]
+
+    def _log_used_slots(
+        self, ids: np.ndarray, lens: np.ndarray, pos: np.ndarray | None, u: int, k: int
+    ) -> None:
+        """Mark the completed chains' data and the used descriptors just written (bytes 8-15
+        of each slot: len, id, flags): slots ``pos``, or ``k`` slots from ``u``."""
+        if self._ring_log is None:
+            self._log_written(ids, lens)
+            return
+        _, desc, _ = self._translate_log_gpas()
+        if pos is None:
+            self._log_written(ids, lens, [desc + 16 * u + 8], [16 * (k - 1) + 8])
+        else:
+            at = (np.asarray(pos, dtype=np.int64) * 16 + desc + 8).tolist()
+            self._log_written(ids, lens, at, [8] * len(at))
+
+    def _log_slot_flags(self, slot: int) -> None:
+        """Mark the flags word of ring slot ``slot`` (the one that publishes a batch)."""
+        if self._dlog is not None and self._ring_log is not None:
+            self._dlog.mark(self._translate_log_gpas()[1] + 16 * slot + 14, 2)
+
+    def _log_event_area(self, length: int) -> None:
+        """Mark a write of the device event area's first ``length`` bytes, when logged."""
+        if self._dlog is not None and self._ring_log is not None:
+            self._dlog.mark(self._translate_log_gpas()[2], length)
+
+    def stop_logging(self) -> None:
+        # the chains still out go back to the kept batches, for the next start
+        self._recent = [entry[0] for entry in self._log_batches.values()]
+        super().stop_logging()
+
+    def _note_popped(self, batch: ChainBatch) -> None:
+        if self._dlog is None:
+            self._recent.append(batch)
+            if len(self._recent) > _RECENT_MAX:
+                self._prune_recent()
+        else:
+            self._log_popped(batch)
+
+    def _prune_recent(self) -> None:
+        """Keep only the batches holding chains still in flight (newest batch of each id)."""
+        inflight = self._inflight
+        claimed = np.zeros(self._id_space, dtype=np.bool_)
+        keep: list[ChainBatch] = []
+        for batch in reversed(self._recent):
+            ids = batch.ids
+            live = inflight[ids] & ~claimed[ids]
+            if live.any():
+                claimed[ids[live]] = True
+                keep.append(batch)
+        keep.reverse()
+        self._recent = keep
+
+    def _log_recover(self) -> ChainBatch | None:
+        # The chains in flight, from the batches they were popped in (newest batch of an id
+        # wins: an id is out once at most); as one batch per source batch, merged here.
+        inflight = self._inflight
+        claimed = np.zeros(self._id_space, dtype=np.bool_)
+        for batch in reversed(self._recent):
+            ids = batch.ids
+            live = inflight[ids] & ~claimed[ids]
+            if live.any():
+                claimed[ids[live]] = True
+                self._log_popped(batch, live)
+        self._recent = []
+        missing = inflight & ~claimed
+        if missing.any():
+            log.error(
+                "ring %d: chains %s in flight are not known: not logged",
+                self.index,
+                np.flatnonzero(missing).tolist(),
+            )
+        return None

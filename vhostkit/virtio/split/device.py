@@ -17,6 +17,7 @@ import numpy.typing as npt
 from vhostkit.errors import InvalidParam
 from vhostkit.virtio.chain import ChainBatch
 from vhostkit.virtio.device_role import DeviceRole
+from vhostkit.virtio.dirty_log import DirtyLog
 from vhostkit.virtio.memory import GuestMemory, MemoryTable
 from vhostkit.virtio.ring import DescFlag, need_event
 from vhostkit.virtio.split.layout import (
@@ -24,6 +25,7 @@ from vhostkit.virtio.split.layout import (
     USED_F_NO_NOTIFY,
     SplitRing,
     SplitViews,
+    used_ring_size,
 )
 
 __all__ = ["SplitDeviceQueue"]
@@ -64,6 +66,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._used_idx = int(self._v.used_hdr[1])
         self._inflight = np.zeros(num, dtype=np.bool_)
         self._n_inflight = 0
+        self._id_space = num
         self._init_device_state(num)
         #: the notification state last written to the ring (None: not written yet)
         self._notify_written: bool | None = None
@@ -120,6 +123,10 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._last_avail = last
         if self.event_idx and self._notify:
             v.avail_event_w[0] = last
+            if self._dlog is not None:
+                self._log_ring(4 + 8 * num, 2)
+        if self._dlog is not None:
+            self._log_popped(batch)
         return batch
 
     def resubmit(self, heads: Sequence[int], last_avail: int) -> ChainBatch:
@@ -138,6 +145,9 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._last_avail = last_avail
         if self.event_idx and self._notify:
             v.avail_event_w[0] = self._last_avail
+            self._log_ring(4 + 8 * self.num, 2)
+        if self._dlog is not None:
+            self._log_popped(batch)
         return batch
 
     def _chains_for(
@@ -148,6 +158,27 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         ``heads`` must be non-negative unless ``checked`` (then their range is tested first);
         an index beyond the table breaks the queue either way (``take`` raises).
         """
+        batch = self._walk_heads(v, heads, checked=checked)
+        n = heads.shape[0]
+
+        # in flight: none of the heads may be, and none may appear twice
+        inflight = self._inflight
+        prev = inflight[heads]
+        inflight[heads] = True
+        count = int(_count(inflight))
+        if count != self._n_inflight + n:
+            if _count(prev):
+                inflight[heads[~prev]] = False
+                self._fail(f"head {int(heads[prev][0])} is already in flight")
+            inflight[heads] = False
+            self._fail("the same head appears twice in the avail ring")
+        self._n_inflight = count
+        return batch
+
+    def _walk_heads(
+        self, v: SplitViews, heads: npt.NDArray[np.intp], *, checked: bool
+    ) -> ChainBatch:
+        """The chains starting at ``heads``, walked and checked (nothing is marked)."""
         n = heads.shape[0]
         num = self.num
         if checked and (int(heads.max()) >= num or int(heads.min()) < 0):
@@ -175,21 +206,7 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         else:
             starts = self._arange[: n + 1]
             single = True
-        batch = self._chain_batch(v.table, rec, flags, heads, starts, seen, single)
-
-        # in flight: none of the heads may be, and none may appear twice
-        inflight = self._inflight
-        prev = inflight[heads]
-        inflight[heads] = True
-        count = int(_count(inflight))
-        if count != self._n_inflight + n:
-            if _count(prev):
-                inflight[heads[~prev]] = False
-                self._fail(f"head {int(heads[prev][0])} is already in flight")
-            inflight[heads] = False
-            self._fail("the same head appears twice in the avail ring")
-        self._n_inflight = count
-        return batch
+        return self._chain_batch(v.table, rec, flags, heads, starts, seen, single)
 
     def _walk(
         self,
@@ -284,8 +301,21 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
             used[pos, 0] = ids_a
             used[pos, 1] = lens_a
         new = (old + k) & 0xFFFF
+        if self._dlog is not None:
+            # As vhost does: the data and the entries (one run, or two when they wrap) are
+            # marked before the index publishes them, so a driver that sees a completion sees
+            # its pages marked; the index is marked after it is written (the log is marked
+            # after each write: a mark before could be collected before the write lands).
+            end = start + k
+            if end <= self.num:
+                at, size = [4 + 8 * start], [8 * k]
+            else:
+                at, size = [4 + 8 * start, 4], [8 * (self.num - start), 8 * (end - self.num)]
+            self._log_written(ids_a, lens_a, at, size)
         v.used_w[1] = new  # publish after the entries
         self._used_idx = new
+        if self._dlog is not None:
+            self._log_ring(2, 2)
         if self.event_idx:
             return need_event(v.used_event_w[0], new, old)
         return not v.avail_w[0] & AVAIL_F_NO_INTERRUPT
@@ -304,9 +334,11 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         self._notify = True
         if self.event_idx:
             v.avail_event_w[0] = self._last_avail
+            self._log_ring(4 + 8 * self.num, 2)
         elif self._notify_written is not True:
             v.used_w[0] = v.used_w[0] & ~USED_F_NO_NOTIFY
             self._notify_written = True
+            self._log_ring(0, 2)
         return self.pending() > 0
 
     def disable_notifications(self) -> None:
@@ -321,7 +353,23 @@ class SplitDeviceQueue(DeviceRole, SplitRing):
         if not self.event_idx and self._notify_written is not False:
             v.used_w[0] = v.used_w[0] | USED_F_NO_NOTIFY
             self._notify_written = False
+            self._log_ring(0, 2)
 
     def has_pending(self) -> bool:
         """Cheap poll: has the driver made chains available? (No checks; see :meth:`pending`.)"""
         return self._v.avail_w[1] != self._last_avail
+
+    # -- dirty logging ----------------------------------------------------------------------
+
+    def _ring_log_base(self, dlog: DirtyLog, ring_log: int) -> int:
+        # the spec and kernel vhost: the used ring's first byte is logged at log_guest_addr
+        self._check_log_range(dlog, f"used ring {self.index}", ring_log, used_ring_size(self.num))
+        return ring_log
+
+    def _log_recover(self) -> ChainBatch | None:
+        # The driver may not touch an in-flight chain's descriptors (virtio 1.2 2.7.13): they
+        # are in the table still, walk them again.
+        heads = np.flatnonzero(self._inflight).astype(np.intp)
+        if not heads.shape[0]:
+            return None
+        return self._walk_heads(self._refresh(), heads, checked=True)
