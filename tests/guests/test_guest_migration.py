@@ -132,7 +132,9 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
                 memory_mb=MEMORY_MB,
                 incoming="defer" if side == "dst" else None,
             )
-            guests[side] = stack.enter_context(QemuGuest(side, argv, qmp))
+            guests[side] = stack.enter_context(
+                QemuGuest(side, argv, qmp, tmp_path / f"{side}-console.log")
+            )
         src, dst = guests["src"], guests["dst"]
         assert src.qmp is not None and dst.qmp is not None
 

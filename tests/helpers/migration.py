@@ -90,7 +90,10 @@ def guest_argv(
     """QEMU (q35, TCG, one vCPU) booting ``initramfs``'s ``/migrate-init``; guest RAM in a
     shared memfd (a vhost-user back-end maps it); the serial console on stdio; QMP at ``qmp``;
     ``devices`` last. ``incoming="defer"``: a destination waiting for ``migrate-incoming``."""
+    # no_timer_check: under TCG on a loaded host the kernel sometimes finds the IO-APIC timer
+    # "not connected" and panics at boot
     cmdline = "console=ttyS0 rdinit=/migrate-init panic=-1 mitigations=off nokaslr loglevel=4"
+    cmdline += " no_timer_check"
     argv = [
         shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
         "-accel", "tcg", "-cpu", "max", "-smp", "1",
@@ -156,8 +159,12 @@ class Qmp:
 class QemuGuest(PeerProcess):
     """One side of the migration: QEMU with the guest's console as its output."""
 
-    def __init__(self, name: str, argv: list[str], qmp_path: Path) -> None:
-        super().__init__(argv, stdin_pipe=True, ready_timeout=30, stop_timeout=10)
+    def __init__(
+        self, name: str, argv: list[str], qmp_path: Path, log_path: Path | None = None
+    ) -> None:
+        super().__init__(
+            argv, stdin_pipe=True, ready_timeout=30, stop_timeout=10, log_path=log_path
+        )
         self.name = name
         self.qmp_path = qmp_path
         self.qmp: Qmp | None = None
