@@ -594,7 +594,7 @@ def test_rx_writes_are_logged_page_for_page(fd_check, sock_dir, packed, mergeabl
         fe.set_features(fe.acked_features | VirtioFeature.LOG_ALL)
         for ring in rig.queues.values():
             fe.set_vring_addr(ring.vring_addr(log=ring.ring_gpas[2], flags=VHOST_VRING_F_LOG))
-        ring_pages = set(range(0, 0x8000 // page))  # the RX ring's area
+        ring_pages = set(range(0, 0x10000 // page))  # the RX and TX rings' areas (both logged)
         free = list(range(NUM))
         posted: dict[int, list[tuple[int, int]]] = {}
 
