@@ -91,7 +91,7 @@ RING_PACKED_BIT = 34
 #: TCG on a loaded 2-core machine
 BOOT_WAIT = 180.0
 MIGRATE_WAIT = 120.0
-RUN_WAIT = 180.0
+RUN_WAIT = float(os.environ.get("VHK_RUN_WAIT", "180"))
 #: ping replies the destination must get after the switch-over
 PINGS_AFTER = 10
 
@@ -124,7 +124,18 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
                 (f"net-{side}", ["net", "--socket", str(net_sock), f"--tap=tmig{side}"], True),
                 (f"blk-{side}", ["blk", "--socket", str(blk_sock), "--image", str(image)], False),
             ):
-                b = Backend(name, vhostkit + argv, netns=lan.bridge_ns.name if ns else None)
+                extra = ["-v"] if os.environ.get("VHK_DEBUG") and name.startswith("blk") else []
+                dbg = os.environ.get("VHK_DEBUG")
+                cmd = vhostkit + extra + argv
+                if dbg:
+                    cmd = [
+                        "bash",
+                        "-c",
+                        'exec "$@" 2>&1 | tee ' + dbg + "/" + name + ".log",
+                        "bash",
+                        *cmd,
+                    ]
+                b = Backend(name, cmd, netns=lan.bridge_ns.name if ns else None)
                 backends.append(stack.enter_context(b))
             devices = [
                 *kernel_vm.vhost_user_net_args(net_sock, mac=GUEST_MAC, device_args=ring)("q35"),
