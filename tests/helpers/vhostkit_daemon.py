@@ -3,12 +3,18 @@ through ``/proc`` (:mod:`helpers.proc_usage`), driven by a well-behaved front-en
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from helpers.cli_run import Daemon
 from helpers.proc_usage import Held, held, settled
 
 from vhostkit.guest.blk import BlkDriver
+from vhostkit.kernel import Tap
 from vhostkit.user import Frontend
 
 
@@ -26,6 +32,34 @@ def start_blk_daemon(sock: Path, image: Path, *args: str) -> Daemon:
         d.__exit__()
         raise
     return d
+
+
+@contextmanager
+def persistent_tap(name: str) -> Iterator[str]:
+    """A persistent tap ``name``, up, with no IPv6 chatter (each daemon opens it by name);
+    yields its name and deletes it afterwards."""
+    with Tap(name) as t:
+        t.set_persist(True)
+        t.disable_ipv6()
+        t.up()
+        name = t.name
+    try:
+        yield name
+    finally:
+        with Tap(name) as t:
+            t.set_persist(False)
+
+
+def start_net_daemon(sock: Path, tap: str) -> subprocess.Popen[bytes]:
+    """``python3 -m vhostkit backend net`` on the tap ``tap``, returned once it is ready."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    argv = [sys.executable, "-m", "vhostkit", "backend", "net", "--socket", str(sock)]
+    r, w = os.pipe()
+    proc = subprocess.Popen([*argv, "--tap", tap, "--ready-fd", str(w)], env=env, pass_fds=(w,))
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        assert ready.read() == b"READY=1\n"
+    return proc
 
 
 def daemon_held(d: Daemon) -> Held:

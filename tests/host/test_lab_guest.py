@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.vhostkit_daemon import persistent_tap, start_net_daemon
 
 import vhostkit.lab.guest as guest_mod
-from vhostkit.kernel.tap import Tap
 from vhostkit.lab.guest import GuestNic, VirtualGuest
 from vhostkit.testing.packets import ArpOp, arp_frame, parse_arp
 
@@ -34,27 +32,8 @@ ETH_P_ARP = 0x0806
 
 @pytest.fixture
 def tap() -> Iterator[str]:
-    with Tap(f"vhklg{os.getpid() % 10000}") as t:
-        t.set_persist(True)
-        t.disable_ipv6()
-        t.up()
-        name = t.name
-    try:
+    with persistent_tap(f"vhklg{os.getpid() % 10000}") as name:
         yield name
-    finally:
-        with Tap(name) as t:
-            t.set_persist(False)
-
-
-def start_daemon(sock: Path, tap: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    argv = [sys.executable, "-m", "vhostkit", "backend", "net", "--socket", str(sock)]
-    r, w = os.pipe()
-    proc = subprocess.Popen([*argv, "--tap", tap, "--ready-fd", str(w)], env=env, pass_fds=(w,))
-    os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        assert ready.read() == b"READY=1\n"
-    return proc
 
 
 def arp_answered(sock: socket.socket, timeout: float = 30.0) -> bool:
@@ -81,7 +60,7 @@ def test_the_guest_wakes_on_frames_and_reconnects_after_a_sigkill(
 ) -> None:
     monkeypatch.setattr(guest_mod, "_IDLE_MS", 600_000)  # no timer would wake it in time
     sock = sock_dir / "net.sock"
-    daemons = [start_daemon(sock, tap)]
+    daemons = [start_net_daemon(sock, tap)]
     nic = GuestNic(tap, "vhostkit", GUEST_MAC, f"{GUEST_IP}/24", str(sock))
     guest = VirtualGuest([nic]).start()
     peer = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
@@ -92,7 +71,7 @@ def test_the_guest_wakes_on_frames_and_reconnects_after_a_sigkill(
         assert info["connected"] and info["reconnects"] == 0
         daemons[0].send_signal(signal.SIGKILL)
         daemons[0].wait(10)
-        daemons.append(start_daemon(sock, tap))
+        daemons.append(start_net_daemon(sock, tap))
         back = guest.request({"op": "wait-reconnect", "count": 1, "timeout": 30}, timeout=40)
         assert back["reconnects"] == 1 and back["outage"] > 0, back
         assert arp_answered(peer)  # over the new daemon

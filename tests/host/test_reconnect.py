@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers.vhostkit_daemon import persistent_tap, start_net_daemon
 
 from vhostkit.errors import Unsupported
-from vhostkit.kernel.tap import Tap
 from vhostkit.testing.swap import frame_number, numbered, packet_socket
 from vhostkit.user import Frontend
 from vhostkit.vmm import VhostUserNetPlane, VirtioNetDevice
@@ -33,28 +32,8 @@ PEER_MAC = bytes.fromhex("020000cc0002")
 
 @pytest.fixture
 def tap() -> Iterator[str]:
-    """A persistent tap (each daemon opens it by name) with no IPv6 chatter."""
-    with Tap(f"vhkrc{os.getpid() % 10000}") as t:
-        t.set_persist(True)
-        t.disable_ipv6()
-        t.up()
-        name = t.name
-    try:
+    with persistent_tap(f"vhkrc{os.getpid() % 10000}") as name:
         yield name
-    finally:
-        with Tap(name) as t:
-            t.set_persist(False)
-
-
-def start_daemon(sock: Path, tap: str) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    argv = [sys.executable, "-m", "vhostkit", "backend", "net", "--socket", str(sock)]
-    r, w = os.pipe()
-    proc = subprocess.Popen([*argv, "--tap", tap, "--ready-fd", str(w)], env=env, pass_fds=(w,))
-    os.close(w)
-    with os.fdopen(r, "rb") as ready:
-        assert ready.read() == b"READY=1\n"
-    return proc
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -75,7 +54,7 @@ def read_numbers(sniffer, count: int) -> list[int]:  # type: ignore[no-untyped-d
 
 def test_the_device_carries_on_over_a_restarted_back_end(tap: str, sock_dir: Path) -> None:
     sock = sock_dir / "net.sock"
-    daemons = [start_daemon(sock, tap)]
+    daemons = [start_net_daemon(sock, tap)]
     device = VirtioNetDevice(VhostUserNetPlane(Frontend.connect(sock, timeout=10))).start()
     nic = device.nic
     try:
@@ -86,7 +65,7 @@ def test_the_device_carries_on_over_a_restarted_back_end(tap: str, sock_dir: Pat
             kill(daemons[0])
             # queued while no back-end runs: they wait in the ring
             assert nic.send([numbered(i) for i in range(100, 150)]) == 50
-            daemons.append(start_daemon(sock, tap))
+            daemons.append(start_net_daemon(sock, tap))
             new = VhostUserNetPlane(Frontend.connect(sock, timeout=10))
             device.reconnect(new).close()
             assert device.plane is new
@@ -112,13 +91,13 @@ def test_the_device_carries_on_over_a_restarted_back_end(tap: str, sock_dir: Pat
 def test_packed_rings_are_not_reconnected(tap: str, sock_dir: Path) -> None:
     """Packed rings keep no used index to restart from: refused, the device left as it was."""
     sock = sock_dir / "net.sock"
-    daemons = [start_daemon(sock, tap)]
+    daemons = [start_net_daemon(sock, tap)]
     device = VirtioNetDevice(
         VhostUserNetPlane(Frontend.connect(sock, timeout=10)), packed=True
     ).start()
     try:
         kill(daemons[0])
-        daemons.append(start_daemon(sock, tap))
+        daemons.append(start_net_daemon(sock, tap))
         new = VhostUserNetPlane(Frontend.connect(sock, timeout=10))
         with new, pytest.raises(Unsupported, match="split rings only"):
             device.reconnect(new)
