@@ -50,6 +50,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from vhostkit.bench.util import OthersLoad
 from vhostkit.guest.net import VirtioNetDriver
 from vhostkit.testing.peers import Testpmd
 from vhostkit.user import BackendListener, Frontend, ProtocolFeature
@@ -65,44 +66,6 @@ FRAME = bytes.fromhex("0200000000020200000000010800") + bytes(50)  # 64 bytes
 OUR_CPU = 0
 
 _PPS = re.compile(r"\b(Rx|Tx)-pps:\s*(\d+)")
-
-
-_HZ = os.sysconf("SC_CLK_TCK")
-
-
-class OthersLoad:
-    """CPU taken by processes other than this one and ``pids`` (testpmd) over a window, in
-    per cent of one CPU: ``start()`` ... ``stop()``."""
-
-    def __init__(self, pids: list[int | None]) -> None:
-        self.pids = [os.getpid(), *(p for p in pids if p is not None)]
-        self._t0 = self._busy0 = self._ours0 = 0.0
-
-    @staticmethod
-    def _busy() -> float:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-        return (user + nice + system + irq + softirq + steal) / _HZ
-
-    def _ours(self) -> float:
-        total = 0
-        for pid in self.pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / _HZ
-
-    def start(self) -> None:
-        self._t0, self._busy0, self._ours0 = time.monotonic(), self._busy(), self._ours()
-
-    def stop(self) -> float:
-        wall = time.monotonic() - self._t0
-        others = (self._busy() - self._busy0) - (self._ours() - self._ours0)
-        return max(0.0, 100 * others / wall)
 
 
 def report_pps(pmd: Testpmd, start: int, end: int, field: str = "Rx") -> float:
@@ -163,7 +126,7 @@ def phase_driver_to_vhost(
         for _ in range(100):  # warm-up
             nic.send(frames)
         mark = pmd.line_count
-        load = OthersLoad([pmd.pid])
+        load = OthersLoad()
         load.start()
         sent = 0
         start = time.perf_counter()
@@ -211,7 +174,7 @@ def phase_virtio_user_to_sink(
         stack.enter_context(Pinned(pin))  # the ring workers already run: pin them too
         settle = threading.Event()
         settle.wait(0.5)  # a measurement window, not synchronisation
-        load = OthersLoad([pmd.pid])
+        load = OthersLoad()
         load.start()
         t0, c0, mark = time.perf_counter(), device.chains[1], pmd.line_count
         settle.wait(seconds)
@@ -231,7 +194,7 @@ def phase_reference(d: Path, seconds: float, queue_size: int, packed: bool) -> t
         )
         # The two forwarding lcores must differ: the vhost PMD forwards on lcore 1, the
         # virtio_user one (main lcore 1) on lcore 0. Two busy-pollers on one core crawl.
-        user = stack.enter_context(
+        stack.enter_context(
             Testpmd.virtio_user_frontend(
                 path,
                 forward_mode="txonly",
@@ -244,7 +207,7 @@ def phase_reference(d: Path, seconds: float, queue_size: int, packed: bool) -> t
         vhost.wait_for_line(r"Port 0: link state change event", 10)
         settle = threading.Event()
         settle.wait(0.5)
-        load = OthersLoad([vhost.pid, user.pid])
+        load = OthersLoad()
         load.start()
         mark = vhost.line_count
         settle.wait(seconds)
