@@ -124,18 +124,15 @@ def test_linux_guest_migrates_between_vhostkit_backends(fd_check, sock_dir, tmp_
                 (f"net-{side}", ["net", "--socket", str(net_sock), f"--tap=tmig{side}"], True),
                 (f"blk-{side}", ["blk", "--socket", str(blk_sock), "--image", str(image)], False),
             ):
-                extra = ["-v"] if os.environ.get("VHK_DEBUG") and name.startswith("blk") else []
                 dbg = os.environ.get("VHK_DEBUG")
-                cmd = vhostkit + extra + argv
-                if dbg:
-                    cmd = [
-                        "bash",
-                        "-c",
-                        'exec "$@" 2>&1 | tee ' + dbg + "/" + name + ".log",
-                        "bash",
-                        *cmd,
-                    ]
-                b = Backend(name, cmd, netns=lan.bridge_ns.name if ns else None)
+                extra = ["-v"] if dbg and name.startswith("blk") else []
+                log_path = f"{dbg}/{name}.log" if dbg else None
+                b = Backend(
+                    name,
+                    vhostkit + extra + argv,
+                    netns=lan.bridge_ns.name if ns else None,
+                    log_path=log_path,
+                )
                 backends.append(stack.enter_context(b))
             devices = [
                 *kernel_vm.vhost_user_net_args(net_sock, mac=GUEST_MAC, device_args=ring)("q35"),

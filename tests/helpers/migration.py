@@ -191,10 +191,21 @@ class QemuGuest(PeerProcess):
 class Backend(PeerProcess):
     """``python3 -m vhostkit backend ...`` (in network namespace ``netns`` if given)."""
 
-    def __init__(self, name: str, argv: list[str], netns: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        netns: str | None = None,
+        log_path: str | None = None,
+    ) -> None:
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
-        super().__init__(argv, ready_timeout=60, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        super().__init__(
+            argv,
+            ready_timeout=60,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=log_path,
+        )
         self.name = name
 
     def _wait_ready(self) -> None:

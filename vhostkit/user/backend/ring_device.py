@@ -264,6 +264,7 @@ class RingDevice(BackendDevice):
         active = ActiveRing(ring, queue, self)
         self._log_ring(active, self.dirty_log, ring.addr)
         self._track_inflight(active, queue)
+        log.debug("ring %d runs from %s", ring.index, _positions(queue))
         active.ctl_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.active[ring.index] = active
         self._start_worker(active)
@@ -414,6 +415,7 @@ class RingDevice(BackendDevice):
         active = self._retire(ring.index)
         if active is None or active.error is not None:
             return ring.base
+        log.debug("ring %d stopped at %s", ring.index, _positions(active.queue))
         return active.queue.get_base()
 
     def _wake(self, index: int) -> None:
@@ -704,3 +706,10 @@ class SinkDevice(RingDevice):
             if zeros.shape[0] < n:
                 zeros = np.zeros(max(n, ring.queue.num), dtype=np.uint32)
             complete(batch.ids, zeros[:n])
+
+
+def _positions(queue: DeviceQueue) -> str:
+    """Where ``queue`` stands, for the log: next avail entry to take, used index written."""
+    if isinstance(queue, PackedDeviceQueue):
+        return f"avail {queue.avail_position}, used {queue.used_position}"
+    return f"avail {queue.get_base()}, used {queue.used_idx}, in flight {len(queue.inflight)}"
